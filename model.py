@@ -1,0 +1,647 @@
+"""Deformable DETR, the detector that CLIP-DETR trains (paper §3.1; Zhu et al. 2020).
+
+This file is the whole inference-time network. CLIP-DETR adds nothing here at test time: AlignNet
+(`alignnet.py`, Eq. 1-5) and DynQL (`dynql.py`, Eq. 6-10) are attached as `model.alignnet` and
+`model.dynql` and run only when the model is in training mode and targets are given.
+
+Pieces, in the order data flows through them:
+  Backbone            torchvision ResNet, frozen BatchNorm, C3-C5 (strides 8/16/32)
+  PositionEmbeddingSine   normalized 2*pi sine encoding of each padded feature map
+  input_proj          1x1 conv + GroupNorm per level, plus a 3x3 stride-2 conv for the stride-64 level
+  MSDeformAttn        multi-scale deformable attention; `ms_deform_attn_pytorch` is the readable reference,
+                      `ms_deform_attn_triton` the optional GPU kernel
+  DeformableTransformer   6 encoder layers, two-stage proposals, 6 decoder layers with box refinement;
+                      the decoder's self-attention takes an attention mask (DynQL's Eq. 9 needs it)
+  DeformableDETR      heads (focal-loss classifier, 3-layer box MLP), output contract below
+  PostProcess         top-100 of the Q*K sigmoid scores, absolute xyxy boxes
+
+Output contract of `DeformableDETR.forward(images, mask, targets=None)`:
+  pred_logits  (B, Q, K)   class logits of the last decoder layer (sigmoid, no background class)
+  pred_boxes   (B, Q, 4)   normalized cxcywh boxes, relative to each image's unpadded size
+  aux_outputs  list of {pred_logits, pred_boxes} for decoder layers 1 .. n-1
+  enc_outputs  {pred_logits (B, S_all, K), pred_boxes} two-stage encoder proposals (two-stage only)
+  training only, when targets are given and the modules exist:
+  loss_align   scalar AlignNet loss (Eq. 5)
+  dynql_outputs  list over decoder layers of {pred_logits (B, S*G, K), pred_boxes (B, S*G, 4)}
+  dynql_layout   the DynQueries object (group size G, number of sets S, validity) that built them
+
+Shape legend: B batch, Q queries, L feature levels, C model width, M attention heads, P sampling points,
+K classes, S_all = sum_l H_l*W_l flattened memory length, Lq number of attention queries.
+
+Parameter names follow the official Deformable-DETR module tree (backbone.0.body..., input_proj.N,
+transformer..., class_embed.N, bbox_embed.N.layers.M, query_embed) so an official checkpoint loads with
+strict=True, including the official aliases transformer.decoder.{class,bbox}_embed of the heads.
+
+Deviations from the paper / official code:
+  - The backbone trains every layer when it starts from random weights (the official code freezes the stem
+    and layer1, which only makes sense for ImageNet weights); with `pretrained=True` it freezes them as
+    the official code does.
+  - The decoder self-attention accepts an attention mask (the official decoder has none): DynQL needs it.
+  - The pure-PyTorch attention pads nothing and needs no compiled extension; the GPU kernel is Triton.
+"""
+import copy
+import math
+import os
+import urllib.error
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+
+def inverse_sigmoid(x, eps=1e-5):
+    """log(x / (1 - x)), clamped so that boxes at 0 or 1 stay finite."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backbone and position encoding
+# ----------------------------------------------------------------------------------------------------------
+_RESNETS = {
+    "resnet18": ("resnet18", "ResNet18_Weights", (128, 256, 512)),
+    "resnet34": ("resnet34", "ResNet34_Weights", (128, 256, 512)),
+    "resnet50": ("resnet50", "ResNet50_Weights", (512, 1024, 2048)),
+    "resnet101": ("resnet101", "ResNet101_Weights", (512, 1024, 2048)),
+}
+
+
+def load_imagenet_resnet(name):
+    """A torchvision ResNet with its ImageNet-1k V1 weights (the ones the official code used), frozen BN.
+
+    Offline, the download fails: that becomes one clear ValueError instead of a long traceback.
+    """
+    fn_name, weights_name, _ = _RESNETS[name]
+    weights = getattr(torchvision.models, weights_name).IMAGENET1K_V1
+    cached = torch.hub.get_dir() + "/checkpoints/" + weights.url.rsplit("/", 1)[-1]
+    if not os.path.exists(cached) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"cannot load ImageNet weights for {name}: offline (HF_HUB_OFFLINE=1) and not cached "
+                           f"at {cached}; drop --pretrained-backbone or copy the file there")
+    try:
+        return getattr(torchvision.models, fn_name)(weights=weights, norm_layer=FrozenBatchNorm2d)
+    except (urllib.error.URLError, OSError) as err:
+        raise ValueError(f"cannot download ImageNet weights for {name} ({err}); drop --pretrained-backbone "
+                           f"or place {weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints") from None
+
+
+class Backbone(nn.Module):
+    """ResNet C3-C5 with frozen BatchNorm; `body` keeps the official parameter names."""
+
+    def __init__(self, name="resnet50", pretrained=False):
+        super().__init__()
+        if name not in _RESNETS:
+            raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
+        fn_name, _, self.num_channels = _RESNETS[name]
+        if pretrained:
+            resnet = load_imagenet_resnet(name)
+        else:
+            resnet = getattr(torchvision.models, fn_name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        for pname, p in resnet.named_parameters():
+            # ImageNet stem and layer1 stay frozen (official); random ones must learn.
+            if pretrained and not pname.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+        self.body = torchvision.models._utils.IntermediateLayerGetter(
+            resnet, return_layers={"layer2": "0", "layer3": "1", "layer4": "2"})
+        self.strides = (8, 16, 32)
+
+    def forward(self, images, mask):
+        """Feature maps (B, C_l, H_l, W_l) and their padding masks (B, H_l, W_l), True on padding."""
+        feats = self.body(images)
+        out = []
+        for x in feats.values():
+            m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]  # (B, H_l, W_l)
+            out.append((x, m))
+        return out
+
+
+class PositionEmbeddingSine(nn.Module):
+    """Normalized sine encoding of (y, x), 2*pi scale, offset by -0.5 as in Deformable DETR."""
+
+    def __init__(self, num_pos_feats=128, temperature=10000):
+        super().__init__()
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+
+    def forward(self, mask):
+        not_mask = ~mask
+        y_embed = not_mask.cumsum(1, dtype=torch.float32)  # (B, H, W)
+        x_embed = not_mask.cumsum(2, dtype=torch.float32)
+        eps, scale = 1e-6, 2 * math.pi
+        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * scale
+        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * scale
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
+        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        pos_x = x_embed[..., None] / dim_t  # (B, H, W, C/2)
+        pos_y = y_embed[..., None] / dim_t
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, C/2)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class Joiner(nn.Sequential):
+    """backbone.0 = Backbone, backbone.1 = position encoding: the official module tree."""
+
+    def forward(self, images, mask):
+        out = self[0](images, mask)
+        return out, [self[1](m).to(x.dtype) for x, m in out]
+
+
+def box_sine_embed(boxes, d_model=256, temperature=10000):
+    """Sine embedding of normalized 4-D boxes: (..., 4) -> (..., 2*d_model).
+
+    Used for two-stage proposals (official `get_proposal_pos_embed`, which takes them in logit space and
+    applies the sigmoid first) and by DynQL's Eq. (8); here the input is already in [0, 1].
+    """
+    num_feats = d_model // 2
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    pos = boxes[..., None] * (2 * math.pi) / dim_t  # (..., 4, C/2)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1)  # (..., 4, C/4, 2)
+    return pos.flatten(-3)  # (..., 2C)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-scale deformable attention
+# ----------------------------------------------------------------------------------------------------------
+def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights):
+    """Readable reference of multi-scale deformable attention (Zhu et al., Eq. 3), built on grid_sample.
+
+    value (B, S_all, M, C/M); spatial_shapes (L, 2) as (H_l, W_l); sampling_locations (B, Lq, M, L, P, 2) as
+    normalized (x, y) in [0, 1] of each level's (padded) map, pixel centres at (i + 0.5) / W; attention_weights
+    (B, Lq, M, L, P). Bilinear sampling, zero outside the map. Returns (B, Lq, M*C/M).
+    """
+    B, _, M, Dh = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    value_list = value.split(sizes, dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    sampled = []
+    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * M, Dh, H, W)  # (B*M, Dh, H_l, W_l)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    w = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)  # (B*M, 1, Lq, L*P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)  # (B*M, Dh, Lq)
+    return out.view(B, M * Dh, Lq).transpose(1, 2).contiguous()  # (B, Lq, C)
+
+
+_ATTN_IMPLS = ("auto", "pytorch", "triton")
+_announced = set()
+
+
+def resolve_attn_impl(impl, device):
+    """'auto' -> Triton for CUDA tensors when importable, else PyTorch; 'triton' where it cannot run -> error."""
+    if impl not in _ATTN_IMPLS:
+        raise ValueError(f"--attn-impl {impl!r}: expected one of {_ATTN_IMPLS}")
+    cuda = torch.device(device).type == "cuda"
+    if impl == "auto":
+        impl = "triton" if cuda and triton_available() else "pytorch"
+    elif impl == "triton" and not (cuda and triton_available()):
+        raise ValueError("--attn-impl triton needs a CUDA device and an importable triton "
+                         f"(device={device}, triton importable={triton_available()}); use --attn-impl pytorch")
+    if impl not in _announced:
+        _announced.add(impl)
+        print(f"multi-scale deformable attention: {impl}")
+    return impl
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module with the official initialisation."""
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.attn_impl = attn_impl
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        # Head h starts sampling along direction 2*pi*h/M, point p at distance p+1: a spread-out grid.
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (M, 2)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)  # (M, L, P, 2)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.constant_(lin.bias, 0.0)
+
+    def forward(self, query, reference_points, value_in, spatial_shapes, level_start_index, padding_mask=None):
+        """query (B, Lq, C); reference_points (B, Lq, L, 2 or 4) normalized; value_in (B, S_all, C)."""
+        B, Lq, _ = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_in)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(B, value.shape[1], M, self.d_model // M)  # (B, S_all, M, C/M)
+        offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # (B, Lq, M, L, P, 2)
+        weights = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1)
+        weights = weights.view(B, Lq, M, L, P)  # (B, Lq, M, L, P)
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalize by (W_l, H_l), in that order.
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+            loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            # Offsets are fractions of the reference box: half its size reached by the outermost point.
+            loc = (reference_points[:, :, None, :, None, :2]
+                   + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
+        impl = resolve_attn_impl(self.attn_impl, value.device)
+        if impl == "triton":
+            out = ms_deform_attn_triton(value, spatial_shapes, level_start_index, loc, weights)
+        else:
+            out = ms_deform_attn_pytorch(value, spatial_shapes, loc, weights)
+        return self.output_proj(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder and decoder
+# ----------------------------------------------------------------------------------------------------------
+class DeformableEncoderLayer(nn.Module):
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_impl)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        src = self.norm1(src + self.dropout1(
+            self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class DeformableEncoder(nn.Module):
+    def __init__(self, layer_kwargs, num_layers=6):
+        super().__init__()
+        self.layers = nn.ModuleList([DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)])
+
+    @staticmethod
+    def reference_points(spatial_shapes, valid_ratios, device):
+        """Every pixel centre of every level, in the coordinates of each level: (B, S_all, L, 2)."""
+        refs = []
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, device=device),
+                                    torch.linspace(0.5, W - 0.5, W, device=device), indexing="ij")
+            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)  # (B, H*W)
+            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)
+            refs.append(torch.stack((xs, ys), -1))  # (B, H*W, 2)
+        ref = torch.cat(refs, 1)  # (B, S_all, 2)
+        return ref[:, :, None] * valid_ratios[:, None]  # (B, S_all, L, 2)
+
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
+        ref = self.reference_points(spatial_shapes, valid_ratios, src.device)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
+        return src
+
+
+class DeformableDecoderLayer(nn.Module):
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
+        super().__init__()
+        self.n_heads = n_heads
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_impl)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                memory_padding_mask, self_attn_mask=None):
+        """self_attn_mask (B, Lq, Lq) bool, True = this query may NOT attend to that key."""
+        q = k = tgt + query_pos
+        mask = None
+        if self_attn_mask is not None:
+            mask = self_attn_mask.repeat_interleave(self.n_heads, dim=0)  # (B*M, Lq, Lq)
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=mask, need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask)))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class DeformableDecoder(nn.Module):
+    """Decoder layers with iterative box refinement; `bbox_embed`/`class_embed` alias the detector's heads."""
+
+    def __init__(self, layer_kwargs, num_layers=6):
+        super().__init__()
+        self.layers = nn.ModuleList([DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.bbox_embed = None
+        self.class_embed = None
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                valid_ratios, memory_padding_mask, self_attn_mask=None):
+        """Returns the hidden states of every layer (n, B, Lq, C) and the reference each layer started from."""
+        hs, refs = [], []
+        for lid, layer in enumerate(self.layers):
+            if reference_points.shape[-1] == 4:
+                ref_in = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+            else:
+                ref_in = reference_points[:, :, None] * valid_ratios[:, None]  # (B, Lq, L, 2)
+            refs.append(reference_points)
+            tgt = layer(tgt, query_pos, ref_in, memory, spatial_shapes, level_start_index,
+                        memory_padding_mask, self_attn_mask)
+            hs.append(tgt)
+            if self.bbox_embed is not None:
+                delta = self.bbox_embed[lid](tgt)
+                if reference_points.shape[-1] == 4:
+                    new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                else:
+                    new_ref = torch.cat([(delta[..., :2] + inverse_sigmoid(reference_points)).sigmoid(),
+                                         delta[..., 2:].sigmoid()], -1)
+                # Refined boxes are detached between layers: each layer learns its own correction.
+                reference_points = new_ref.detach()
+        return torch.stack(hs), refs
+
+
+class DeformableTransformer(nn.Module):
+    """Encoder, query selection (two-stage proposals or learned queries) and decoder."""
+
+    def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6, d_ffn=1024,
+                 dropout=0.1, n_levels=4, enc_n_points=4, dec_n_points=4, two_stage=True,
+                 two_stage_num_proposals=300, attn_impl="pytorch"):
+        super().__init__()
+        self.d_model, self.n_heads = d_model, n_heads
+        self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
+        common = dict(d_model=d_model, d_ffn=d_ffn, dropout=dropout, n_levels=n_levels, n_heads=n_heads,
+                      attn_impl=attn_impl)
+        self.encoder = DeformableEncoder(dict(common, n_points=enc_n_points), num_encoder_layers)
+        self.decoder = DeformableDecoder(dict(common, n_points=dec_n_points), num_decoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.constant_(self.reference_points.bias, 0.0)
+        nn.init.normal_(self.level_embed)
+
+    @staticmethod
+    def valid_ratio(mask):
+        """(w, h) fraction of a padded map that holds image: (B, 2)."""
+        _, H, W = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).float() / H
+        valid_w = (~mask[:, 0, :]).sum(1).float() / W
+        return torch.stack([valid_w, valid_h], -1)
+
+    def encode(self, srcs, masks, pos_embeds):
+        """Flatten the L levels, run the encoder. Returns a dict with memory (B, S_all, C) and its layout."""
+        src_flat, mask_flat, pos_flat, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append(src.shape[-2:])
+            src_flat.append(src.flatten(2).transpose(1, 2))  # (B, H_l*W_l, C)
+            mask_flat.append(mask.flatten(1))  # (B, H_l*W_l)
+            pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        src_flat, mask_flat, pos_flat = torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)  # (L, 2)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)  # (B, L, 2)
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)
+        return dict(memory=memory, mask=mask_flat, spatial_shapes=spatial_shapes,
+                    level_start_index=level_start_index, valid_ratios=valid_ratios)
+
+    def encoder_proposals(self, memory, memory_padding_mask, spatial_shapes):
+        """Two-stage: one proposal per memory location, a box of size 0.05*2^l centred on it (logit space)."""
+        B = memory.shape[0]
+        proposals, start = [], 0
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+            m = memory_padding_mask[:, start:start + H * W].view(B, H, W)
+            valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
+            ys, xs = torch.meshgrid(torch.linspace(0, H - 1, H, device=memory.device),
+                                    torch.linspace(0, W - 1, W, device=memory.device), indexing="ij")
+            grid = torch.stack([xs, ys], -1)  # (H, W, 2)
+            scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
+            grid = (grid[None] + 0.5) / scale  # (B, H, W, 2)
+            wh = torch.full_like(grid, 0.05 * (2.0 ** lvl))
+            proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))  # (B, H*W, 4)
+            start += H * W
+        proposals = torch.cat(proposals, 1)  # (B, S_all, 4)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals = torch.log(proposals / (1 - proposals))
+        invalid = memory_padding_mask[..., None] | ~valid
+        proposals = proposals.masked_fill(invalid, float("inf"))
+        out_memory = memory.masked_fill(invalid, 0.0)
+        return self.enc_output_norm(self.enc_output(out_memory)), proposals
+
+    def select_queries(self, enc, query_embed=None):
+        """Conventional queries: (tgt, query_pos, reference boxes) and, two-stage, the encoder predictions."""
+        memory = enc["memory"]
+        B, C = memory.shape[0], self.d_model
+        if self.two_stage:
+            out_memory, proposals = self.encoder_proposals(memory, enc["mask"], enc["spatial_shapes"])
+            head = self.decoder.num_layers
+            enc_logits = self.decoder.class_embed[head](out_memory)  # (B, S_all, K)
+            enc_coord_logit = self.decoder.bbox_embed[head](out_memory) + proposals  # (B, S_all, 4)
+            k = min(self.two_stage_num_proposals, enc_logits.shape[1])
+            # Class-agnostic: the encoder head is trained with every object as class 0.
+            topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]  # (B, Q)
+            coords = torch.gather(enc_coord_logit, 1, topk[..., None].repeat(1, 1, 4)).detach()  # (B, Q, 4)
+            reference = coords.sigmoid()
+            pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(reference, C)))  # (B, Q, 2C)
+            query_pos, tgt = torch.split(pos_tgt, C, dim=2)
+            enc_out = {"pred_logits": enc_logits, "pred_boxes": enc_coord_logit.sigmoid()}
+            return tgt, query_pos, reference, enc_out
+        query_pos, tgt = torch.split(query_embed, C, dim=1)
+        query_pos = query_pos[None].expand(B, -1, -1)  # (B, Q, C)
+        tgt = tgt[None].expand(B, -1, -1)
+        return tgt, query_pos, self.reference_points(query_pos).sigmoid(), None
+
+    def decode(self, enc, tgt, query_pos, reference, self_attn_mask=None):
+        return self.decoder(tgt, query_pos, reference, enc["memory"], enc["spatial_shapes"],
+                            enc["level_start_index"], enc["valid_ratios"], enc["mask"], self_attn_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The detector
+# ----------------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Feed-forward network with ReLU between its layers (the 3-layer box head)."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class DeformableDETR(nn.Module):
+    """Deformable DETR with optional training-only CLIP-DETR modules (`alignnet`, `dynql`)."""
+
+    def __init__(self, backbone, transformer, *, num_classes, num_queries=300, num_feature_levels=4,
+                 with_box_refine=True, two_stage=True, alignnet=None, dynql=None, align_loss=True):
+        super().__init__()
+        C = transformer.d_model
+        self.num_queries, self.num_classes = num_queries, num_classes
+        self.with_box_refine, self.two_stage = with_box_refine, two_stage
+        self.backbone = backbone
+        self.transformer = transformer
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, C * 2)
+        in_channels = list(backbone[0].num_channels)
+        proj = [nn.Sequential(nn.Conv2d(c, C, kernel_size=1), nn.GroupNorm(32, C)) for c in in_channels]
+        for i in range(num_feature_levels - len(in_channels)):
+            # Extra levels: 3x3 stride-2 convs on C5 (then on the previous extra level).
+            c_in = in_channels[-1] if i == 0 else C
+            proj.append(nn.Sequential(nn.Conv2d(c_in, C, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, C)))
+        self.input_proj = nn.ModuleList(proj)
+        for p in self.input_proj:
+            nn.init.xavier_uniform_(p[0].weight, gain=1)
+            nn.init.constant_(p[0].bias, 0)
+
+        # One head per decoder layer (+1 for the two-stage encoder proposals) with box refinement,
+        # else one head shared by every layer, as in the official code.
+        num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
+        class_embed, bbox_embed = nn.Linear(C, num_classes), MLP(C, C, 4, 3)
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0)
+        if with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+            transformer.decoder.bbox_embed = self.bbox_embed
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+        if two_stage:
+            transformer.decoder.class_embed = self.class_embed
+            for box_embed in self.bbox_embed:
+                nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
+        if dynql is not None and not two_stage:
+            raise ValueError("DynQL needs two-stage queries (4-D reference boxes): use --two-stage with DynQL")
+        if dynql is not None and alignnet is None:
+            raise ValueError("DynQL needs the AlignNet projection for z_attr (Eq. 3); pass alignnet too")
+        self.alignnet = alignnet
+        self.dynql = dynql
+        # DynQL alone still needs AlignNet's Eq. (3) projection, but not its loss.
+        self.align_loss = align_loss and alignnet is not None
+
+    def features(self, images, mask):
+        """Backbone + input projections: L maps (B, C, H_l, W_l), their masks and position encodings."""
+        feats, pos = self.backbone(images, mask)
+        srcs = [proj(x) for proj, (x, _) in zip(self.input_proj, feats)]
+        masks = [m for _, m in feats]
+        for lvl in range(len(feats), len(self.input_proj)):
+            srcs.append(self.input_proj[lvl](feats[-1][0] if lvl == len(feats) else srcs[-1]))
+            masks.append(F.interpolate(mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0])
+            pos.append(self.backbone[1](masks[-1]).to(srcs[-1].dtype))
+        return srcs, masks, pos
+
+    def heads(self, hs, refs):
+        """Class logits and boxes of every decoder layer: lists of (B, Lq, K) and (B, Lq, 4)."""
+        logits, boxes = [], []
+        for lvl in range(hs.shape[0]):
+            ref = inverse_sigmoid(refs[lvl])
+            delta = self.bbox_embed[lvl](hs[lvl])
+            if ref.shape[-1] == 4:
+                delta = delta + ref
+            else:
+                delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
+            logits.append(self.class_embed[lvl](hs[lvl]))
+            boxes.append(delta.sigmoid())
+        return logits, boxes
+
+    @staticmethod
+    def memory_levels(enc):
+        """The flat encoder memory back as L maps (B, C, H_l, W_l) (AlignNet's F^l, the score maps)."""
+        memory = enc["memory"]
+        levels = []
+        for (H, W), start in zip(enc["spatial_shapes"].tolist(), enc["level_start_index"].tolist()):
+            levels.append(memory[:, start:start + H * W].transpose(1, 2).unflatten(2, (H, W)))  # (B, C, H, W)
+        return levels
+
+    def forward(self, images, mask, targets=None):
+        """images (B, 3, H, W), mask (B, H, W) True on padding; targets only drive the training modules."""
+        srcs, masks, pos = self.features(images, mask)
+        enc = self.transformer.encode(srcs, masks, pos)
+        query_embed = None if self.two_stage else self.query_embed.weight
+        tgt, query_pos, reference, enc_out = self.transformer.select_queries(enc, query_embed)
+        Q = tgt.shape[1]
+        out = {}
+        train_modules = self.training and targets is not None
+        dyn = None
+        if train_modules and self.dynql is not None:
+            z_attr = self.alignnet.object_attribute_feature(
+                torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
+            dyn = self.dynql(z_attr, targets, num_queries=tgt.shape[1])
+            tgt = torch.cat([tgt, dyn.content], 1)  # (B, Q + S*G, C)
+            query_pos = torch.cat([query_pos, dyn.query_pos], 1)
+            reference = torch.cat([reference, dyn.reference], 1)
+        hs, refs = self.transformer.decode(enc, tgt, query_pos, reference, None if dyn is None else dyn.attn_mask)
+        logits, boxes = self.heads(hs, refs)
+        layers = [{"pred_logits": lg[:, :Q], "pred_boxes": bx[:, :Q]} for lg, bx in zip(logits, boxes)]
+        out.update(layers[-1])
+        out["aux_outputs"] = layers[:-1]
+        if enc_out is not None:
+            out["enc_outputs"] = enc_out
+        if dyn is not None:
+            out["dynql_outputs"] = [{"pred_logits": lg[:, Q:], "pred_boxes": bx[:, Q:]} for lg, bx in zip(logits, boxes)]
+            out["dynql_layout"] = dyn
+        if train_modules and self.align_loss:
+            out["loss_align"] = self.alignnet(self.memory_levels(enc), enc["valid_ratios"], targets)
+        return out
+
+
+class PostProcess(nn.Module):
+    """Top-k of the Q*K sigmoid scores, boxes in absolute xyxy of each original image."""
+
+    def __init__(self, num_select=100):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs, target_sizes):
+        """target_sizes (B, 2) as (h, w) of the original images. Returns a list of dicts per image."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        B, Q, K = logits.shape
+        k = min(self.num_select, Q * K)
+        scores, idx = torch.topk(logits.sigmoid().view(B, -1), k, dim=1)  # (B, k)
+        labels = idx % K
+        boxes = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
+        boxes = torch.gather(boxes, 1, (idx // K)[..., None].repeat(1, 1, 4))  # (B, k, 4)
+        h, w = target_sizes.unbind(1)
+        boxes = boxes * torch.stack([w, h, w, h], 1)[:, None].to(boxes.dtype)
+        return [{"scores": s, "labels": lb, "boxes": b} for s, lb, b in zip(scores, labels, boxes)]
