@@ -1,0 +1,316 @@
+"""Tests for alignnet.py: Eq. 1-5 on hand-built inputs with known answers, and the label dictionary
+(file, cache, random-weight encoder, offline failure). CPU only, no network."""
+import math
+import os
+import time
+from types import SimpleNamespace
+
+os.environ['HF_HUB_OFFLINE'] = '1'
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+
+import alignnet
+from alignnet import AlignNet, ClipWeightsUnavailableError, build_label_embeddings, label_embeddings
+
+
+@pytest.fixture(autouse=True)
+def offline_caches(tmp_path, monkeypatch):
+    """Every test: caches in tmp_path and the hub offline, even if huggingface_hub was imported earlier."""
+    monkeypatch.setenv('CLIP_DETR_CACHE', str(tmp_path / 'clip-detr'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+
+
+def make_alignnet(num_classes=3, dim=4, d_model=6, **kwargs):
+    torch.manual_seed(0)
+    return AlignNet(label_embeddings=torch.randn(num_classes, dim), d_model=d_model, **kwargs)
+
+
+def box_from_pixels(x0, y0, x1, y1, width, height):
+    """Normalized cxcywh of a box given by pixel edges of a width x height image."""
+    return [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height]
+
+
+# Eq. 1 ---------------------------------------------------------------------------------------------
+
+def test_encoded_feature_is_mean_inside_box_averaged_over_levels():
+    torch.manual_seed(0)
+    level0 = torch.randint(0, 10, (2, 3, 8, 8)).float()  # one constant value per pixel
+    level1 = torch.randint(0, 10, (2, 3, 4, 4)).float()
+    # Pixel edges at 8x8: x [2, 6), y [0, 4) -> at 4x4: x [1, 3), y [0, 2); and the whole image.
+    boxes = torch.tensor([box_from_pixels(2, 0, 6, 4, 8, 8), box_from_pixels(0, 0, 8, 8, 8, 8)])
+    batch_index = torch.tensor([1, 0])
+    z_enc = make_alignnet(d_model=3).object_encoded_feature([level0, level1], torch.ones(2, 2, 2), boxes,
+                                                            batch_index)
+    expected = torch.stack([
+        (level0[1, :, 0:4, 2:6].mean((1, 2)) + level1[1, :, 0:2, 1:3].mean((1, 2))) / 2,
+        (level0[0].mean((1, 2)) + level1[0].mean((1, 2))) / 2,
+    ])
+    torch.testing.assert_close(z_enc, expected)
+
+
+def test_encoded_feature_ignores_padding():
+    torch.manual_seed(0)
+    image0 = torch.randn(1, 3, 6, 4)  # level 0 of an image 6 high, 4 wide
+    image1 = torch.randn(1, 3, 3, 2)  # its level 1
+    boxes = torch.tensor([box_from_pixels(1, 2, 3, 6, 4, 6)])
+    net = make_alignnet(d_model=3)
+    alone = net.object_encoded_feature([image0, image1], torch.ones(1, 2, 2), boxes, torch.tensor([0]))
+    # The same image as the second of a batch padded to 8x8 (level 1: 4x4), next to a full-size image.
+    padded0 = torch.zeros(2, 3, 8, 8)
+    padded1 = torch.zeros(2, 3, 4, 4)
+    padded0[0] = 5.0
+    padded1[0] = 5.0
+    padded0[1, :, :6, :4] = image0[0]
+    padded1[1, :, :3, :2] = image1[0]
+    valid_ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[4 / 8, 6 / 8], [2 / 4, 3 / 4]]])  # (w, h)
+    batched = net.object_encoded_feature([padded0, padded1], valid_ratios, boxes, torch.tensor([1]))
+    torch.testing.assert_close(batched, alone)
+    assert not torch.allclose(alone, torch.zeros_like(alone))
+
+
+def test_encoded_feature_rejects_level_count_mismatch():
+    with pytest.raises(ValueError, match='memory levels'):
+        make_alignnet().object_encoded_feature([torch.zeros(1, 6, 4, 4)], torch.ones(1, 2, 2),
+                                               torch.tensor([[0.5, 0.5, 0.2, 0.2]]), torch.tensor([0]))
+
+
+# Eq. 2, 3 ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('align_feature, extra', [('label', 0), ('label+bbox', 4), ('label+scale', 2)])
+def test_attribute_feature_shapes(align_feature, extra):
+    net = make_alignnet(dim=4, d_model=6, align_feature=align_feature)
+    labels = torch.tensor([2, 0, 2, 1, 1])
+    boxes = torch.rand(5, 4)
+    assert net.attr_proj.in_features == 4 + extra
+    assert net.object_attribute_input(labels, boxes).shape == (5, 4 + extra)
+    assert net.object_attribute_feature(labels, boxes).shape == (5, 6)
+
+
+@pytest.mark.parametrize('align_feature, columns', [('label+scale', [2, 3]), ('label+bbox', [0, 1, 2, 3])])
+def test_attribute_feature_feeds_label_row_and_box_size(align_feature, columns):
+    dim = 4
+    net = make_alignnet(dim=dim, d_model=dim + len(columns), align_feature=align_feature)
+    with torch.no_grad():
+        net.attr_proj.weight.copy_(torch.eye(dim + len(columns)))
+        net.attr_proj.bias.zero_()
+    labels = torch.tensor([1, 2])
+    boxes = torch.tensor([[0.5, 0.4, 0.2, 0.1], [0.3, 0.6, 0.05, 0.7]])
+    z_attr = net.object_attribute_feature(labels, boxes)
+    torch.testing.assert_close(z_attr[:, :dim], net.f_cls[labels])
+    torch.testing.assert_close(z_attr[:, dim:], boxes[:, columns])
+
+
+def test_unknown_align_feature_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"label\+size.*'label', 'label\+bbox', 'label\+scale'"):
+        make_alignnet(align_feature='label+size')
+
+
+def test_out_of_range_label_is_rejected():
+    with pytest.raises(ValueError, match=r'\[0, 2\]'):
+        make_alignnet(num_classes=3).object_attribute_input(torch.tensor([3]), torch.rand(1, 4))
+
+
+# Eq. 4, 5 ----------------------------------------------------------------------------------------
+
+def test_loss_matches_hand_computation():
+    net = make_alignnet()
+    with torch.no_grad():
+        net.logit_beta.fill_(math.log(10.0))
+    z_enc = [[1.0, 0.0, 2.0], [0.0, 3.0, 1.0], [1.0, 1.0, 1.0]]
+    z_attr = [[2.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, -1.0, 0.0]]
+
+    def cosine(u, v):
+        return sum(a * b for a, b in zip(u, v)) / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
+
+    A = [[10.0 * cosine(z_enc[i], z_attr[j]) for j in range(3)] for i in range(3)]
+    rows = sum(-(A[i][i] - math.log(sum(math.exp(A[i][j]) for j in range(3)))) for i in range(3)) / 3
+    cols = sum(-(A[j][j] - math.log(sum(math.exp(A[i][j]) for i in range(3)))) for j in range(3)) / 3
+    similarity = net.similarity(torch.tensor(z_enc), torch.tensor(z_attr))
+    torch.testing.assert_close(similarity, torch.tensor(A))
+    assert net.alignment_loss(similarity).item() == pytest.approx((rows + cols) / 2, rel=1e-5)
+
+
+def test_aligned_pairs_give_lower_loss_than_shuffled():
+    torch.manual_seed(1)
+    net = make_alignnet()
+    z_enc = torch.randn(6, 6)
+    z_attr = z_enc + 0.1 * torch.randn(6, 6)
+    aligned = net.alignment_loss(net.similarity(z_enc, z_attr))
+    shuffled = net.alignment_loss(net.similarity(z_enc, z_attr[torch.tensor([1, 2, 3, 4, 5, 0])]))
+    assert aligned < shuffled
+
+
+def test_beta_starts_at_clip_value_and_is_capped():
+    net = make_alignnet()
+    assert net.beta.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        net.logit_beta.fill_(math.log(1000.0))
+    assert net.beta.item() == pytest.approx(100.0)
+    similarity = net.similarity(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]]))
+    assert similarity.item() == pytest.approx(100.0)
+
+
+def memory_and_ratios(batch=2, d_model=6):
+    torch.manual_seed(0)
+    levels = [torch.randn(batch, d_model, 8, 8, requires_grad=True), torch.randn(batch, d_model, 4, 4)]
+    return levels, torch.ones(batch, 2, 2)
+
+
+def targets(counts):
+    torch.manual_seed(2)
+    return [{'boxes': torch.rand(n, 4) * 0.4 + 0.3, 'labels': torch.randint(0, 3, (n,))} for n in counts]
+
+
+def assert_gradient_reaches_parameters(net):
+    for name, parameter in net.named_parameters():
+        assert parameter.grad is not None, name
+
+
+def test_forward_trains_memory_and_parameters():
+    net = make_alignnet()
+    levels, valid_ratios = memory_and_ratios()
+    loss = net(levels, valid_ratios, targets([2, 3]))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert_gradient_reaches_parameters(net)
+    assert net.attr_proj.weight.grad.abs().sum() > 0 and net.logit_beta.grad != 0
+    assert levels[0].grad.abs().sum() > 0
+
+
+def test_forward_without_instances_is_zero_and_touches_every_parameter():
+    net = make_alignnet()
+    levels, valid_ratios = memory_and_ratios()
+    loss = net(levels, valid_ratios, targets([0, 0]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert_gradient_reaches_parameters(net)
+
+
+def test_forward_with_one_instance_is_finite_and_connected():
+    net = make_alignnet()
+    levels, valid_ratios = memory_and_ratios()
+    loss = net(levels, valid_ratios, targets([0, 1]))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert_gradient_reaches_parameters(net)
+
+
+def test_label_dictionary_is_a_non_persistent_buffer():
+    net = make_alignnet()
+    assert 'f_cls' in dict(net.named_buffers())
+    assert not any(key.startswith('f_cls') for key in net.state_dict())
+
+
+# Label dictionary ------------------------------------------------------------------------------------
+
+NAMES = ['red circle', 'blue triangle', 'green square']
+
+
+def test_embeddings_file_pt_and_npy_are_row_normalized(tmp_path):
+    table = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 1.0]])
+    torch.save(table, tmp_path / 'table.pt')
+    np.save(tmp_path / 'table.npy', table.double().numpy())
+    expected = torch.tensor([[0.6, 0.8], [0.0, 1.0], [2 ** -0.5, 2 ** -0.5]])
+    for name in ('table.pt', 'table.npy'):
+        f_cls = label_embeddings(NAMES, embeddings_file=tmp_path / name)
+        assert f_cls.dtype == torch.float32
+        torch.testing.assert_close(f_cls, expected)
+
+
+def test_embeddings_file_errors(tmp_path):
+    torch.save(torch.ones(2, 5), tmp_path / 'two_rows.pt')
+    with pytest.raises(ValueError, match=r"two_rows\.pt.* 2 rows, expected 3"):
+        label_embeddings(NAMES, embeddings_file=tmp_path / 'two_rows.pt')
+    torch.save(torch.ones(3), tmp_path / 'flat.pt')
+    with pytest.raises(ValueError, match=r'flat\.pt.*2 dimensions'):
+        label_embeddings(NAMES, embeddings_file=tmp_path / 'flat.pt')
+    with pytest.raises(FileNotFoundError, match='missing.npy'):
+        label_embeddings(NAMES, embeddings_file=tmp_path / 'missing.npy')
+
+
+def test_build_label_embeddings_maps_flags(tmp_path):
+    torch.save(torch.eye(3), tmp_path / 'eye.pt')
+    args = SimpleNamespace(clip_model='RN50', clip_pretrained='openai', label_embeddings=str(tmp_path / 'eye.pt'),
+                           device='cpu')
+    torch.testing.assert_close(build_label_embeddings(args, NAMES), torch.eye(3))
+
+
+def test_cache_hit_does_not_rebuild(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_encoder(class_names, **kwargs):
+        calls.append(kwargs)
+        return torch.arange(1.0, 1.0 + 2 * len(class_names)).reshape(len(class_names), 2)  # (K, 2)
+
+    monkeypatch.setattr(alignnet, '_encode_with_clip', fake_encoder)
+    first = label_embeddings(NAMES, model_name='RN50')
+    assert len(calls) == 1
+    cached = list((tmp_path / 'clip-detr' / 'label_embeddings').iterdir())
+    assert len(cached) == 1 and cached[0].suffix == '.pt'
+
+    def no_encoder(class_names, **kwargs):
+        raise AssertionError('the cache was missed')
+
+    monkeypatch.setattr(alignnet, '_encode_with_clip', no_encoder)
+    torch.testing.assert_close(label_embeddings(NAMES, model_name='RN50'), first)
+    monkeypatch.setattr(alignnet, '_encode_with_clip', fake_encoder)
+    label_embeddings(NAMES, model_name='RN50', prompt='a drawing of a {}')
+    assert len(calls) == 2, 'another prompt must be another cache entry'
+
+
+def test_random_text_encoder_is_deterministic_and_says_so(tmp_path, capsys):
+    first = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none', cache_dir=tmp_path / 'a')
+    assert 'RANDOM' in capsys.readouterr().out
+    second = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none', cache_dir=tmp_path / 'b')
+    assert first.shape == (3, 256)
+    torch.testing.assert_close(first.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(first, second)
+    assert (first @ first.t() - torch.eye(3)).abs().max() < 0.999, 'rows must be distinct'
+
+
+def test_offline_without_cache_fails_fast_with_the_options(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ClipWeightsUnavailableError) as error:
+        label_embeddings(NAMES, model_name='RN50', pretrained='openai', cache_dir=tmp_path)
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert "'RN50/openai'" in message and '\n' not in message
+    for option in ('connect to the internet', '--label-embeddings FILE (.pt/.npy with 3 rows)',
+                   '--clip-pretrained none'):
+        assert option in message
+    assert isinstance(error.value, ValueError)
+    assert not (tmp_path / 'label_embeddings').exists() or not any((tmp_path / 'label_embeddings').iterdir())
+
+
+def test_unknown_model_or_tag_is_rejected():
+    with pytest.raises(ValueError, match="CLIP model 'RN51'"):
+        label_embeddings(NAMES, model_name='RN51')
+    with pytest.raises(ValueError, match=r"tag 'laion9'.*'openai'"):
+        label_embeddings(NAMES, model_name='RN50', pretrained='laion9')
+
+
+def test_pretrained_tag_loads_downloaded_checkpoint_with_quick_gelu(tmp_path, monkeypatch):
+    import open_clip
+    # A small model under a made-up tag: the tag's download and its QuickGELU flag are what is tested.
+    monkeypatch.setattr(open_clip, 'get_pretrained_cfg',
+                        lambda model, tag: {'hf_hub': 'org/tiny/', 'quick_gelu': True} if tag == 'tiny' else {})
+    torch.manual_seed(3)
+    reference = open_clip.create_model('ViT-S-32-alt', force_quick_gelu=True, pretrained_text=False).eval()
+    torch.save(reference.state_dict(), tmp_path / 'tiny.bin')
+    with torch.no_grad():
+        tokens = open_clip.get_tokenizer('ViT-S-32-alt')([f'a photo of a {name}' for name in NAMES])
+        expected = torch.nn.functional.normalize(reference.encode_text(tokens), dim=-1)
+    requested = []
+
+    def local_download(tag_cfg, **kwargs):
+        requested.append(tag_cfg['hf_hub'])
+        return str(tmp_path / 'tiny.bin')
+
+    monkeypatch.setattr(open_clip, 'download_pretrained', local_download)
+    f_cls = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='tiny')
+    assert requested == ['org/tiny/']
+    torch.testing.assert_close(f_cls, expected)
