@@ -21,13 +21,13 @@ from pycocotools.cocoeval import COCOeval
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def gather(obj):
-    """Concatenate a list from every rank (all ranks get the result)."""
+def gather_predictions(store):
+    """Merge {image_id: prediction} from every rank; the padded sampler's repeated images collapse."""
     if not (dist.is_available() and dist.is_initialized()):
-        return obj
+        return store
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return [x for part in parts for x in part]
+    dist.all_gather_object(parts, store)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def to_coco_results(predictions, cat_ids):
@@ -82,11 +82,10 @@ def predict(model, postprocess, loader, device, per_layer=False):
 def evaluate(model, postprocess, loader, dataset, device, per_layer=False):
     """COCO stats (12 numbers) of the last decoder layer; with per_layer, a list of them, one per layer."""
     final, layers = predict(model, postprocess, loader, device, per_layer)
-    image_ids = gather(list(final))
     per = []
     for store in (layers if per_layer else [final]):
-        results = gather(to_coco_results(store, dataset.cat_ids))
-        per.append(coco_stats(dataset.coco, results, image_ids))
+        store = gather_predictions(store)
+        per.append(coco_stats(dataset.coco, to_coco_results(store, dataset.cat_ids), list(store)))
     return per if per_layer else per[0]
 
 

@@ -166,6 +166,23 @@ def test_shapes_show_no_unannotated_object(shapes):
             assert not stray.any(), (img["file_name"], category_id, int(stray.sum()))
 
 
+def test_shapes_of_one_colour_never_overlap():
+    """Crowded tiny images: two squares of one category never intersect (a square fills its box, so box
+    overlap is shape overlap), while squares of different categories do."""
+    squares = [i for i, (_, form, _) in enumerate(data.SHAPES_CATEGORIES) if form == "square"]
+    same = different = 0
+    for seed in range(60):
+        _, objects = data._shapes_image(np.random.default_rng(seed), min_size=64, max_size=72, max_objects=12)
+        boxes = [(c, torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32))
+                 for c, (x, y, w, h) in objects if c in squares]
+        for i, (ci, bi) in enumerate(boxes):
+            for cj, bj in boxes[i + 1:]:
+                hit = bool(box_iou(bi, bj) > 0)
+                same += hit and ci == cj
+                different += hit and ci != cj
+    assert same == 0 and different > 0
+
+
 def test_shapes_set_is_reused_and_new_arguments_get_a_new_folder(tmp_path, monkeypatch):
     paths = data.make_shapes(str(tmp_path), **TINY_SHAPES)
     stamp = os.stat(paths["train_json"]).st_mtime_ns

@@ -47,7 +47,7 @@ DATASET_DEFAULTS = {
     "coco": dict(backbone="resnet50", hidden_dim=256, dim_feedforward=1024, enc_layers=6, dec_layers=6, nheads=8,
                  num_queries=300, enc_n_points=4, dec_n_points=4, batch_size=2, epochs=12, lr_drop=[10],
                  lr=2e-4, lr_backbone=2e-5, dropout=0.1, clip_model="RN50x64", clip_pretrained="openai",
-                 device="cuda"),
+                 device="cuda" if torch.cuda.is_available() else "cpu"),
 }
 for _name in ("custom", "ov-coco", "lvis"):
     DATASET_DEFAULTS[_name] = DATASET_DEFAULTS["coco"]
@@ -63,6 +63,12 @@ def get_parser():
     d.add_argument("--val-json", default=None)
     d.add_argument("--val-images", default=None)
     d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--shapes-num-train", type=int, default=2000)
+    d.add_argument("--shapes-num-val", type=int, default=200)
+    d.add_argument("--shapes-min-size", type=int, default=160, help="shapes image side, pixels")
+    d.add_argument("--shapes-max-size", type=int, default=256)
+    d.add_argument("--shapes-max-objects", type=int, default=6)
+    d.add_argument("--shapes-seed", type=int, default=0)
 
     m = p.add_argument_group("detector (Deformable DETR)")
     m.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
@@ -248,15 +254,18 @@ def resolve_resume(resume, output_dir):
 
 def load_model_state(model, state_dict, source):
     """Strict load; a CLIP-DETR checkpoint into a baseline model may only miss alignnet.*/dynql.* keys."""
-    result = model.load_state_dict(state_dict, strict=False)
-    extra = lambda k: k.startswith(("alignnet.", "dynql."))  # noqa: E731
-    bad_missing = [k for k in result.missing_keys if not extra(k)]
-    bad_unexpected = [k for k in result.unexpected_keys if not extra(k)]
-    if bad_missing or bad_unexpected:
-        raise ValueError(f"checkpoint {source!r} does not match the model: missing {bad_missing[:5]}"
-                         f"{'...' if len(bad_missing) > 5 else ''}, unexpected {bad_unexpected[:5]}"
-                         f"{'...' if len(bad_unexpected) > 5 else ''}")
-    skipped = result.missing_keys + result.unexpected_keys
+    own = model.state_dict()
+    module_key = lambda k: k.startswith(("alignnet.", "dynql."))  # noqa: E731
+    missing = [k for k in own if k not in state_dict and not module_key(k)]
+    unexpected = [k for k in state_dict if k not in own and not module_key(k)]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        show = lambda keys: f"{keys[:3]}{'...' if len(keys) > 3 else ''} ({len(keys)})"  # noqa: E731
+        raise ValueError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
+                         f"unexpected {show(unexpected)}, shape mismatch {show(mismatched)}")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    skipped = [k for k in list(own) + list(state_dict) if module_key(k) and (k not in own or k not in state_dict)]
     if skipped and is_main():
         print(f"loaded {source}: {len(skipped)} training-module keys (alignnet.*/dynql.*) not used")
 
@@ -327,18 +336,14 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, args, sc
     return {k: v / max(count, 1) for k, v in sums.items()} | {"steps": count}
 
 
-def make_loaders(args, train_set, val_set, distributed):
-    g = torch.Generator()
-    g.manual_seed(args.seed)
-    if distributed:
-        train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
-        val_sampler = DistributedSampler(val_set, shuffle=False)
-    else:
-        train_sampler = torch.utils.data.RandomSampler(train_set, generator=g)
-        val_sampler = torch.utils.data.SequentialSampler(val_set)
+def make_loaders(args, train_set, val_set, rank, world):
+    """The shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches."""
+    train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    val_sampler = DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
     batch_sampler = torch.utils.data.BatchSampler(train_sampler, args.batch_size, drop_last=True)
+    # Workers are re-created each epoch (not persistent) so their seeds come from the restored RNG on resume.
     train_loader = DataLoader(train_set, batch_sampler=batch_sampler, collate_fn=data.collate_fn,
-                              num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+                              num_workers=args.num_workers)
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, drop_last=False,
                             collate_fn=data.collate_fn, num_workers=args.num_workers)
     return train_loader, train_sampler, val_loader
@@ -353,6 +358,9 @@ def main(args):
     np.random.seed(seed)
     random.seed(seed)
     os.makedirs(args.output_dir, exist_ok=True)
+    resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
+    if resume and not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume: checkpoint {resume!r} does not exist")
 
     train_set = data.build_dataset("train", args)
     val_set = data.build_dataset("val", args)
@@ -367,10 +375,9 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_drop, gamma=0.1)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    train_loader, train_sampler, val_loader = make_loaders(args, train_set, val_set, world > 1)
+    train_loader, train_sampler, val_loader = make_loaders(args, train_set, val_set, rank, world)
 
     start_epoch = 0
-    resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
     if resume:
         ckpt = load_checkpoint(resume)
         load_model_state(model_without_ddp, ckpt["model"], resume)
@@ -391,8 +398,7 @@ def main(args):
     stats = None
     t_start = time.time()
     for epoch in range(start_epoch, args.epochs):
-        if world > 1:
-            train_sampler.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)
         t0 = time.time()
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, args, scaler)
         scheduler.step()
