@@ -37,8 +37,18 @@ Deviations from the paper / official code:
     and layer1, which only makes sense for ImageNet weights); with `pretrained=True` it freezes them as
     the official code does.
   - The decoder self-attention accepts an attention mask (the official decoder has none): DynQL needs it.
-  - The pure-PyTorch attention pads nothing and needs no compiled extension; the GPU kernel is Triton.
+  - The official code ships a CUDA C++ extension that must be compiled; the GPU kernel here is Triton
+    (`ms_deform_attn_triton`), compiled on first use on CUDA tensors, with no build step. With
+    TRITON_INTERPRET=1 set before triton is first imported, the same kernels run on CPU tensors (tests).
+  - The Triton kernel computes in float32. fp16/bf16 inputs are cast up to float32 and the output is cast back
+    to the dtype of `value` (the official extension has no half-precision path either); float64 inputs are
+    computed in float32 too, where the official extension has a float64 kernel.
+  - Gradients of `value` are summed with float32 atomics, so their last bits depend on the order in which
+    programs run: the backward pass is not bit-for-bit deterministic.
+  - The kernels do not check that S_all equals sum_l H_l * W_l (that would cost a device-to-host copy per
+    call); the caller's shapes are trusted.
 """
+import contextlib
 import copy
 import math
 import os
@@ -48,6 +58,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torchvision.ops import FrozenBatchNorm2d
 
 
@@ -186,6 +197,275 @@ def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_
     out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)  # (B*M, Dh, Lq)
     return out.view(B, M * Dh, Lq).transpose(1, 2).contiguous()  # (B, Lq, C)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-scale deformable attention: the optional Triton GPU kernel, forward and backward
+# ----------------------------------------------------------------------------------------------------------
+# For one head m of one query q, with attention weights A and normalized sampling locations p,
+#
+#     out[q, m] = sum_l sum_p A[q, m, l, p] * bilinear(V_l[:, m], p[q, m, l, p] scaled to level l)
+#
+# where a normalized (x, y) maps to the pixel coordinate (x * W_l - 0.5, y * H_l - 0.5) (pixel centres at
+# (i + 0.5) / W_l, `grid_sample` with align_corners=False), and a bilinear tap outside the map reads 0.
+#
+# Kernel layout: one program per (block of queries, batch element and head). It loops over levels and points,
+# holds a (BLOCK_Q, BLOCK_D) tile of the head's channels, and gathers the four corner rows of `value` per
+# sampling point. The backward kernel recomputes the corners and produces
+#   - grad value: scattered with atomic adds into an fp32 buffer, since many queries read the same pixel;
+#   - grad attention weight: <grad_out, bilinear sample> over the head's channels;
+#   - grad location: the derivative of the bilinear weights with respect to the pixel coordinate, times
+#     W_l (for x) or H_l (for y), the chain rule of x * W_l - 0.5.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only PyTorch wheels do not ship triton; the PyTorch reference is used instead.
+    triton = None
+
+
+def triton_available():
+    """True when triton can be imported, i.e. the Triton kernels can be compiled or interpreted."""
+    return triton is not None
+
+
+# Triton chooses interpreter or compiler from TRITON_INTERPRET twice: when triton itself is imported (its own
+# library kernels, e.g. tl.zeros) and when each kernel here is defined. Both must see the same setting.
+_INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def triton_interpreted():
+    """True when TRITON_INTERPRET=1 was set as this module was imported: the kernels then run on CPU tensors.
+
+    The interpreter works only if TRITON_INTERPRET=1 was also set before triton was first imported in the
+    process (torchvision imports it); this function cannot see that.
+    """
+    return _INTERPRETED
+
+
+if triton is not None:
+
+    @triton.jit
+    def _corner(start, H, W, yi, xi, row_ok):
+        """Flat pixel index of one bilinear tap and whether it lies inside the map (zero padding outside)."""
+        inside = row_ok & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
+        return start + yi * W + xi, inside
+
+    @triton.jit
+    def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+                         S_all, M, Lq, L, P, Dh,
+                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        bm = tl.program_id(1).to(tl.int64)
+        b = bm // M
+        m = bm % M
+        d = tl.arange(0, BLOCK_D)
+        q_ok = q < Lq
+        d_ok = d < Dh
+        row = (b * Lq + q) * M + m  # index into (B, Lq, M), int64 since B*Lq*M*L*P*2 can pass 2^31
+        # value[b, s, m, :] sits at v_head + s * M * Dh
+        v_head = value_ptr + b * S_all * M * Dh + m * Dh
+        acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+        for lvl in range(L):
+            H = tl.load(shapes_ptr + 2 * lvl)
+            W = tl.load(shapes_ptr + 2 * lvl + 1)
+            start = tl.load(starts_ptr + lvl)
+            for pt in range(P):
+                lp = (row * L + lvl) * P + pt
+                a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0)
+                x = tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * W.to(tl.float32) - 0.5
+                y = tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * H.to(tl.float32) - 0.5
+                x0f = tl.floor(x)
+                y0f = tl.floor(y)
+                lx = x - x0f
+                ly = y - y0f
+                hx = 1.0 - lx
+                hy = 1.0 - ly
+                x0 = x0f.to(tl.int64)
+                y0 = y0f.to(tl.int64)
+                s00, ok00 = _corner(start, H, W, y0, x0, q_ok)
+                s01, ok01 = _corner(start, H, W, y0, x0 + 1, q_ok)
+                s10, ok10 = _corner(start, H, W, y0 + 1, x0, q_ok)
+                s11, ok11 = _corner(start, H, W, y0 + 1, x0 + 1, q_ok)
+                v00 = tl.load(v_head + (s00 * M * Dh)[:, None] + d[None, :], mask=ok00[:, None] & d_ok[None, :],
+                              other=0.0)
+                v01 = tl.load(v_head + (s01 * M * Dh)[:, None] + d[None, :], mask=ok01[:, None] & d_ok[None, :],
+                              other=0.0)
+                v10 = tl.load(v_head + (s10 * M * Dh)[:, None] + d[None, :], mask=ok10[:, None] & d_ok[None, :],
+                              other=0.0)
+                v11 = tl.load(v_head + (s11 * M * Dh)[:, None] + d[None, :], mask=ok11[:, None] & d_ok[None, :],
+                              other=0.0)
+                sample = ((hy * hx)[:, None] * v00 + (hy * lx)[:, None] * v01
+                          + (ly * hx)[:, None] * v10 + (ly * lx)[:, None] * v11)
+                acc += a[:, None] * sample
+        tl.store(out_ptr + (row * Dh)[:, None] + d[None, :], acc, mask=q_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+                         grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
+                         S_all, M, Lq, L, P, Dh,
+                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        bm = tl.program_id(1).to(tl.int64)
+        b = bm // M
+        m = bm % M
+        d = tl.arange(0, BLOCK_D)
+        q_ok = q < Lq
+        d_ok = d < Dh
+        row = (b * Lq + q) * M + m
+        head_offset = b * S_all * M * Dh + m * Dh
+        v_head = value_ptr + head_offset
+        gv_head = grad_value_ptr + head_offset
+        g_out = tl.load(grad_out_ptr + (row * Dh)[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+        for lvl in range(L):
+            H = tl.load(shapes_ptr + 2 * lvl)
+            W = tl.load(shapes_ptr + 2 * lvl + 1)
+            start = tl.load(starts_ptr + lvl)
+            for pt in range(P):
+                lp = (row * L + lvl) * P + pt
+                a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0)
+                x = tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * W.to(tl.float32) - 0.5
+                y = tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * H.to(tl.float32) - 0.5
+                x0f = tl.floor(x)
+                y0f = tl.floor(y)
+                lx = x - x0f
+                ly = y - y0f
+                hx = 1.0 - lx
+                hy = 1.0 - ly
+                x0 = x0f.to(tl.int64)
+                y0 = y0f.to(tl.int64)
+                s00, ok00 = _corner(start, H, W, y0, x0, q_ok)
+                s01, ok01 = _corner(start, H, W, y0, x0 + 1, q_ok)
+                s10, ok10 = _corner(start, H, W, y0 + 1, x0, q_ok)
+                s11, ok11 = _corner(start, H, W, y0 + 1, x0 + 1, q_ok)
+                off00 = (s00 * M * Dh)[:, None] + d[None, :]
+                off01 = (s01 * M * Dh)[:, None] + d[None, :]
+                off10 = (s10 * M * Dh)[:, None] + d[None, :]
+                off11 = (s11 * M * Dh)[:, None] + d[None, :]
+                mask00 = ok00[:, None] & d_ok[None, :]
+                mask01 = ok01[:, None] & d_ok[None, :]
+                mask10 = ok10[:, None] & d_ok[None, :]
+                mask11 = ok11[:, None] & d_ok[None, :]
+                v00 = tl.load(v_head + off00, mask=mask00, other=0.0)
+                v01 = tl.load(v_head + off01, mask=mask01, other=0.0)
+                v10 = tl.load(v_head + off10, mask=mask10, other=0.0)
+                v11 = tl.load(v_head + off11, mask=mask11, other=0.0)
+                sample = ((hy * hx)[:, None] * v00 + (hy * lx)[:, None] * v01
+                          + (ly * hx)[:, None] * v10 + (ly * lx)[:, None] * v11)
+                tl.store(grad_attn_ptr + lp, tl.sum(g_out * sample, axis=1), mask=q_ok)
+                # d sample / d x and d sample / d y of the bilinear weights; out-of-map taps read 0 and add 0.
+                d_sample_dx = hy[:, None] * (v01 - v00) + ly[:, None] * (v11 - v10)
+                d_sample_dy = hx[:, None] * (v10 - v00) + lx[:, None] * (v11 - v01)
+                g_sample = a[:, None] * g_out
+                g_x = tl.sum(g_sample * d_sample_dx, axis=1) * W.to(tl.float32)
+                g_y = tl.sum(g_sample * d_sample_dy, axis=1) * H.to(tl.float32)
+                tl.store(grad_loc_ptr + 2 * lp, g_x, mask=q_ok)
+                tl.store(grad_loc_ptr + 2 * lp + 1, g_y, mask=q_ok)
+                tl.atomic_add(gv_head + off00, (hy * hx)[:, None] * g_sample, mask=mask00, sem="relaxed")
+                tl.atomic_add(gv_head + off01, (hy * lx)[:, None] * g_sample, mask=mask01, sem="relaxed")
+                tl.atomic_add(gv_head + off10, (ly * hx)[:, None] * g_sample, mask=mask10, sem="relaxed")
+                tl.atomic_add(gv_head + off11, (ly * lx)[:, None] * g_sample, mask=mask11, sem="relaxed")
+
+
+def _device_guard(tensor):
+    """Launch on the tensor's own GPU, which need not be the current one."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _launch_grid(B, Lq, M, block_q):
+    """Programs: query blocks on axis 0 (up to 2^31 - 1 of them), batch elements times heads on axis 1."""
+    return (triton.cdiv(Lq, block_q), B * M)
+
+
+class MSDeformAttnFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels; all floating inputs must be float32 and on one device."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, block_q=64):
+        value = value.contiguous()
+        spatial_shapes = spatial_shapes.contiguous()
+        level_start_index = level_start_index.contiguous()
+        sampling_locations = sampling_locations.contiguous()
+        attention_weights = attention_weights.contiguous()
+        B, S_all, M, Dh = value.shape
+        _, Lq, _, L, P, _ = sampling_locations.shape
+        out = value.new_empty((B, Lq, M, Dh))  # every element is written by the kernel
+        if B * Lq * M > 0:
+            with _device_guard(value):
+                _msda_fwd_kernel[_launch_grid(B, Lq, M, block_q)](
+                    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+                    S_all, M, Lq, L, P, Dh, BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(Dh))
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        ctx.block_q = block_q
+        return out.view(B, Lq, M * Dh)  # (B, Lq, M*Dh)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        B, S_all, M, Dh = value.shape
+        _, Lq, _, L, P, _ = sampling_locations.shape
+        grad_output = grad_output.contiguous()
+        grad_value = torch.zeros_like(value)  # float32: the atomic adds accumulate in it
+        grad_loc = torch.zeros_like(sampling_locations)
+        grad_attn = torch.zeros_like(attention_weights)
+        if B * Lq * M > 0:
+            with _device_guard(value):
+                _msda_bwd_kernel[_launch_grid(B, Lq, M, ctx.block_q)](
+                    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
+                    grad_value, grad_loc, grad_attn,
+                    S_all, M, Lq, L, P, Dh, BLOCK_Q=ctx.block_q, BLOCK_D=triton.next_power_of_2(Dh))
+        return grad_value, None, None, grad_loc, grad_attn, None
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, block_q):
+    if value.dim() != 4:
+        raise ValueError(f"value has shape {tuple(value.shape)}, expected (B, S_all, M, Dh)")
+    B, _, M, _ = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"sampling_locations has shape {tuple(sampling_locations.shape)}, "
+                         "expected (B, Lq, M, L, P, 2)")
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    if sampling_locations.shape[0] != B or sampling_locations.shape[2] != M:
+        raise ValueError(f"sampling_locations has shape {tuple(sampling_locations.shape)}, expected batch {B} "
+                         f"and {M} heads as in value {tuple(value.shape)}")
+    if tuple(attention_weights.shape) != (B, Lq, M, L, P):
+        raise ValueError(f"attention_weights has shape {tuple(attention_weights.shape)}, "
+                         f"expected {(B, Lq, M, L, P)} (B, Lq, M, L, P)")
+    if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
+        raise ValueError(f"spatial_shapes {tuple(spatial_shapes.shape)} and level_start_index "
+                         f"{tuple(level_start_index.shape)}: expected ({L}, 2) and ({L},) for {L} levels")
+    if spatial_shapes.dtype != torch.int64 or level_start_index.dtype != torch.int64:
+        raise ValueError(f"spatial_shapes ({spatial_shapes.dtype}) and level_start_index "
+                         f"({level_start_index.dtype}): expected torch.int64")
+    devices = {t.device for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)}
+    if len(devices) != 1:
+        raise ValueError(f"inputs are on devices {sorted(map(str, devices))}: expected one device")
+    if block_q < 1 or block_q & (block_q - 1):
+        raise ValueError(f"block_q {block_q}: expected a power of two")
+
+
+def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                          block_q=64):
+    """Multi-scale deformable attention (Zhu et al., Eq. 3) with the Triton kernels; see the module docstring.
+
+    Same conventions and result as `ms_deform_attn_pytorch`, plus `level_start_index` (L,), the offset of each
+    level in the flattened memory. Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
+    before triton was first imported; elsewhere it raises (`model.resolve_attn_impl` picks the PyTorch
+    reference there). `block_q` queries (a power of two) share one program.
+
+    Precision: the kernels compute in float32 only. fp16/bf16 (or float64) inputs are cast to float32, the
+    output is cast back to `value`'s dtype, and autograd casts the gradients back to each input's dtype.
+    """
+    if triton is None:
+        raise RuntimeError("ms_deform_attn_triton needs triton, which is not importable; "
+                           "use ms_deform_attn_pytorch")
+    if not (value.is_cuda or triton_interpreted()):
+        raise ValueError(f"ms_deform_attn_triton got tensors on {value.device}: expected CUDA tensors, "
+                         "or TRITON_INTERPRET=1 set before triton is first imported")
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, block_q)
+    out = MSDeformAttnFunction.apply(value.float(), spatial_shapes, level_start_index, sampling_locations.float(),
+                                     attention_weights.float(), block_q)
+    return out.to(value.dtype)
 
 _ATTN_IMPLS = ("auto", "pytorch", "triton")
 _announced = set()

@@ -1,0 +1,227 @@
+"""Speed and memory benchmarks (not tests): side-by-side numbers and ratios from one run.
+
+  python bench.py attn   [--device cuda]   ms_deform_attn_pytorch vs ms_deform_attn_triton at Deformable DETR
+                                            sizes (batch 2, 4 levels of an 800x1333 input, 8 heads, 4 points,
+                                            width 256; encoder Lq = S_all and decoder Lq = 300)
+  python bench.py train  [--steps 10]       training step time and peak memory on `shapes`: baseline vs each
+                                            CLIP-DETR method, same seed, same batches (training-only cost)
+  python bench.py coco-step [--steps 3]     seconds per training step of the default COCO model (R50, 6+6 layers,
+                                            300 queries, two-stage + refine) on one 800x1333 image
+
+Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is the peak resident set size of a
+fresh process per configuration (so numbers include the Python/torch baseline of ~0.5 GB).
+
+Deviations from the paper: none (the paper reports no timings).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, repeats):
+    fn()  # warm-up (and Triton compilation)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+def attn_inputs(n_queries, device, batch=2, heads=8, head_dim=32, points=4):
+    """Random inputs at Deformable DETR sizes: levels of an 800x1333 input at strides 8, 16, 32, 64."""
+    shapes = torch.tensor([(100, 167), (50, 84), (25, 42), (13, 21)], dtype=torch.long, device=device)
+    starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+    s_all = int(shapes.prod(1).sum())
+    lq = s_all if n_queries == "encoder" else n_queries
+    g = torch.Generator(device="cpu").manual_seed(0)
+    value = torch.randn(batch, s_all, heads, head_dim, generator=g).to(device)
+    loc = torch.rand(batch, lq, heads, 4, points, 2, generator=g).to(device)
+    attn = torch.rand(batch, lq, heads, 4, points, generator=g).softmax(-1).to(device)
+    return value, shapes, starts, loc, attn
+
+
+def bench_attn(args):
+    import model
+    device = torch.device(args.device)
+    impls = {"pytorch": lambda v, s, st, l, a: model.ms_deform_attn_pytorch(v, s, l, a)}
+    if device.type == "cuda" and model.triton_available():
+        impls["triton"] = model.ms_deform_attn_triton
+    else:
+        print(f"Triton kernel: not measured (device {device}; it needs CUDA)")
+    rows = []
+    for lq in ("encoder", 300):
+        inputs = attn_inputs(lq, device)
+        for name, fn in impls.items():
+            v, s, st, l, a = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+            grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=device)
+
+            def fwd():
+                with torch.no_grad():
+                    fn(v, s, st, l, a)
+
+            def fwd_bwd():
+                torch.autograd.grad(fn(v, s, st, l, a), (v, l, a), grad)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t_f = _time(fwd, device, args.repeats)
+            t_fb = _time(fwd_bwd, device, args.repeats)
+            mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+            rows.append(dict(lq="encoder" if lq == "encoder" else str(lq), impl=name, fwd_ms=1e3 * t_f,
+                             fwd_bwd_ms=1e3 * t_fb, peak_mib=mem))
+    print(f"{'Lq':>8} {'impl':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}")
+    for r in rows:
+        print(f"{r['lq']:>8} {r['impl']:>8} {r['fwd_ms']:9.2f} {r['fwd_bwd_ms']:11.2f} {r['peak_mib']:9.1f}")
+    for lq in ("encoder", "300"):
+        ref = next(r for r in rows if r["lq"] == lq and r["impl"] == "pytorch")
+        tri = next((r for r in rows if r["lq"] == lq and r["impl"] == "triton"), None)
+        if tri:
+            print(f"Lq={lq}: triton speed-up fwd {ref['fwd_ms'] / tri['fwd_ms']:.2f}x, fwd+bwd "
+                  f"{ref['fwd_bwd_ms'] / tri['fwd_bwd_ms']:.2f}x, memory ratio "
+                  f"{tri['peak_mib'] / ref['peak_mib']:.2f}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _train_worker(argv, steps, out_path):
+    """One configuration in this (fresh) process: median step time over `steps` steps on fixed batches."""
+    import data
+    import train
+    from matcher import weight_dict
+    args = train.finalize_args(train.get_parser().parse_args(argv))
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    ds = data.build_dataset("train", args)
+    model, criterion, _ = train.build_model(args, ds.cat_names)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(train.param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    batches = [data.collate_fn([ds[(i * args.batch_size + j) % len(ds)] for j in range(args.batch_size)])
+               for i in range(steps + 2)]
+
+    def step(batch):
+        images, mask, targets = batch
+        targets = train.to_device(targets, device)
+        losses = train.compute_losses(criterion, model(images.to(device), mask.to(device), targets), targets)
+        weights = weight_dict(losses)
+        loss = sum(weights[k] * v for k, v in losses.items())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        optimizer.step()
+
+    for b in batches[:2]:
+        step(b)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for b in batches[2:]:
+        t0 = time.perf_counter()
+        step(b)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    with open(out_path, "w") as f:
+        json.dump({"step_s": sorted(times)[len(times) // 2], "peak_mib": peak}, f)
+
+
+def _run_worker(argv, steps):
+    out = os.path.join(HERE, ".bench_tmp.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "_worker", "--steps", str(steps), "--", *argv]
+    subprocess.run(cmd, check=True, cwd=HERE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    with open(out) as f:
+        result = json.load(f)
+    os.remove(out)
+    return result
+
+
+def bench_train(args):
+    common = ["--dataset", "shapes", "--device", args.device, "--num-workers", "0"] + args.extra
+    rows = {m: _run_worker(common + ["--method", m], args.steps) for m in args.methods}
+    base = rows.get("baseline")
+    print(f"{'method':>10} {'s/step':>8} {'peak MiB':>9} {'time ratio':>11} {'memory ratio':>13}")
+    for m, r in rows.items():
+        tr = r["step_s"] / base["step_s"] if base else float("nan")
+        mr = r["peak_mib"] / base["peak_mib"] if base else float("nan")
+        print(f"{m:>10} {r['step_s']:8.3f} {r['peak_mib']:9.0f} {tr:11.3f} {mr:13.3f}")
+
+
+def bench_coco_step(args):
+    import train
+    from matcher import weight_dict
+    targs = train.finalize_args(train.get_parser().parse_args(
+        ["--dataset", "coco", "--device", args.device, "--method", args.method, "--clip-pretrained", "none",
+         "--clip-model", "RN50"]))
+    names = [f"class {i}" for i in range(80)]
+    model, criterion, _ = train.build_model(targs, names)
+    device = torch.device(args.device)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(1, 3, 800, 1333, generator=g).to(device)
+    mask = torch.zeros(1, 800, 1333, dtype=torch.bool, device=device)
+    targets = [{"boxes": (torch.rand(7, 4, generator=g) * 0.4 + 0.1).to(device),
+                "labels": torch.randint(0, 80, (7,), generator=g).to(device)}]
+
+    def step():
+        losses = train.compute_losses(criterion, model(images, mask, targets), targets)
+        weights = weight_dict(losses)
+        loss = sum(weights[k] * v for k, v in losses.items())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    t = _time(step, device, args.steps)
+    print(f"COCO default model ({targs.backbone}, {targs.enc_layers}+{targs.dec_layers} layers, "
+          f"{targs.num_queries} queries, --method {args.method}), one 800x1333 image on {device}: "
+          f"{t:.2f} s per training step (median of {args.steps})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser("bench", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("attn")
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a.add_argument("--repeats", type=int, default=10)
+    t = sub.add_parser("train")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--methods", nargs="+", default=["baseline", "alignnet", "dynql", "clip-detr"])
+    t.add_argument("extra", nargs="*", help="more train.py flags after --")
+    c = sub.add_parser("coco-step")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--steps", type=int, default=3)
+    c.add_argument("--method", default="baseline")
+    w = sub.add_parser("_worker")
+    w.add_argument("--steps", type=int)
+    w.add_argument("argv", nargs="*")
+    args = p.parse_args(argv)
+    if args.what == "attn":
+        bench_attn(args)
+    elif args.what == "train":
+        bench_train(args)
+    elif args.what == "coco-step":
+        bench_coco_step(args)
+    else:
+        _train_worker(args.argv, args.steps, os.path.join(HERE, ".bench_tmp.json"))
+
+
+if __name__ == "__main__":
+    main()
