@@ -95,9 +95,11 @@ class DynQL(nn.Module):
         step = torch.cat([theta[:, :2] / 2, theta[:, 2:]], 1)  # centre moves by theta/2, size by theta
         p = boxes + sign * lam * step
         p = torch.cat([p[:, :2], p[:, 2:].clamp(min=1e-3)], 1)
-        p = box_convert(p, "cxcywh", "xyxy").clamp(0.0, 1.0)
-        p = box_convert(p, "xyxy", "cxcywh")
-        return torch.cat([p[:, :2], p[:, 2:].clamp(min=1e-3)], 1)
+        p = box_convert(box_convert(p, "cxcywh", "xyxy").clamp(0.0, 1.0), "xyxy", "cxcywh")
+        wh = p[:, 2:].clamp(min=1e-3)
+        # A box squashed against the border keeps a minimum size, so its centre moves inside by half of it.
+        centre = torch.minimum(torch.maximum(p[:, :2], wh / 2), 1 - wh / 2)
+        return torch.cat([centre, wh], 1)
 
     def positional_query(self, p):
         """Eq. (8): q_pos = Linear(PE(p)), PE the sine embedding of the 4-D box. (..., 4) -> (..., C)."""

@@ -790,7 +790,8 @@ class DeformableDETR(nn.Module):
     """Deformable DETR with optional training-only CLIP-DETR modules (`alignnet`, `dynql`)."""
 
     def __init__(self, backbone, transformer, *, num_classes, num_queries=300, num_feature_levels=4,
-                 with_box_refine=True, two_stage=True, alignnet=None, dynql=None, align_loss=True):
+                 with_box_refine=True, two_stage=True, alignnet=None, dynql=None, align_loss=True,
+                 class_head=None):
         super().__init__()
         C = transformer.d_model
         self.num_queries, self.num_classes = num_queries, num_classes
@@ -813,8 +814,12 @@ class DeformableDETR(nn.Module):
         # One head per decoder layer (+1 for the two-stage encoder proposals) with box refinement,
         # else one head shared by every layer, as in the official code.
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
-        class_embed, bbox_embed = nn.Linear(C, num_classes), MLP(C, C, 4, 3)
-        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+        bbox_embed = MLP(C, C, 4, 3)
+        if class_head is None:
+            class_embed = nn.Linear(C, num_classes)
+            nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+        else:
+            class_embed = class_head  # e.g. open-vocabulary scoring against the CLIP label dictionary
         nn.init.constant_(bbox_embed.layers[-1].weight, 0)
         nn.init.constant_(bbox_embed.layers[-1].bias, 0)
         if with_box_refine:

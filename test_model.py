@@ -1,0 +1,540 @@
+"""Tests for model.py, the Deformable DETR of paper §3.1 (SPEC.md §2): multi-scale deformable attention
+against a naive bilinear loop, its gradients, the official sampling-location formulas, the decoder's
+attention mask, official parameter names, two-stage proposals, post-processing, batch independence,
+eval-mode equality with the CLIP-DETR training modules, and backbone errors. CPU only, no network.
+
+Shape legend: B batch, Q queries, L feature levels, C model width, M heads, P sampling points, K classes,
+S_all = sum_l H_l * W_l flattened memory length, Lq attention queries.
+"""
+import itertools
+import math
+import os
+import time
+
+os.environ['HF_HUB_OFFLINE'] = '1'
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+
+import model
+from alignnet import AlignNet
+from data import collate_fn
+from dynql import DynQL
+from model import (MLP, Backbone, DeformableDecoder, DeformableDETR, DeformableTransformer, Joiner,
+                   MSDeformAttn, PositionEmbeddingSine, PostProcess, ms_deform_attn_pytorch)
+
+D_MODEL = 32  # GroupNorm(32, C) in input_proj needs C divisible by 32
+
+
+def tiny_detr(*, two_stage=True, with_box_refine=True, alignnet=None, dynql=None, seed=0):
+    """A resnet18 Deformable DETR small enough to run in a fraction of a second on the CPU."""
+    torch.manual_seed(seed)
+    backbone = Joiner(Backbone('resnet18'), PositionEmbeddingSine(D_MODEL // 2))
+    transformer = DeformableTransformer(d_model=D_MODEL, n_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+                                        d_ffn=64, dropout=0.0, n_levels=4, enc_n_points=2, dec_n_points=2,
+                                        two_stage=two_stage, two_stage_num_proposals=10)
+    return DeformableDETR(backbone, transformer, num_classes=5, num_queries=10, two_stage=two_stage,
+                          with_box_refine=with_box_refine, alignnet=alignnet, dynql=dynql)
+
+
+def level_start(spatial_shapes):
+    sizes = [h * w for h, w in spatial_shapes.tolist()]
+    return torch.tensor([0] + list(itertools.accumulate(sizes))[:-1])
+
+
+# ms_deform_attn_pytorch ---------------------------------------------------------------------------------
+
+def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
+    """One bilinear sample at a time: pixel coordinate x*W - 0.5, four corners, zero outside the map."""
+    B, _, M, Dh = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    starts = level_start(spatial_shapes).tolist()
+    out = torch.zeros(B, Lq, M, Dh, dtype=value.dtype)
+    for b, q, m, lvl, p in itertools.product(range(B), range(Lq), range(M), range(L), range(P)):
+        H, W = spatial_shapes[lvl].tolist()
+        x = sampling_locations[b, q, m, lvl, p, 0].item() * W - 0.5
+        y = sampling_locations[b, q, m, lvl, p, 1].item() * H - 0.5
+        x0, y0 = math.floor(x), math.floor(y)
+        fx, fy = x - x0, y - y0
+        sample = torch.zeros(Dh, dtype=value.dtype)
+        for xi, yi, corner_weight in ((x0, y0, (1 - fx) * (1 - fy)), (x0 + 1, y0, fx * (1 - fy)),
+                                      (x0, y0 + 1, (1 - fx) * fy), (x0 + 1, y0 + 1, fx * fy)):
+            if 0 <= xi < W and 0 <= yi < H:
+                sample += corner_weight * value[b, starts[lvl] + yi * W + xi, m]
+        out[b, q, m] += attention_weights[b, q, m, lvl, p] * sample
+    return out.flatten(2)  # (B, Lq, M*Dh)
+
+
+def test_ms_deform_attn_equals_naive_bilinear_loop():
+    torch.manual_seed(0)
+    spatial_shapes = torch.tensor([[4, 5], [2, 3], [1, 1]])
+    B, Lq, M, Dh, P = 2, 3, 2, 3, 2
+    L = len(spatial_shapes)
+    value = torch.randn(B, int(spatial_shapes.prod(1).sum()), M, Dh, dtype=torch.float64)
+    # Many points outside [0, 1] (partly or wholly off the map), then some exactly on borders.
+    locations = torch.rand(B, Lq, M, L, P, 2, dtype=torch.float64) * 1.6 - 0.3
+    locations[0, 0, 0, :, 0] = 0.0
+    locations[0, 0, 1, :, 1] = 1.0
+    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        locations[1, 1, 0, lvl, 0] = torch.tensor([0.5 / W, 0.5 / H])  # first pixel centre
+        locations[1, 1, 1, lvl, 1] = torch.tensor([1 + 0.5 / W, -0.5 / H])  # a full pixel outside
+        locations[1, 2, 0, lvl, 1] = torch.tensor([1 - 0.5 / W, 1.0])
+    weights = torch.rand(B, Lq, M, L, P, dtype=torch.float64)
+    expected = naive_ms_deform_attn(value, spatial_shapes, locations, weights)
+    torch.testing.assert_close(ms_deform_attn_pytorch(value, spatial_shapes, locations, weights), expected,
+                               rtol=0, atol=1e-12)
+    assert expected.abs().max() > 0.1
+
+
+def test_ms_deform_attn_gradcheck():
+    torch.manual_seed(0)
+    spatial_shapes = torch.tensor([[3, 4], [2, 2]])
+    B, Lq, M, Dh, P = 1, 2, 2, 2, 2
+    L = len(spatial_shapes)
+    value = torch.randn(B, int(spatial_shapes.prod(1).sum()), M, Dh, dtype=torch.float64, requires_grad=True)
+    # Pixel coordinates k + u with u in [0.2, 0.8]: away from the kinks of bilinear sampling at integers;
+    # k from -1 puts some points half outside the map.
+    size_wh = spatial_shapes.flip(1).to(torch.float64)  # (L, 2) as (W, H)
+    k = torch.floor(torch.rand(B, Lq, M, L, P, 2, dtype=torch.float64) * (size_wh[:, None] + 1)) - 1
+    u = 0.2 + 0.6 * torch.rand(B, Lq, M, L, P, 2, dtype=torch.float64)
+    locations = ((k + u + 0.5) / size_wh[:, None]).requires_grad_()
+    weights = torch.rand(B, Lq, M, L, P, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn_pytorch(v, spatial_shapes, loc, w), (value, locations, weights))
+
+
+# MSDeformAttn ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def captured_attention(monkeypatch):
+    """Replace the attention kernel by one that records its sampling locations and weights."""
+    calls = []
+
+    def capture(value, spatial_shapes, sampling_locations, attention_weights):
+        calls.append((sampling_locations, attention_weights))
+        return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+
+    monkeypatch.setattr(model, 'ms_deform_attn_pytorch', capture)
+    return calls
+
+
+def known_offset_attention():
+    """MSDeformAttn whose sampling offsets do not depend on the query: the bias, (M, L, P, 2)."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=3)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.zero_()
+        attn.sampling_offsets.bias.copy_(torch.randn(attn.sampling_offsets.bias.shape) * 3)
+        attn.attention_weights.weight.normal_()
+    return attn, attn.sampling_offsets.bias.detach().view(2, 2, 3, 2)  # (M, L, P, 2)
+
+
+@pytest.mark.parametrize('ref_dim', [2, 4])
+def test_msdeformattn_sampling_locations_follow_official_formula(captured_attention, ref_dim):
+    attn, offsets = known_offset_attention()
+    spatial_shapes = torch.tensor([[4, 6], [3, 5]])  # H != W on both levels: (W, H) order matters
+    B, Lq, M, L, P = 2, 3, 2, 2, 3
+    query = torch.randn(B, Lq, 8)
+    value_in = torch.randn(B, int(spatial_shapes.prod(1).sum()), 8)
+    reference = torch.rand(B, Lq, L, ref_dim)
+    attn(query, reference, value_in, spatial_shapes, level_start(spatial_shapes))
+    (locations, weights), = captured_attention
+    expected = torch.empty(B, Lq, M, L, P, 2)
+    for b, q, m, lvl, p in itertools.product(range(B), range(Lq), range(M), range(L), range(P)):
+        H, W = spatial_shapes[lvl].tolist()
+        ref = reference[b, q, lvl]
+        if ref_dim == 2:
+            expected[b, q, m, lvl, p] = ref + offsets[m, lvl, p] / torch.tensor([W, H])
+        else:
+            expected[b, q, m, lvl, p] = ref[:2] + offsets[m, lvl, p] / P * ref[2:] * 0.5
+    torch.testing.assert_close(locations, expected)
+    # One softmax over all levels and points of a head.
+    torch.testing.assert_close(weights.sum((-2, -1)), torch.ones(B, Lq, M))
+    assert not torch.allclose(weights[..., 0, :].sum(-1), torch.ones(B, Lq, M))
+
+
+def test_msdeformattn_rejects_bad_reference_dim():
+    attn, _ = known_offset_attention()
+    spatial_shapes = torch.tensor([[2, 2], [1, 1]])
+    with pytest.raises(ValueError, match='reference_points'):
+        attn(torch.randn(1, 2, 8), torch.rand(1, 2, 2, 3), torch.randn(1, 5, 8), spatial_shapes,
+             level_start(spatial_shapes))
+
+
+# Decoder attention mask --------------------------------------------------------------------------------
+
+def decoder_inputs(Lq, seed=0):
+    """Random memory of two levels and random (tgt, query_pos, reference boxes) for Lq queries."""
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor([[4, 6], [2, 3]])
+    B = 2
+    memory = torch.randn(B, int(spatial_shapes.prod(1).sum()), D_MODEL, generator=g)
+    queries = dict(tgt=torch.randn(B, Lq, D_MODEL, generator=g), query_pos=torch.randn(B, Lq, D_MODEL, generator=g),
+                   reference=0.2 + 0.6 * torch.rand(B, Lq, 4, generator=g))
+    layout = dict(memory=memory, spatial_shapes=spatial_shapes, level_start_index=level_start(spatial_shapes),
+                  valid_ratios=torch.ones(B, 2, 2),
+                  memory_padding_mask=torch.zeros(B, memory.shape[1], dtype=torch.bool))
+    return queries, layout
+
+
+def run_decoder(decoder, queries, layout, mask):
+    with torch.no_grad():
+        hs, refs = decoder(queries['tgt'], queries['query_pos'], queries['reference'], layout['memory'],
+                           layout['spatial_shapes'], layout['level_start_index'], layout['valid_ratios'],
+                           layout['memory_padding_mask'], mask)
+    return hs, torch.stack(refs)  # (n_layers, B, Lq, C), (n_layers, B, Lq, 4)
+
+
+def perturbed(queries, rows):
+    g = torch.Generator().manual_seed(1)
+    out = {k: v.clone() for k, v in queries.items()}
+    out['tgt'][:, rows] += torch.randn(out['tgt'][:, rows].shape, generator=g)
+    out['query_pos'][:, rows] += torch.randn(out['query_pos'][:, rows].shape, generator=g)
+    out['reference'][:, rows] = 0.2 + 0.6 * torch.rand(out['reference'][:, rows].shape, generator=g)
+    return out
+
+
+@pytest.mark.parametrize('refine', [False, True])
+def test_decoder_mask_hides_group_b_from_group_a(refine):
+    torch.manual_seed(0)
+    kwargs = dict(d_model=D_MODEL, d_ffn=64, dropout=0.0, n_levels=2, n_heads=4, n_points=2)
+    decoder = DeformableDecoder(kwargs, num_layers=3).eval()
+    if refine:
+        decoder.bbox_embed = torch.nn.ModuleList(MLP(D_MODEL, D_MODEL, 4, 3) for _ in range(3))
+    A, B_ = slice(0, 3), slice(3, 6)
+    queries, layout = decoder_inputs(6)
+    mask = torch.zeros(2, 6, 6, dtype=torch.bool)
+    mask[:, A, B_] = True  # A rows may not attend B keys; B sees everything
+    hs, refs = run_decoder(decoder, queries, layout, mask)
+    hs_b, refs_b = run_decoder(decoder, perturbed(queries, B_), layout, mask)
+    torch.testing.assert_close(hs_b[:, :, A], hs[:, :, A], rtol=0, atol=1e-6)
+    torch.testing.assert_close(refs_b[:, :, A], refs[:, :, A], rtol=0, atol=1e-6)
+    assert (hs_b[:, :, B_] - hs[:, :, B_]).abs().amax((1, 2, 3)).min() > 1e-2
+    # Sanity: B may see A, so changing A changes B in every layer.
+    hs_a, _ = run_decoder(decoder, perturbed(queries, A), layout, mask)
+    assert (hs_a[:, :, B_] - hs[:, :, B_]).abs().amax((1, 2, 3)).min() > 1e-2
+    if refine:
+        assert (refs_b[1:, :, B_] - refs[1:, :, B_]).abs().max() > 1e-3
+
+
+# Official parameter names ------------------------------------------------------------------------------
+
+def official_state_shapes(*, backbone_state, backbone_channels, num_classes, d_model, n_heads, d_ffn, enc_layers,
+                          dec_layers, n_levels, n_points, num_queries, two_stage, with_box_refine):
+    """Names and shapes of the official fundamentalvision/Deformable-DETR state dict, written from its
+    models/{deformable_detr,deformable_transformer,backbone}.py and models/ops/modules/ms_deform_attn.py."""
+    C = d_model
+    shapes = {f'backbone.0.body.{k}': tuple(v.shape) for k, v in backbone_state.items() if not k.startswith('fc.')}
+
+    def linear(prefix, n_out, n_in):
+        shapes[f'{prefix}.weight'] = (n_out, n_in)
+        shapes[f'{prefix}.bias'] = (n_out,)
+
+    def layer_norm(prefix, n):
+        shapes[f'{prefix}.weight'] = (n,)
+        shapes[f'{prefix}.bias'] = (n,)
+
+    def deformable_attention(prefix):
+        linear(f'{prefix}.sampling_offsets', n_heads * n_levels * n_points * 2, C)
+        linear(f'{prefix}.attention_weights', n_heads * n_levels * n_points, C)
+        linear(f'{prefix}.value_proj', C, C)
+        linear(f'{prefix}.output_proj', C, C)
+
+    shapes['transformer.level_embed'] = (n_levels, C)
+    for i in range(enc_layers):
+        p = f'transformer.encoder.layers.{i}'
+        deformable_attention(f'{p}.self_attn')
+        layer_norm(f'{p}.norm1', C)
+        linear(f'{p}.linear1', d_ffn, C)
+        linear(f'{p}.linear2', C, d_ffn)
+        layer_norm(f'{p}.norm2', C)
+    for i in range(dec_layers):
+        p = f'transformer.decoder.layers.{i}'
+        deformable_attention(f'{p}.cross_attn')
+        layer_norm(f'{p}.norm1', C)
+        shapes[f'{p}.self_attn.in_proj_weight'] = (3 * C, C)
+        shapes[f'{p}.self_attn.in_proj_bias'] = (3 * C,)
+        linear(f'{p}.self_attn.out_proj', C, C)
+        layer_norm(f'{p}.norm2', C)
+        linear(f'{p}.linear1', d_ffn, C)
+        linear(f'{p}.linear2', C, d_ffn)
+        layer_norm(f'{p}.norm3', C)
+    if two_stage:
+        linear('transformer.enc_output', C, C)
+        layer_norm('transformer.enc_output_norm', C)
+        linear('transformer.pos_trans', 2 * C, 2 * C)
+        layer_norm('transformer.pos_trans_norm', 2 * C)
+    else:
+        linear('transformer.reference_points', 2, C)
+        shapes['query_embed.weight'] = (num_queries, 2 * C)
+    num_pred = dec_layers + (1 if two_stage else 0)
+    for i in range(num_pred):
+        class_prefixes = ['class_embed'] + (['transformer.decoder.class_embed'] if two_stage else [])
+        bbox_prefixes = ['bbox_embed'] + (['transformer.decoder.bbox_embed'] if with_box_refine else [])
+        for prefix in class_prefixes:
+            linear(f'{prefix}.{i}', num_classes, C)
+        for prefix in bbox_prefixes:
+            for j, (n_out, n_in) in enumerate([(C, C), (C, C), (4, C)]):
+                linear(f'{prefix}.{i}.layers.{j}', n_out, n_in)
+    for lvl, c_in in enumerate(backbone_channels):
+        shapes[f'input_proj.{lvl}.0.weight'] = (C, c_in, 1, 1)
+        shapes[f'input_proj.{lvl}.0.bias'] = (C,)
+        layer_norm(f'input_proj.{lvl}.1', C)
+    c_in = backbone_channels[-1]
+    for lvl in range(len(backbone_channels), n_levels):
+        shapes[f'input_proj.{lvl}.0.weight'] = (C, c_in, 3, 3)
+        shapes[f'input_proj.{lvl}.0.bias'] = (C,)
+        layer_norm(f'input_proj.{lvl}.1', C)
+        c_in = C
+    return shapes
+
+
+HEAD_ALIASES = ('transformer.decoder.class_embed.', 'transformer.decoder.bbox_embed.')
+
+
+def official_checkpoint(shapes, *, shared_heads):
+    """Random tensors under the official names. As in a released checkpoint, an alias holds the same tensor
+    as its head, and without box refinement every layer's head is one module, so one tensor."""
+    torch.manual_seed(0)
+    state = {k: torch.randn(shape) for k, shape in shapes.items() if not k.startswith(HEAD_ALIASES)}
+    if shared_heads:
+        for k in state:
+            if k.startswith(('class_embed.', 'bbox_embed.')):
+                head, _, rest = k.split('.', 2)
+                state[k] = state[f'{head}.0.{rest}']
+    for k in shapes:
+        if k.startswith(HEAD_ALIASES):
+            state[k] = state[k.removeprefix('transformer.decoder.')]
+    return state
+
+
+def check_official_load(detr, shapes, *, shared_heads=False):
+    """detr lives on the meta device (built in no time); assign=True gives it the checkpoint's tensors."""
+    assert set(detr.state_dict()) == set(shapes)
+    state = official_checkpoint(shapes, shared_heads=shared_heads)
+    detr.load_state_dict(state, strict=True, assign=True)
+    for k, v in detr.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_official_r50_two_stage_refine_checkpoint_loads_strict():
+    with torch.device('meta'):
+        backbone = Joiner(Backbone('resnet50'), PositionEmbeddingSine(128))
+        detr = DeformableDETR(backbone, DeformableTransformer(two_stage=True), num_classes=91, two_stage=True,
+                              with_box_refine=True)
+        resnet = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    shapes = official_state_shapes(backbone_state=resnet.state_dict(), backbone_channels=(512, 1024, 2048),
+                                   num_classes=91, d_model=256, n_heads=8, d_ffn=1024, enc_layers=6, dec_layers=6,
+                                   n_levels=4, n_points=4, num_queries=300, two_stage=True, with_box_refine=True)
+    assert 'query_embed.weight' not in shapes and 'transformer.decoder.class_embed.6.weight' in shapes
+    check_official_load(detr, shapes)
+
+
+@pytest.mark.parametrize('two_stage,refine', [(False, False), (True, False), (False, True)])
+def test_official_variants_load_strict(two_stage, refine):
+    with torch.device('meta'):
+        detr = tiny_detr(two_stage=two_stage, with_box_refine=refine)
+        resnet = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    shapes = official_state_shapes(backbone_state=resnet.state_dict(), backbone_channels=(128, 256, 512),
+                                   num_classes=5, d_model=D_MODEL, n_heads=4, d_ffn=64, enc_layers=2, dec_layers=2,
+                                   n_levels=4, n_points=2, num_queries=10, two_stage=two_stage,
+                                   with_box_refine=refine)
+    if not two_stage:
+        assert {'query_embed.weight', 'transformer.reference_points.weight'} <= set(shapes)
+    check_official_load(detr, shapes, shared_heads=not refine)
+
+
+# Two-stage proposals -----------------------------------------------------------------------------------
+
+def test_encoder_proposals_mask_padding_and_out_of_range_boxes():
+    torch.manual_seed(0)
+    transformer = DeformableTransformer(d_model=D_MODEL, n_heads=4, num_encoder_layers=1, num_decoder_layers=1,
+                                        d_ffn=64, n_levels=2, two_stage=True)
+    # Level 0 is 60 wide: its first and last columns have cx = 0.5/60 < 0.01 and 59.5/60 > 0.99.
+    # Level 5 boxes are 0.05 * 2^5 = 1.6 wide. Image 1 is padded on every level but the last ones.
+    spatial_shapes = torch.tensor([[3, 60], [2, 4], [2, 2], [1, 1], [1, 1], [1, 1]])
+    valid_hw = [[(3, 60), (2, 4), (2, 2), (1, 1), (1, 1), (1, 1)],
+                [(2, 45), (1, 3), (1, 1), (1, 1), (1, 1), (1, 1)]]
+    masks = []
+    for H, W in spatial_shapes.tolist():
+        masks.append(torch.ones(2, H, W, dtype=torch.bool))
+    for b, per_level in enumerate(valid_hw):
+        for m, (h, w) in zip(masks, per_level):
+            m[b, :h, :w] = False
+    mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S_all)
+    memory = torch.randn(2, mask.shape[1], D_MODEL)
+    out_memory, proposals = transformer.encoder_proposals(memory, mask, spatial_shapes)
+
+    expected = torch.empty(2, mask.shape[1], 4)
+    for b in range(2):
+        s = 0
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+            vh, vw = valid_hw[b][lvl]
+            for i, j in itertools.product(range(H), range(W)):
+                box = torch.tensor([(j + 0.5) / vw, (i + 0.5) / vh, 0.05 * 2 ** lvl, 0.05 * 2 ** lvl])
+                inside = bool(((box > 0.01) & (box < 0.99)).all())
+                expected[b, s] = torch.log(box / (1 - box)) if inside and i < vh and j < vw else float('inf')
+                s += 1
+    torch.testing.assert_close(proposals, expected)
+    invalid = torch.isinf(proposals).any(-1)  # (B, S_all)
+    assert invalid[0, 0] and not invalid[0, 1] and invalid[0, 59] and invalid[:, -1].all()
+    assert not invalid[1, 0] and invalid[1, 45]
+    with torch.no_grad():
+        expected_memory = transformer.enc_output_norm(transformer.enc_output(memory.masked_fill(invalid[..., None], 0)))
+    torch.testing.assert_close(out_memory, expected_memory)
+
+
+# Post-processing ---------------------------------------------------------------------------------------
+
+def test_postprocess_topk_labels_and_absolute_boxes():
+    logits = torch.full((2, 3, 4), -10.0)
+    logits[0, 2, 1], logits[0, 0, 3], logits[0, 1, 0] = 3.0, 2.0, 1.0
+    logits[1, 1, 2], logits[1, 2, 2], logits[1, 0, 1] = 4.0, 0.5, 0.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.5, 0.5, 1.0], [0.1, 0.2, 0.2, 0.2]],
+                          [[0.5, 0.5, 1.0, 1.0], [0.75, 0.25, 0.5, 0.5], [0.5, 0.5, 0.2, 0.2]]])
+    target_sizes = torch.tensor([[100, 200], [50, 40]])  # (h, w)
+    results = PostProcess(num_select=3)({'pred_logits': logits, 'pred_boxes': boxes}, target_sizes)
+    sig = torch.sigmoid
+    torch.testing.assert_close(results[0]['scores'], sig(torch.tensor([3.0, 2.0, 1.0])))
+    assert results[0]['labels'].tolist() == [1, 3, 0]
+    torch.testing.assert_close(results[0]['boxes'], torch.tensor([[0.0, 10.0, 40.0, 30.0],
+                                                                  [80.0, 30.0, 120.0, 70.0],
+                                                                  [0.0, 0.0, 100.0, 100.0]]))
+    torch.testing.assert_close(results[1]['scores'], sig(torch.tensor([4.0, 0.5, 0.0])))
+    assert results[1]['labels'].tolist() == [2, 2, 1]
+    torch.testing.assert_close(results[1]['boxes'], torch.tensor([[20.0, 0.0, 40.0, 25.0],
+                                                                  [16.0, 20.0, 24.0, 30.0],
+                                                                  [0.0, 0.0, 40.0, 50.0]]))
+
+
+# Batch independence ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def eval_detr():
+    return tiny_detr().eval()
+
+
+def run(detr, images, mask=None, targets=None):
+    if mask is None:
+        mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
+    with torch.no_grad():
+        return detr(images, mask, targets)
+
+
+def test_unpadded_image_in_batch_equals_image_alone(eval_detr):
+    torch.manual_seed(0)
+    large, small = torch.randn(3, 128, 128), torch.randn(3, 64, 128)
+    images, mask, _ = collate_fn([(large, {}), (small, {})])
+    batched = run(eval_detr, images, mask)
+    alone = run(eval_detr, large[None])
+    for key in ('pred_logits', 'pred_boxes'):
+        torch.testing.assert_close(batched[key][0], alone[key][0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(batched['aux_outputs'][0][key][0], alone['aux_outputs'][0][key][0],
+                                   rtol=0, atol=1e-4)
+    torch.testing.assert_close(batched['enc_outputs']['pred_logits'][0], alone['enc_outputs']['pred_logits'][0],
+                               rtol=0, atol=1e-4)
+
+
+def test_padded_image_masks_and_position_encoding_equal_image_alone(eval_detr):
+    """Sizes are multiples of the largest stride (64), so every level's valid part is exact."""
+    torch.manual_seed(0)
+    large, small = torch.randn(3, 128, 192), torch.randn(3, 64, 128)
+    images, mask, _ = collate_fn([(large, {}), (small, {})])
+    with torch.no_grad():
+        _, masks, pos = eval_detr.features(images, mask)
+        _, masks_alone, pos_alone = eval_detr.features(small[None], torch.zeros(1, 64, 128, dtype=torch.bool))
+    assert len(masks) == 4
+    for m, p, m_alone, p_alone in zip(masks, pos, masks_alone, pos_alone):
+        h, w = m_alone.shape[-2:]
+        assert not m[1, :h, :w].any() and m[1, h:].all() and m[1, :, w:].all()
+        torch.testing.assert_close(p[1, :, :h, :w], p_alone[0], rtol=0, atol=1e-5)
+
+
+def test_padded_image_transformer_equals_image_alone(eval_detr):
+    """Given the same features on the valid part (garbage on padding), encoder memory and encoder proposals
+    there, and the decoder run from the same queries, equal the image alone. The full detector differs on a
+    padded image: the backbone's convolutions and input_proj's GroupNorm see the padding (as in the official
+    code), which this test sidesteps by feeding the transformer directly."""
+    torch.manual_seed(0)
+    transformer = eval_detr.transformer
+    alone_shapes = [(8, 16), (4, 8), (2, 4), (1, 2)]
+    padded_shapes = [(16, 24), (8, 12), (4, 6), (2, 3)]
+    srcs_alone = [torch.randn(1, D_MODEL, h, w) for h, w in alone_shapes]
+    pos_alone = [eval_detr.backbone[1](torch.zeros(1, h, w, dtype=torch.bool)) for h, w in alone_shapes]
+    srcs, masks, pos = [], [], []
+    for s, (h, w), (H, W) in zip(srcs_alone, alone_shapes, padded_shapes):
+        src = torch.randn(2, D_MODEL, H, W) * 5  # image 0 fills its map, image 1 is padded with garbage
+        src[1, :, :h, :w] = s[0]
+        m = torch.ones(2, H, W, dtype=torch.bool)
+        m[0] = False
+        m[1, :h, :w] = False
+        srcs.append(src)
+        masks.append(m)
+        pos.append(eval_detr.backbone[1](m))
+    with torch.no_grad():
+        enc = transformer.encode(srcs, masks, pos)
+        enc_alone = transformer.encode(srcs_alone, [torch.zeros(1, h, w, dtype=torch.bool) for h, w in alone_shapes],
+                                       pos_alone)
+        valid = ~enc['mask'][1]
+        torch.testing.assert_close(enc['memory'][1, valid], enc_alone['memory'][0], rtol=0, atol=1e-4)
+        tgt, query_pos, reference, enc_out = transformer.select_queries(enc_alone)
+        torch.testing.assert_close(transformer.select_queries(enc)[3]['pred_logits'][1, valid],
+                                   enc_out['pred_logits'][0], rtol=0, atol=1e-4)
+        hs, refs = transformer.decode(enc, torch.cat([tgt, tgt]), torch.cat([query_pos, query_pos]),
+                                      torch.cat([reference, reference]))
+        hs_alone, refs_alone = transformer.decode(enc_alone, tgt, query_pos, reference)
+    torch.testing.assert_close(hs[:, 1], hs_alone[:, 0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(refs[-1][1], refs_alone[-1][0], rtol=0, atol=1e-4)
+
+
+# Eval mode with the CLIP-DETR training modules ---------------------------------------------------------
+
+def test_eval_with_training_modules_equals_baseline():
+    torch.manual_seed(1)
+    alignnet, dynql = AlignNet(label_embeddings=torch.randn(5, 16), d_model=D_MODEL), DynQL(d_model=D_MODEL)
+    full = tiny_detr(alignnet=alignnet, dynql=dynql, seed=0).eval()
+    baseline = tiny_detr(seed=1).eval()
+    result = baseline.load_state_dict(full.state_dict(), strict=False)
+    assert result.missing_keys == []
+    assert result.unexpected_keys and all(k.startswith(('alignnet.', 'dynql.')) for k in result.unexpected_keys)
+    images = torch.randn(2, 3, 64, 64)
+    targets = [{'labels': torch.tensor([1, 3]), 'boxes': torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.6, 0.2, 0.3]])},
+               {'labels': torch.tensor([0]), 'boxes': torch.tensor([[0.4, 0.4, 0.5, 0.2]])}]
+    out_full, out_base = run(full, images, targets=targets), run(baseline, images)
+    assert set(out_full) == set(out_base) == {'pred_logits', 'pred_boxes', 'aux_outputs', 'enc_outputs'}
+    torch.testing.assert_close(out_full['pred_logits'], out_base['pred_logits'], rtol=0, atol=0)
+    torch.testing.assert_close(out_full['pred_boxes'], out_base['pred_boxes'], rtol=0, atol=0)
+    torch.testing.assert_close(out_full['aux_outputs'], out_base['aux_outputs'], rtol=0, atol=0)
+    torch.testing.assert_close(out_full['enc_outputs'], out_base['enc_outputs'], rtol=0, atol=0)
+
+
+# Backbone errors ---------------------------------------------------------------------------------------
+
+def test_pretrained_backbone_offline_fails_fast_naming_backbone(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    start = time.monotonic()
+    with pytest.raises(ValueError, match='resnet18'):
+        Backbone('resnet18', pretrained=True)
+    assert time.monotonic() - start < 5
+
+
+def test_unknown_backbone_is_rejected():
+    with pytest.raises(ValueError, match='resnet51'):
+        Backbone('resnet51')
+
+
+# Attention implementation choice -----------------------------------------------------------------------
+
+def test_attn_impl_auto_on_cpu_is_pytorch_and_unknown_is_rejected():
+    assert model.resolve_attn_impl('auto', 'cpu') == 'pytorch'
+    with pytest.raises(ValueError, match='cuda-kernel'):
+        model.resolve_attn_impl('cuda-kernel', 'cpu')
+
+
+def test_attn_impl_triton_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match='triton'):
+        model.resolve_attn_impl('triton', 'cpu')
