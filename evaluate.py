@@ -1,11 +1,33 @@
-"""Evaluation: COCO AP with pycocotools, gathered over ranks (paper §4, Tables 1-9).
+"""Evaluation: COCO AP, per-decoder-layer AP, OV-COCO AP50, LVIS AP, discriminative score maps and detection
+on a folder of images (paper §4.1-4.2, Tables 1-4 and 9, Appendix A.1 and A.3, Figure 3).
 
-`evaluate(...)` is what training calls after an epoch; `python evaluate.py --resume CKPT [--dataset ...]`
-rebuilds the model from the checkpoint's own arguments and evaluates it alone.
+`evaluate(...)` is what training calls after an epoch. `python evaluate.py --resume CKPT` rebuilds the detector
+from the checkpoint's own arguments as a plain Deformable DETR (AlignNet and DynQL act during training only)
+and runs one of three modes:
+  default          AP of the val set with pycocotools: AP, AP50, AP75, APs, APm, APl (Tables 1, 4-8);
+                   --per-layer: one row per decoder layer (Table 9, Appendix A.3);
+                   --dataset ov-coco: AP50 on the novel, base and all categories too (Table 3);
+                   --dataset lvis: AP, AP50, AP75, APr, APc, APf with the optional `lvis` package (Table 2).
+  --visualize N    one PNG per val image for the first N: detections | discriminative score map (Appendix A.1,
+                   Figure 3); --compare CKPT2 adds a row for a second checkpoint (e.g. baseline vs CLIP-DETR).
+  --images DIR     detections on every image of a folder: a COCO-style results JSON and annotated PNGs.
 
-Shape legend: B batch, Q queries, K classes.
+The file holds no equation; the paper content is the protocols above and the score map of Appendix A.1:
+the l2-norm over C of the encoder memory at every location, min-max normalized, values below 0.5 left out.
 
-Deviations from the paper: none; AP is pycocotools' COCOeval on bounding boxes, as everyone reports it.
+Shape legend: B batch, Q queries, K classes, L feature levels, C model width, H_l x W_l a padded level-l
+memory map, H x W an image in pixels.
+
+Deviations from the paper:
+  - Score map: the encoder memory has L levels and Appendix A.1 does not say how they are combined. Each
+    level's l2-norm map is cut to the part the image covers (padding removed), upsampled bilinearly to the
+    image size, and the L maps are averaged; min-max normalization is per image.
+  - Per-layer AP covers the decoder layers (as Table 9), not the two-stage encoder proposals.
+  - LVIS keeps 300 detections per image (the LVIS protocol); COCO keeps 100.
+  - OV-COCO AP50 is pycocotools' AP at IoU 0.5 with the categories restricted to novel, base or both; the
+    15 COCO categories outside the benchmark are scored by the head but have no annotations, so they take
+    detection slots without entering any number.
+  - `coco_stats` treats an annotation without 'iscrowd' (LVIS has none) as not crowd, which pycocotools needs.
 """
 import argparse
 import contextlib
@@ -14,13 +36,32 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw
 from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, Dataset
+from torchvision.utils import draw_bounding_boxes
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LVIS_STAT_NAMES = ("AP", "AP50", "AP75", "APr", "APc", "APf")
+LVIS_DETECTIONS_PER_IMAGE = 300
+SCORE_MAP_THRESHOLD = 0.5  # Appendix A.1 / Figure 3: regions scoring below 0.5 are left out
+
+# Box colours, one per class index (cycled): saturated, so they stand out on photos and on the score map.
+BOX_COLORS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+              (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
+# A 'jet'-like colour ramp (position in [0, 1], RGB): blue for the lowest scores shown, red for the highest.
+COLORMAP = ((0.0, (0, 0, 255)), (0.25, (0, 255, 255)), (0.5, (0, 255, 0)), (0.75, (255, 255, 0)),
+            (1.0, (255, 0, 0)))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Predictions and COCO AP
+# ----------------------------------------------------------------------------------------------------------
 def gather_predictions(store):
     """Merge {image_id: prediction} from every rank; the padded sampler's repeated images collapse."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -43,9 +84,14 @@ def to_coco_results(predictions, cat_ids):
 
 
 def coco_stats(coco_gt, results, image_ids=None, cat_ids=None):
-    """The 12 COCOeval numbers (AP, AP50, AP75, APs, APm, APl, AR...); all -1 when there is nothing to score."""
+    """The 12 COCOeval numbers (AP, AP50, AP75, APs, APm, APl, AR...); all 0 when there is nothing to score.
+
+    A category without ground truth among the evaluated images scores -1 and is left out of every mean.
+    """
     if not results:
         return [0.0] * 12
+    for ann in coco_gt.anns.values():
+        ann.setdefault("iscrowd", 0)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
@@ -61,10 +107,10 @@ def coco_stats(coco_gt, results, image_ids=None, cat_ids=None):
 
 @torch.no_grad()
 def predict(model, postprocess, loader, device, per_layer=False):
-    """Run the detector over a loader. Returns {image_id: prediction} for the last layer, and per layer if asked."""
+    """Run the detector over a loader. Returns ({image_id: prediction} of the last decoder layer, and with
+    per_layer a list of such dicts, decoder layer 1 first; else [last layer])."""
     model.eval()
     layers = None
-    final = {}
     for images, mask, targets in loader:
         outputs = model(images.to(device), mask.to(device))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
@@ -75,8 +121,8 @@ def predict(model, postprocess, loader, device, per_layer=False):
         for store, head in zip(layers, heads):
             for image_id, pred in zip(ids, postprocess(head, sizes)):
                 store[image_id] = {k: v.cpu() for k, v in pred.items()}
-    final = layers[-1] if layers else final
-    return final, layers
+    layers = layers or [{}]
+    return layers[-1], layers
 
 
 def evaluate(model, postprocess, loader, dataset, device, per_layer=False):
@@ -94,8 +140,321 @@ def print_coco_table(stats, title="COCO bbox"):
           + " ".join(f"{100 * s:6.1f}" for s in stats[:6]))
 
 
+def print_per_layer_table(per_layer, title="COCO bbox per decoder layer"):
+    """Table 9's layout: one row per decoder layer (1 = first), AP ... APl in percent."""
+    lines = [title, f"{'layer':>6} " + " ".join(f"{n:>6}" for n in STAT_NAMES)]
+    for layer, stats in enumerate(per_layer, start=1):
+        lines.append(f"{layer:>6} " + " ".join(f"{100 * s:6.1f}" for s in stats[:6]))
+    print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OV-COCO (Table 3) and LVIS (Table 2)
+# ----------------------------------------------------------------------------------------------------------
+def ov_coco_ap50(coco_gt, results, base_names, novel_names, image_ids=None):
+    """OV-COCO's numbers: AP50 over the novel, the base and all (base + novel) categories, as a dict.
+
+    Each is pycocotools' AP at IoU 0.5 with the evaluated categories restricted, so a detection or an
+    annotation of a category outside a group cannot move that group's number.
+    """
+    ids_of = {cat["name"]: cat_id for cat_id, cat in coco_gt.cats.items()}
+    unknown = sorted((set(base_names) | set(novel_names)) - set(ids_of))
+    if unknown:
+        raise ValueError(f"OV-COCO categories {unknown} are not in the ground truth; expected COCO 2017 names")
+    if set(base_names) & set(novel_names):
+        raise ValueError(f"categories {sorted(set(base_names) & set(novel_names))} are both base and novel")
+    groups = {"novel": novel_names, "base": base_names, "all": list(base_names) + list(novel_names)}
+    return {group: coco_stats(coco_gt, results, image_ids, [ids_of[n] for n in names])[1]
+            for group, names in groups.items()}
+
+
+def print_ov_table(ov, title="OV-COCO AP50"):
+    print(f"{title}\n" + " ".join(f"{n:>6}" for n in ov) + "\n" + " ".join(f"{100 * v:6.1f}" for v in ov.values()))
+
+
+def lvis_api():
+    """(LVIS, LVISEval) from the optional `lvis` package; a clear error when it is missing."""
+    try:
+        from lvis import LVIS, LVISEval
+    except ImportError:
+        raise ValueError("--dataset lvis needs the optional 'lvis' package: pip install lvis (with NumPy >= 1.24 "
+                         "the PyPI release 0.5.3 fails on np.float; then use pip install "
+                         "git+https://github.com/lvis-dataset/lvis-api.git)") from None
+    return LVIS, LVISEval
+
+
+def lvis_stats(ann_file, results):
+    """LVIS v1 federated evaluation of bounding boxes: {AP, AP50, AP75, APr, APc, APf} (Table 2)."""
+    LVIS, LVISEval = lvis_api()
+    if not results:
+        return {name: 0.0 for name in LVIS_STAT_NAMES}
+    # LVISEval keeps the protocol's 300 detections per image itself (the keyword's name differs by version).
+    ev = LVISEval(LVIS(ann_file), results, "bbox")
+    ev.run()
+    numbers = ev.get_results()
+    return {name: float(numbers[name]) for name in LVIS_STAT_NAMES}
+
+
+def print_lvis_table(stats, title="LVIS bbox"):
+    print(f"{title}\n" + " ".join(f"{n:>6}" for n in stats) + "\n"
+          + " ".join(f"{100 * v:6.1f}" for v in stats.values()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Discriminative score map (Appendix A.1) and drawing (Figure 3)
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encoder_memory(model, images, mask):
+    """The encoder output of a batch as L maps (B, C, H_l, W_l) and the valid ratios (B, L, 2) as (w, h)."""
+    srcs, masks, pos = model.features(images, mask)
+    enc = model.transformer.encode(srcs, masks, pos)
+    return model.memory_levels(enc), enc["valid_ratios"]
+
+
+def discriminative_score_map(memory_levels, valid_ratios, sizes, threshold=SCORE_MAP_THRESHOLD):
+    """Appendix A.1: per image, the l2-norm of the encoder memory at every location, min-max normalized to
+    [0, 1], with the values below `threshold` set to 0 (left out). Returns B maps (H_b, W_b).
+
+    memory_levels: L maps (B, C, H_l, W_l), padded; valid_ratios (B, L, 2) the (w, h) fraction of each padded
+    map that the image covers; sizes: B pairs (H_b, W_b) to render at (each image's unpadded extent).
+    The L levels are combined by averaging their upsampled maps (the appendix does not say how).
+    """
+    if len(memory_levels) != valid_ratios.shape[1]:
+        raise ValueError(f"{len(memory_levels)} memory levels but valid_ratios has {valid_ratios.shape[1]}, "
+                         f"expected the same number")
+    if len(sizes) != valid_ratios.shape[0]:
+        raise ValueError(f"{len(sizes)} sizes for a batch of {valid_ratios.shape[0]} images, expected one each")
+    norms = [level.float().norm(dim=1) for level in memory_levels]  # L x (B, H_l, W_l)
+    maps = []
+    for b, (height, width) in enumerate(sizes):
+        upsampled = []
+        for level, norm in enumerate(norms):
+            H_l, W_l = norm.shape[-2:]
+            valid_w, valid_h = (valid_ratios[b, level] * valid_ratios.new_tensor([W_l, H_l])).round().long().tolist()
+            region = norm[b, :max(valid_h, 1), :max(valid_w, 1)]
+            upsampled.append(F.interpolate(region[None, None], size=(int(height), int(width)), mode="bilinear",
+                                           align_corners=False)[0, 0])  # (H_b, W_b)
+        score = torch.stack(upsampled).mean(dim=0)  # (L, H_b, W_b) -> (H_b, W_b)
+        low, high = score.min(), score.max()
+        # A constant map distinguishes nothing: it is left out entirely rather than divided by zero.
+        score = (score - low) / (high - low) if high > low else torch.zeros_like(score)
+        maps.append(score.masked_fill(score < threshold, 0.0))
+    return maps
+
+
+def colorize(values):
+    """Values in [0, 1], any shape (...) -> RGB uint8 (..., 3) along COLORMAP."""
+    positions = [p for p, _ in COLORMAP]
+    channels = [np.interp(values, positions, [rgb[c] for _, rgb in COLORMAP]) for c in range(3)]
+    return np.stack(channels, axis=-1).round().astype(np.uint8)
+
+
+def overlay_score_map(image, score, threshold=SCORE_MAP_THRESHOLD, alpha=0.6):
+    """Blend a score map (H, W) over an image (3, H, W) uint8; locations scored 0 (left out) keep the image.
+
+    The colour ramp spans [threshold, 1], the range that is drawn.
+    """
+    if score.shape != image.shape[-2:]:
+        raise ValueError(f"score map of shape {tuple(score.shape)} for an image of {tuple(image.shape[-2:])}, "
+                         f"expected the same (H, W)")
+    values = score.cpu().numpy()
+    ramp = np.clip((values - threshold) / (1 - threshold), 0, 1)
+    color = torch.from_numpy(colorize(ramp)).permute(2, 0, 1).float()  # (H, W, 3) -> (3, H, W)
+    blended = (1 - alpha) * image.float() + alpha * color
+    return torch.where(torch.from_numpy(values > 0)[None], blended.round(), image.float()).to(torch.uint8)
+
+
+def draw_detections(image, pred, class_names, score_threshold=0.3):
+    """Boxes scoring at least `score_threshold` on an image (3, H, W) uint8, labelled 'name score'."""
+    keep = pred["scores"] >= score_threshold
+    if not keep.any():
+        return image.clone()
+    height, width = image.shape[-2:]
+    boxes = pred["boxes"][keep].float().clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width - 1)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height - 1)
+    labels = pred["labels"][keep].tolist()
+    texts = [f"{class_names[k]} {s:.2f}" for k, s in zip(labels, pred["scores"][keep].tolist())]
+    colors = [BOX_COLORS[k % len(BOX_COLORS)] for k in labels]
+    return draw_bounding_boxes(image, boxes, labels=texts, colors=colors, width=2)
+
+
+def label_panel(image, text):
+    """Write `text` in the top-left corner of an image (3, H, W) uint8, on a black strip so it reads anywhere."""
+    canvas = Image.fromarray(image.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((2, 1), text)
+    draw.rectangle((0, 0, right + 2, bottom + 1), fill=(0, 0, 0))
+    draw.text((2, 1), text, fill=(255, 255, 255))
+    return TF.pil_to_tensor(canvas)
+
+
+def save_png(image, path):
+    """Write an image (3, H, W) uint8 as a PNG."""
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)  # (3, H, W) -> (H, W, 3)
+
+
+@torch.no_grad()
+def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, score_threshold=0.3):
+    """Figure 3 for the val images `indices`: one PNG each, a row [detections | score map] per detector.
+
+    detectors: (label, model) pairs, drawn top to bottom; each panel has the original image's size.
+    Returns the paths written.
+    """
+    import data
+    os.makedirs(output_dir, exist_ok=True)
+    paths = []
+    for index in indices:
+        image_t, target = dataset[index]
+        images, mask, _ = data.collate_fn([(image_t, target)])
+        images, mask = images.to(device), mask.to(device)
+        image_id = int(target["image_id"])
+        file_path = dataset.image_path(image_id)
+        with Image.open(file_path) as f:
+            original = TF.pil_to_tensor(f.convert("RGB"))  # (3, H, W) uint8
+        size = target["orig_size"].tolist()
+        rows = []
+        for label, model in detectors:
+            model.eval()
+            pred = postprocess(model(images, mask), target["orig_size"][None].to(device))[0]
+            pred = {k: v.cpu() for k, v in pred.items()}
+            # In eval mode forward returns no memory, so the encoder runs once more for the map.
+            levels, valid_ratios = encoder_memory(model, images, mask)
+            score = discriminative_score_map(levels, valid_ratios, [size])[0].cpu()
+            detections = draw_detections(original, pred, dataset.cat_names, score_threshold)
+            rows.append(torch.cat([label_panel(detections, f"{label}: detections"),
+                                   label_panel(overlay_score_map(original, score), f"{label}: score map")], dim=2))
+        path = os.path.join(output_dir, os.path.splitext(os.path.basename(file_path))[0] + ".png")
+        save_png(torch.cat(rows, dim=1), path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A folder of images
+# ----------------------------------------------------------------------------------------------------------
+def list_images(folder):
+    """(names PIL can open, names it cannot) of the files in `folder`, each sorted; subfolders are ignored."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images: folder {folder} not found (expected a folder of images)")
+    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    good, bad = [], []
+    for name in names:
+        try:
+            with Image.open(os.path.join(folder, name)) as f:
+                f.verify()
+            good.append(name)
+        except OSError:  # PIL's UnidentifiedImageError and truncated files are both OSErrors
+            bad.append(name)
+    return good, bad
+
+
+class ImageFolder(Dataset):
+    """Images of a folder with the evaluation transforms; the target holds only image_id (the index in
+    `names`) and orig_size, which is what `predict` reads."""
+
+    def __init__(self, folder, names, transforms):
+        self.folder, self.names, self.transforms = folder, list(names), transforms
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        with Image.open(os.path.join(self.folder, self.names[index])) as f:
+            image = f.convert("RGB")
+        target = {"image_id": torch.tensor(index), "orig_size": torch.tensor([image.height, image.width])}
+        image, _ = self.transforms(image, None)
+        return image, target
+
+
+def png_names(names):
+    """Output PNG name per input file: its stem, or the whole name where two files share a stem."""
+    stems = [os.path.splitext(n)[0] for n in names]
+    return [(s if stems.count(s) == 1 else n) + ".png" for s, n in zip(stems, names)]
+
+
+def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, transforms, output_dir,
+                  batch_size=1, score_threshold=0.3):
+    """Detections on every image of `folder`: (COCO results list with 'file_name', PNG paths).
+
+    Unreadable files are named in one warning line on stderr and skipped. The results keep every detection
+    of the post-processing (a results file is scored later at any threshold); the PNGs draw those scoring
+    at least `score_threshold`.
+    """
+    import data
+    names, skipped = list_images(folder)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} file(s) in {folder} that are not images: {', '.join(skipped)}",
+              file=sys.stderr)
+    if not names:
+        raise ValueError(f"--images: no image in {folder} (found {len(skipped)} other file(s))")
+    loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn)
+    final, _ = predict(model, postprocess, loader, device)
+    results = to_coco_results(final, cat_ids)
+    for det in results:
+        det["file_name"] = names[det["image_id"]]
+    os.makedirs(output_dir, exist_ok=True)
+    paths = []
+    for index, (name, out_name) in enumerate(zip(names, png_names(names))):
+        with Image.open(os.path.join(folder, name)) as f:
+            image = TF.pil_to_tensor(f.convert("RGB"))  # (3, H, W) uint8
+        paths.append(os.path.join(output_dir, out_name))
+        save_png(draw_detections(image, final[index], class_names, score_threshold), paths[-1])
+    return results, paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+# Flags that override the checkpoint's own arguments.
+OVERRIDES = ("dataset", "data_path", "val_json", "val_images", "device", "batch_size", "attn_impl")
+
+
+def checkpoint_args(ckpt, overrides, num_workers=0):
+    """The checkpoint's arguments with command-line overrides, for a plain (inference-only) detector."""
+    args = argparse.Namespace(**ckpt["args"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    args.num_workers = num_workers
+    args.method = "baseline"  # inference is plain Deformable DETR: the training modules are not built
+    return args
+
+
+def build_detector(ckpt, args, class_names, source):
+    """(model in eval mode on args.device, postprocess) with the checkpoint's weights."""
+    import train
+    from model import PostProcess
+    model, _, postprocess = train.build_model(args, class_names)
+    train.load_model_state(model, ckpt["model"], source)
+    if args.dataset == "lvis":
+        postprocess = PostProcess(num_select=LVIS_DETECTIONS_PER_IMAGE)
+    return model.to(torch.device(args.device)).eval(), postprocess
+
+
+def checkpoint_classes(ckpt, args):
+    """(cat_ids, cat_names) the checkpoint was trained with: stored in it, else read from its val dataset."""
+    import data
+    if "classes" in ckpt:
+        return list(ckpt["classes"]["ids"]), list(ckpt["classes"]["names"])
+    try:
+        dataset = data.build_dataset("val", args)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"the checkpoint does not store its class names, and its dataset, where they "
+                                f"are read from, is missing: {err}") from None
+    return dataset.cat_ids, dataset.cat_names
+
+
+def write_json(path, obj):
+    """Write to a temporary file, then rename: a kill never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
 def get_parser():
-    p = argparse.ArgumentParser("CLIP-DETR evaluation")
+    p = argparse.ArgumentParser("CLIP-DETR evaluation", description=__doc__.split("\n")[0])
     p.add_argument("--resume", required=True, metavar="CKPT", help="a checkpoint written by train.py")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data-path", default=None)
@@ -105,39 +464,106 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--attn-impl", default=None, choices=["auto", "pytorch", "triton"])
-    p.add_argument("--output", default=None, metavar="JSON", help="write the COCO results JSON here")
+    p.add_argument("--output", default=None, metavar="JSON",
+                   help="write the COCO results JSON here (with --images, default OUTPUT_DIR/results.json)")
+    p.add_argument("--log", default=None, metavar="JSONL", help="append one JSON line with the numbers here")
+    p.add_argument("--per-layer", action="store_true", help="AP of every decoder layer (Table 9)")
+    p.add_argument("--visualize", type=int, default=None, metavar="N",
+                   help="write detection and score-map PNGs of the first N val images (no AP is computed)")
+    p.add_argument("--compare", default=None, metavar="CKPT2", help="with --visualize: a second row for CKPT2")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
+    p.add_argument("--images", default=None, metavar="DIR", help="detect on every image of DIR (no AP)")
+    p.add_argument("--output-dir", default=os.path.join("outputs", "eval"), help="where PNGs are written")
     return p
 
 
+def check_cli(cli):
+    """Reject flag combinations that mean nothing, before any work is done."""
+    if cli.compare and cli.visualize is None:
+        raise ValueError("--compare CKPT2 needs --visualize N (it adds a second row to the score-map PNGs)")
+    if cli.visualize is not None and cli.visualize < 1:
+        raise ValueError(f"--visualize {cli.visualize}: expected a number of images >= 1")
+    if cli.images and (cli.visualize is not None or cli.per_layer):
+        raise ValueError("--images runs alone: drop --visualize and --per-layer (they need the val set)")
+    if cli.visualize is not None and cli.per_layer:
+        raise ValueError("--visualize computes no AP: run --per-layer separately")
+    if not 0 <= cli.score_threshold <= 1:
+        raise ValueError(f"--score-threshold {cli.score_threshold}: expected a score in [0, 1]")
+
+
 def main(argv=None):
+    """Run one mode (see the module docstring); returns the dict that --log appends."""
     import data
     import train
     cli = get_parser().parse_args(argv)
+    check_cli(cli)
     ckpt = train.load_checkpoint(cli.resume)
-    args = argparse.Namespace(**ckpt["args"])
-    for key in ("dataset", "data_path", "val_json", "val_images", "device", "batch_size", "attn_impl"):
-        if getattr(cli, key) is not None:
-            setattr(args, key, getattr(cli, key))
-    args.num_workers = cli.num_workers
-    args.method = "baseline"  # inference is plain Deformable DETR: the training modules are not built
-    dataset = data.build_dataset("val", args)
-    model, _, postprocess = train.build_model(args, dataset.cat_names)
-    train.load_model_state(model, ckpt["model"], cli.resume)
+    overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
+    args = checkpoint_args(ckpt, overrides, cli.num_workers)
+    method = ckpt["args"].get("method", "baseline")
+    log = {"checkpoint": cli.resume, "method": method, "dataset": args.dataset}
+    if args.dataset == "lvis":
+        if cli.per_layer:
+            raise ValueError("--per-layer reports COCO AP (Table 9); LVIS is scored with its own protocol")
+        lvis_api()  # a missing package must fail before a whole inference run, not after
     device = torch.device(args.device)
-    model.to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn,
-                                         num_workers=cli.num_workers)
-    final, _ = predict(model, postprocess, loader, device)
+
+    if cli.images:
+        cat_ids, cat_names = checkpoint_classes(ckpt, args)
+        model, postprocess = build_detector(ckpt, args, cat_names, cli.resume)
+        # The val pipeline of the checkpoint's dataset: `shapes` runs at native size, the rest at 800/1333.
+        transforms = data.make_transforms("val", eval_size=None if args.dataset == "shapes" else 800)
+        results, paths = detect_folder(model, postprocess, cli.images, class_names=cat_names, cat_ids=cat_ids,
+                                       device=device, transforms=transforms, output_dir=cli.output_dir,
+                                       batch_size=args.batch_size, score_threshold=cli.score_threshold)
+        output = cli.output or os.path.join(cli.output_dir, "results.json")
+        write_json(output, results)
+        print(f"wrote {len(results)} detections on {len(paths)} images to {output} and the PNGs to {cli.output_dir}")
+        log.update(images=cli.images, num_images=len(paths), num_detections=len(results))
+        return log
+
+    dataset = data.build_dataset("val", args)
+    model, postprocess = build_detector(ckpt, args, dataset.cat_names, cli.resume)
+
+    if cli.visualize is not None:
+        detectors = [(method, model)]
+        if cli.compare:
+            ckpt2 = train.load_checkpoint(cli.compare)
+            args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k in ("device", "attn_impl")})
+            detectors.append((ckpt2["args"].get("method", "baseline"),
+                              build_detector(ckpt2, args2, dataset.cat_names, cli.compare)[0].to(device)))
+        paths = visualize(detectors, dataset, postprocess, range(min(cli.visualize, len(dataset))), cli.output_dir,
+                          device=device, score_threshold=cli.score_threshold)
+        print(f"wrote {len(paths)} score-map PNGs to {cli.output_dir}")
+        log.update(visualized=paths)
+        return log
+
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn, num_workers=cli.num_workers)
+    final, layers = predict(model, postprocess, loader, device, per_layer=cli.per_layer)
     results = to_coco_results(final, dataset.cat_ids)
-    stats = coco_stats(dataset.coco, results, list(final))
-    print_coco_table(stats, title=f"{args.dataset} val")
+    if args.dataset == "lvis":
+        log["lvis"] = lvis_stats(dataset.ann_file, results)
+        print_lvis_table(log["lvis"], title=f"{args.dataset} val, {method}")
+    elif cli.per_layer:
+        log["per_layer"] = [coco_stats(dataset.coco, to_coco_results(store, dataset.cat_ids), list(store))
+                            for store in layers]
+        log["coco_stats"] = log["per_layer"][-1]
+        print_per_layer_table(log["per_layer"], title=f"{args.dataset} val, {method}, per decoder layer")
+    else:
+        log["coco_stats"] = coco_stats(dataset.coco, results, list(final))
+        print_coco_table(log["coco_stats"], title=f"{args.dataset} val, {method}")
+    if args.dataset == "ov-coco":
+        base, novel = data.ov_coco_split(dataset.cat_names)
+        log["ov_coco"] = ov_coco_ap50(dataset.coco, results, base, novel, image_ids=list(final))
+        print_ov_table(log["ov_coco"], title=f"{args.dataset} val, {method}, AP50 (Table 3)")
     if cli.output:
-        tmp = cli.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f)
-        os.replace(tmp, cli.output)
+        write_json(cli.output, results)
         print(f"wrote {len(results)} detections to {cli.output}")
-    return stats
+    if cli.log:
+        os.makedirs(os.path.dirname(os.path.abspath(cli.log)), exist_ok=True)
+        with open(cli.log, "a") as f:
+            f.write(json.dumps(log) + "\n")
+    return log
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def get_parser():
     d.add_argument("--num-workers", type=int, default=2)
     d.add_argument("--shapes-num-train", type=int, default=2000)
     d.add_argument("--shapes-num-val", type=int, default=200)
-    d.add_argument("--shapes-min-size", type=int, default=160, help="shapes image side, pixels")
-    d.add_argument("--shapes-max-size", type=int, default=256)
+    d.add_argument("--shapes-min-size", type=int, default=128, help="shapes image side, pixels")
+    d.add_argument("--shapes-max-size", type=int, default=192)
     d.add_argument("--shapes-max-objects", type=int, default=6)
     d.add_argument("--shapes-seed", type=int, default=0)
 
@@ -144,10 +144,19 @@ def build_model(args, class_names):
         num_decoder_layers=args.dec_layers, d_ffn=args.dim_feedforward, dropout=args.dropout,
         n_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
         two_stage=args.two_stage, two_stage_num_proposals=args.num_queries, attn_impl=args.attn_impl)
-    align = dyn = None
-    if args.method != "baseline":
+    open_vocabulary = args.dataset == "ov-coco"
+    table = align = dyn = class_head = None
+    if args.method != "baseline" or open_vocabulary:
         table = alignnet.build_label_embeddings(args, class_names)
+    if args.method != "baseline":
         align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
+    if open_vocabulary:
+        # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
+        # training annotations (§4.2). Class 0 (person) is base: the two-stage proposals rank by it.
+        base = set(data.OV_COCO_BASE)
+        class_head = alignnet.LabelEmbeddingClassifier(
+            label_embeddings=table, d_model=args.hidden_dim,
+            train_classes=[k for k, name in enumerate(class_names) if name in base])
     if args.method == "dynql":
         align.logit_beta.requires_grad_(False)  # no alignment loss: beta would be an unused parameter
     if args.method in ("dynql", "clip-detr"):
@@ -155,7 +164,7 @@ def build_model(args, class_names):
     model = DeformableDETR(backbone, transformer, num_classes=len(class_names), num_queries=args.num_queries,
                            num_feature_levels=args.num_feature_levels, with_box_refine=args.with_box_refine,
                            two_stage=args.two_stage, alignnet=align, dynql=dyn,
-                           align_loss=args.method in ("alignnet", "clip-detr"))
+                           align_loss=args.method in ("alignnet", "clip-detr"), class_head=class_head)
     return model, SetCriterion(len(class_names)), PostProcess()
 
 
@@ -274,6 +283,9 @@ def load_official_checkpoint(model, path, cat_ids):
     """An official Deformable DETR checkpoint: strict load; its 91-row COCO head keeps the rows of cat_ids."""
     state = load_checkpoint(path)
     state = state.get("model", state)
+    if isinstance(unwrap(model).class_embed[0], alignnet.LabelEmbeddingClassifier):
+        raise ValueError(f"--pretrained {path}: an official checkpoint's linear class head cannot initialise the "
+                         "open-vocabulary head of --dataset ov-coco; train ov-coco without --pretrained")
     K = len(cat_ids)
     for key in list(state):
         if "class_embed" in key and state[key].shape[0] == 91 and K != 91:
@@ -416,7 +428,8 @@ def main(args):
         if is_main():
             save_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), model=model_without_ddp.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                            args=vars(args), rng=rngs, scaler=scaler.state_dict() if scaler else None)
+                            args=vars(args), rng=rngs, scaler=scaler.state_dict() if scaler else None,
+                            classes={"ids": train_set.cat_ids, "names": train_set.cat_names})
             with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(log) + "\n")
             loss_line = " ".join(f"{k[6:]}={v:.3f}" for k, v in log.items() if k.startswith("train_loss"))
