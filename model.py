@@ -86,15 +86,15 @@ def load_imagenet_resnet(name):
     """
     fn_name, weights_name, _ = _RESNETS[name]
     weights = getattr(torchvision.models, weights_name).IMAGENET1K_V1
-    cached = torch.hub.get_dir() + "/checkpoints/" + weights.url.rsplit("/", 1)[-1]
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", weights.url.rsplit("/", 1)[-1])
     if not os.path.exists(cached) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ValueError(f"cannot load ImageNet weights for {name}: offline (HF_HUB_OFFLINE=1) and not cached "
-                           f"at {cached}; drop --pretrained-backbone or copy the file there")
+                         f"at {cached}; drop --pretrained-backbone or copy the file there")
     try:
         return getattr(torchvision.models, fn_name)(weights=weights, norm_layer=FrozenBatchNorm2d)
     except (urllib.error.URLError, OSError) as err:
         raise ValueError(f"cannot download ImageNet weights for {name} ({err}); drop --pretrained-backbone "
-                           f"or place {weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints") from None
+                         f"or place {weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints") from None
 
 
 class Backbone(nn.Module):
@@ -446,7 +446,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
 
 def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                           block_q=64):
-    """Multi-scale deformable attention (Zhu et al., Eq. 3) with the Triton kernels; see the module docstring.
+    """Multi-scale deformable attention (Zhu et al., Eq. 3) with the Triton kernels described above.
 
     Same conventions and result as `ms_deform_attn_pytorch`, plus `level_start_index` (L,), the offset of each
     level in the flattened memory. Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
@@ -466,6 +466,7 @@ def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_loc
     out = MSDeformAttnFunction.apply(value.float(), spatial_shapes, level_start_index, sampling_locations.float(),
                                      attention_weights.float(), block_q)
     return out.to(value.dtype)
+
 
 _ATTN_IMPLS = ("auto", "pytorch", "triton")
 _announced = set()

@@ -41,13 +41,13 @@ METHODS = ("baseline", "alignnet", "dynql", "clip-detr")
 # Flags whose default depends on the dataset: the demo must run in minutes on 2 CPU cores, COCO as in the paper.
 DATASET_DEFAULTS = {
     "shapes": dict(backbone="resnet18", hidden_dim=64, dim_feedforward=256, enc_layers=2, dec_layers=3,
-                   nheads=4, num_queries=30, enc_n_points=4, dec_n_points=4, batch_size=8, epochs=12,
-                   lr_drop=[10], lr=4e-4, lr_backbone=4e-4, dropout=0.0, clip_model="RN50", clip_pretrained="none",
-                   device="cpu"),
+                   nheads=4, num_queries=30, enc_n_points=4, dec_n_points=4, batch_size=8, epochs=3,
+                   lr_drop=[2], lr=4e-4, lr_backbone=4e-4, dropout=0.0, clip_model="RN50", clip_pretrained="none",
+                   device="cpu", num_workers=1),
     "coco": dict(backbone="resnet50", hidden_dim=256, dim_feedforward=1024, enc_layers=6, dec_layers=6, nheads=8,
                  num_queries=300, enc_n_points=4, dec_n_points=4, batch_size=2, epochs=12, lr_drop=[10],
                  lr=2e-4, lr_backbone=2e-5, dropout=0.1, clip_model="RN50x64", clip_pretrained="openai",
-                 device="cuda" if torch.cuda.is_available() else "cpu"),
+                 device="cuda" if torch.cuda.is_available() else "cpu", num_workers=2),
 }
 for _name in ("custom", "ov-coco", "lvis"):
     DATASET_DEFAULTS[_name] = DATASET_DEFAULTS["coco"]
@@ -62,7 +62,7 @@ def get_parser():
     d.add_argument("--train-images", default=None)
     d.add_argument("--val-json", default=None)
     d.add_argument("--val-images", default=None)
-    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--num-workers", type=int, default=None)
     d.add_argument("--shapes-num-train", type=int, default=2000)
     d.add_argument("--shapes-num-val", type=int, default=200)
     d.add_argument("--shapes-min-size", type=int, default=128, help="shapes image side, pixels")
