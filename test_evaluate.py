@@ -253,10 +253,13 @@ def test_ov_coco_ap50_novel_comes_only_from_novel_categories(ov_coco):
 
 def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatch):
     """The CLI path: a checkpoint of the 80-class head, and predictions that find exactly the novel objects."""
+    table = tmp_path / "labels.pt"
+    torch.save(torch.randn(len(COCO_80), 16), table)
     args = train.finalize_args(train.get_parser().parse_args(
         ["--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY, "--backbone", "resnet18", "--method", "baseline",
-         "--device", "cpu"]))
+         "--device", "cpu", "--label-embeddings", str(table)]))
     model, _, _ = train.build_model(args, COCO_80)
+    assert isinstance(model.class_embed[0], LabelEmbeddingClassifier)
     ckpt = str(tmp_path / "ov.pth")
     torch.save({"model": model.state_dict(), "args": vars(args)}, ckpt)
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
 import alignnet
 import data
@@ -306,7 +307,6 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, args, sc
     sums, count = {}, 0
     progress = None
     if is_main() and not args.no_progress:
-        from tqdm import tqdm
         progress = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, file=sys.stdout)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     for step, (images, mask, targets) in enumerate(loader):
