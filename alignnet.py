@@ -124,13 +124,16 @@ def _encode_with_clip(class_names, *, model_name, pretrained, prompt, device):
     """Embed the prompted class names with the CLIP text encoder; returns (K, D) float32 on the CPU."""
     if pretrained == 'none':
         checkpoint, quick_gelu = None, False
-        torch.manual_seed(0)
     else:
         checkpoint, quick_gelu = _clip_checkpoint(model_name, pretrained, len(class_names))
-    # OpenAI's tags were trained with QuickGELU; open_clip's plain configs use GELU unless told.
-    # pretrained_text=False: the full checkpoint (or none) is the only weight source, never a hub text tower.
-    model = open_clip.create_model(model_name, pretrained=checkpoint, force_quick_gelu=quick_gelu,
-                                   pretrained_text=False, device=device)
+    # The random encoder is seeded inside a forked RNG: the caller's random stream (training seed, per-rank
+    # seeds) must not depend on whether the table was cached.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # OpenAI's tags were trained with QuickGELU; open_clip's plain configs use GELU unless told.
+        # pretrained_text=False: the full checkpoint (or none) is the only weight source, never a hub text tower.
+        model = open_clip.create_model(model_name, pretrained=checkpoint, force_quick_gelu=quick_gelu,
+                                       pretrained_text=False, device=device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     tokens = tokenizer([prompt.format(name) for name in class_names]).to(device)

@@ -156,7 +156,9 @@ class RandomResize:
         self.max_size = max_size
 
     def __call__(self, image, target):
-        return resize(image, target, random.choice(self.sizes), self.max_size)
+        # One size draws nothing: evaluation must not advance the training run's random stream.
+        size = self.sizes[0] if len(self.sizes) == 1 else random.choice(self.sizes)
+        return resize(image, target, size, self.max_size)
 
 
 class RandomSizeCrop:
@@ -666,8 +668,8 @@ def build_dataset(image_set, args):
     data_path = getattr(args, "data_path", None)
 
     if dataset == "shapes":
-        min_size = getattr(args, "shapes_min_size", 160)
-        max_size = getattr(args, "shapes_max_size", 256)
+        min_size = getattr(args, "shapes_min_size", 128)
+        max_size = getattr(args, "shapes_max_size", 192)
         paths = make_shapes(data_path or shapes_cache_dir(),
                             num_train=getattr(args, "shapes_num_train", 2000),
                             num_val=getattr(args, "shapes_num_val", 200),

@@ -417,6 +417,8 @@ def checkpoint_args(ckpt, overrides, num_workers=0):
         setattr(args, key, value)
     args.num_workers = num_workers
     args.method = "baseline"  # inference is plain Deformable DETR: the training modules are not built
+    args.pretrained_backbone = False  # the checkpoint holds the backbone: no ImageNet download
+    args.pretrained = None
     return args
 
 

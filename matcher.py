@@ -58,6 +58,8 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def cost_matrix(self, logits, boxes, tgt_labels, tgt_boxes):
         """Cost of assigning each of Q predictions to each of n GT boxes: (Q, n)."""
+        # float32: under fp16 autocast 1 - p + 1e-8 rounds to 0 and the log gives -inf costs.
+        logits, boxes = logits.float(), boxes.float()
         prob = logits.sigmoid()
         # Focal cost: the focal loss of predicting the GT class minus that of predicting "not this class".
         neg = (1 - self.alpha) * prob ** self.gamma * -(1 - prob + 1e-8).log()

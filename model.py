@@ -55,6 +55,7 @@ import os
 import urllib.error
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -229,7 +230,9 @@ def triton_available():
 
 # Triton chooses interpreter or compiler from TRITON_INTERPRET twice: when triton itself is imported (its own
 # library kernels, e.g. tl.zeros) and when each kernel here is defined. Both must see the same setting.
-_INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+# Older triton releases have no `knobs`; they read the environment variable directly.
+_INTERPRETED = triton is not None and (
+    bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def triton_interpreted():
@@ -484,7 +487,8 @@ def resolve_attn_impl(impl, device):
                          f"(device={device}, triton importable={triton_available()}); use --attn-impl pytorch")
     if impl not in _announced:
         _announced.add(impl)
-        print(f"multi-scale deformable attention: {impl}")
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            print(f"multi-scale deformable attention: {impl}")
     return impl
 
 
@@ -836,6 +840,9 @@ class DeformableDETR(nn.Module):
             transformer.decoder.class_embed = self.class_embed
             for box_embed in self.bbox_embed:
                 nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
+        if two_stage and not with_box_refine:
+            raise ValueError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
+                             "head, as in the official code)")
         if dynql is not None and not two_stage:
             raise ValueError("DynQL needs two-stage queries (4-D reference boxes): use --two-stage with DynQL")
         if dynql is not None and alignnet is None:

@@ -263,8 +263,12 @@ def test_cache_hit_does_not_rebuild(tmp_path, monkeypatch):
 
 
 def test_random_text_encoder_is_deterministic_and_says_so(tmp_path, capsys):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     first = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none', cache_dir=tmp_path / 'a')
     assert 'RANDOM' in capsys.readouterr().out
+    # A cache miss must leave the caller's random stream as a cache hit would: untouched.
+    assert torch.equal(torch.get_rng_state(), before)
     second = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none', cache_dir=tmp_path / 'b')
     assert first.shape == (3, 256)
     torch.testing.assert_close(first.norm(dim=1), torch.ones(3))

@@ -161,3 +161,13 @@ def test_global_num_boxes_counts_and_clamps_at_one():
     _, targets = random_batch([2, 0, 3])
     assert global_num_boxes(targets, torch.device('cpu')) == 5.0
     assert global_num_boxes(random_batch([0, 0])[1], torch.device('cpu')) == 1.0
+
+
+def test_cost_matrix_is_finite_for_half_precision_logits():
+    """Under fp16 autocast 1 - p + 1e-8 rounds to 0: the cost must be computed in float32."""
+    matcher = HungarianMatcher()
+    logits = torch.tensor([[20.0, -20.0], [0.0, 3.0]], dtype=torch.float16)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]], dtype=torch.float16)
+    cost = matcher.cost_matrix(logits, boxes, torch.tensor([1, 0]), torch.tensor([[0.5, 0.5, 0.2, 0.2],
+                                                                                  [0.3, 0.3, 0.1, 0.1]]))
+    assert cost.dtype == torch.float32 and torch.isfinite(cost).all()

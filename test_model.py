@@ -332,7 +332,13 @@ def test_official_r50_two_stage_refine_checkpoint_loads_strict():
     check_official_load(detr, shapes)
 
 
-@pytest.mark.parametrize('two_stage,refine', [(False, False), (True, False), (False, True)])
+def test_two_stage_without_box_refine_is_rejected():
+    # The encoder proposals use the extra refinement head; the official code crashes without it.
+    with pytest.raises(ValueError, match='--two-stage needs --with-box-refine'):
+        tiny_detr(two_stage=True, with_box_refine=False)
+
+
+@pytest.mark.parametrize('two_stage,refine', [(False, False), (False, True)])
 def test_official_variants_load_strict(two_stage, refine):
     with torch.device('meta'):
         detr = tiny_detr(two_stage=two_stage, with_box_refine=refine)

@@ -115,12 +115,14 @@ def test_cli_errors_are_one_line(tmp_path, cache, argv, expected):
 def test_resume_from_a_mismatching_checkpoint_is_a_clear_error(tmp_path, cache):
     args = tiny_args(tmp_path, cache, "--epochs", "1", "--method", "baseline", "--eval-every", "0")
     train.main(args)
-    result = run_cli("train.py", *TINY, "--data-path", str(cache / "shapes"), "--output-dir", str(tmp_path / "o2"),
-                     "--hidden-dim", "64", "--resume", str(tmp_path / "out" / "checkpoint.pth"),
-                     env_extra={"CLIP_DETR_CACHE": str(cache)})
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "does not match the model" in lines[0], result.stderr
+    for extra, expected in [(["--method", "baseline", "--hidden-dim", "64"], "does not match the model"),
+                            (["--method", "clip-detr"], "--method 'baseline' in the checkpoint, 'clip-detr' now")]:
+        result = run_cli("train.py", *TINY, "--data-path", str(cache / "shapes"), "--output-dir",
+                         str(tmp_path / "o2"), *extra, "--resume", str(tmp_path / "out" / "checkpoint.pth"),
+                         env_extra={"CLIP_DETR_CACHE": str(cache)})
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
 def test_non_finite_loss_names_the_terms(tmp_path, cache, monkeypatch):

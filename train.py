@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -128,6 +129,9 @@ def finalize_args(args):
             setattr(args, key, value)
     if args.amp != "off" and not str(args.device).startswith("cuda"):
         raise ValueError(f"--amp {args.amp} needs a CUDA device (got --device {args.device})")
+    if args.two_stage and not args.with_box_refine:
+        raise ValueError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
+                         "head, as in the official code); add --no-two-stage for single-stage Deformable DETR")
     if args.method in ("dynql", "clip-detr") and not args.two_stage:
         raise ValueError(f"--method {args.method} needs --two-stage (DynQueries carry 4-D reference boxes)")
     return args
@@ -244,8 +248,24 @@ def set_rng_state(state):
 def save_checkpoint(path, **state):
     """Write to a temporary file, then rename: a kill leaves the previous checkpoint intact."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # a failed write (disk full, ...) leaves nothing half-written behind
+            os.remove(tmp)
+
+
+RESUME_MUST_MATCH = ("dataset", "method", "two_stage", "with_box_refine", "dynql_betas", "dynql_rho",
+                     "align_feature", "lr_drop", "batch_size")
+
+
+def check_resume_args(saved, args, source):
+    """A resumed run must train what the checkpoint trained; the stored scheduler would override --lr-drop."""
+    diff = [f"--{k.replace('_', '-')} {saved[k]!r} in the checkpoint, {getattr(args, k)!r} now"
+            for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+    if diff:
+        raise ValueError(f"--resume {source}: the checkpoint was trained with other settings: {'; '.join(diff)}")
 
 
 def load_checkpoint(path):
@@ -338,8 +358,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, args, sc
         count += 1
         sums["loss"] = sums.get("loss", 0.0) + loss.item()
         for k, v in losses.items():
-            if k[-2:-1] != "_" and not k.endswith("_enc"):  # last-layer terms only: the log stays readable
-                sums[k] = sums.get(k, 0.0) + v.item()
+            sums[k] = sums.get(k, 0.0) + v.item()
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
@@ -356,8 +375,10 @@ def make_loaders(args, train_set, val_set, rank, world):
     # Workers are re-created each epoch (not persistent) so their seeds come from the restored RNG on resume.
     train_loader = DataLoader(train_set, batch_sampler=batch_sampler, collate_fn=data.collate_fn,
                               num_workers=args.num_workers)
+    # Its own generator: evaluating must not advance the training RNG (a resumed run would diverge).
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, drop_last=False,
-                            collate_fn=data.collate_fn, num_workers=args.num_workers)
+                            collate_fn=data.collate_fn, num_workers=args.num_workers,
+                            generator=torch.Generator().manual_seed(args.seed))
     return train_loader, train_sampler, val_loader
 
 
@@ -371,8 +392,12 @@ def main(args):
     random.seed(seed)
     os.makedirs(args.output_dir, exist_ok=True)
     resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
-    if resume and not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume: checkpoint {resume!r} does not exist")
+    ckpt = None
+    if resume:
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume: checkpoint {resume!r} does not exist")
+        ckpt = load_checkpoint(resume)
+        check_resume_args(ckpt["args"], args, resume)
 
     train_set = data.build_dataset("train", args)
     val_set = data.build_dataset("val", args)
@@ -390,8 +415,7 @@ def main(args):
     train_loader, train_sampler, val_loader = make_loaders(args, train_set, val_set, rank, world)
 
     start_epoch = 0
-    if resume:
-        ckpt = load_checkpoint(resume)
+    if ckpt is not None:
         load_model_state(model_without_ddp, ckpt["model"], resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -403,23 +427,23 @@ def main(args):
             print(f"resumed from {resume} at epoch {start_epoch}")
 
     n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    if is_main() and args.dataset != "shapes" and not (args.pretrained_backbone or args.pretrained):
+        print("warning: training from a random ResNet (no --pretrained-backbone, no --pretrained): the paper "
+              "starts from ImageNet weights; expect far lower AP")
     if is_main():
         print(f"{args.method} on {args.dataset}: {len(train_set)} train / {len(val_set)} val images, "
               f"{len(train_set.cat_names)} classes, {n_params / 1e6:.2f} M trainable parameters, "
-              f"{world} process(es) on {device}")
+              f"{world} process(es) on {device}, total batch {world * args.batch_size}")
     stats = None
     t_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         t0 = time.time()
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, args, scaler)
-        scheduler.step()
         log = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "time_s": round(time.time() - t0, 1),
                **{f"train_{k}": round(v, 5) for k, v in train_stats.items()}}
-        last = epoch == args.epochs - 1
-        if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
-            stats = evaluate.evaluate(model_without_ddp, postprocess, val_loader, val_set, device)
-            log["coco_stats"] = stats
+        scheduler.step()
+        # Checkpoint before evaluating: a kill during a long COCO evaluation must not lose the epoch.
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -430,9 +454,16 @@ def main(args):
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
                             args=vars(args), rng=rngs, scaler=scaler.state_dict() if scaler else None,
                             classes={"ids": train_set.cat_ids, "names": train_set.cat_names})
+        last = epoch == args.epochs - 1
+        if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
+            stats = evaluate.evaluate(model_without_ddp, postprocess, val_loader, val_set, device)
+            log["coco_stats"] = stats
+        if is_main():
             with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(log) + "\n")
-            loss_line = " ".join(f"{k[6:]}={v:.3f}" for k, v in log.items() if k.startswith("train_loss"))
+            # The console shows the last decoder layer's terms; log.jsonl has every layer's and the proposals'.
+            loss_line = " ".join(f"{k[6:]}={v:.3f}" for k, v in log.items()
+                                 if k.startswith("train_loss") and not re.search(r"_(\d+|enc)$", k))
             ap = f" AP={stats[0]:.3f} AP50={stats[1]:.3f}" if "coco_stats" in log else ""
             print(f"epoch {epoch}: {loss_line} ({log['time_s']} s){ap}", flush=True)
     if is_main():
