@@ -103,7 +103,6 @@ def _train_worker(argv, steps, out_path):
     """One configuration in this (fresh) process: median step time over `steps` steps on fixed batches."""
     import data
     import train
-    from matcher import weight_dict
     args = train.finalize_args(train.get_parser().parse_args(argv))
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -115,15 +114,7 @@ def _train_worker(argv, steps, out_path):
                for i in range(steps + 2)]
 
     def step(batch):
-        images, mask, targets = batch
-        targets = train.to_device(targets, device)
-        losses = train.compute_losses(criterion, model(images.to(device), mask.to(device), targets), targets)
-        weights = weight_dict(losses)
-        loss = sum(weights[k] * v for k, v in losses.items())
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
-        optimizer.step()
+        train.train_step(model, criterion, batch, optimizer, device, clip_max_norm=args.clip_max_norm)
 
     for b in batches[:2]:
         step(b)
@@ -165,7 +156,6 @@ def bench_train(args):
 
 def bench_coco_step(args):
     import train
-    from matcher import weight_dict
     targs = train.finalize_args(train.get_parser().parse_args(
         ["--dataset", "coco", "--device", args.device, "--method", args.method, "--clip-pretrained", "none",
          "--clip-model", "RN50"]))
@@ -181,12 +171,8 @@ def bench_coco_step(args):
                 "labels": torch.randint(0, 80, (7,), generator=g).to(device)}]
 
     def step():
-        losses = train.compute_losses(criterion, model(images, mask, targets), targets)
-        weights = weight_dict(losses)
-        loss = sum(weights[k] * v for k, v in losses.items())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train.train_step(model, criterion, (images, mask, targets), optimizer, device,
+                         clip_max_norm=targs.clip_max_norm)
 
     t = _time(step, device, args.steps)
     print(f"COCO default model ({targs.backbone}, {targs.enc_layers}+{targs.dec_layers} layers, "

@@ -7,24 +7,24 @@ decoded together with the conventional queries under an attention mask that keep
 into the conventional queries and into each other (Eq. 9). DynQuery i of every set is assigned to GT i
 directly, without Hungarian matching, and gets the conventional losses normalized by S * N (Eq. 10).
 
-  Eq. (6)   DynQL.content             sqrt(beta_s) * eps + sqrt(1 - beta_s) * z_attr^i
-  Eq. (7)   DynQL.position            GT centre moved by lambda * theta / 2, size by lambda * theta
-  Eq. (8)   DynQL.positional_query    Linear(PE(p))
-  Eq. (9)   attention_mask            who may attend to whom in [q ; set 1 ; ... ; set S]
-  Eq. (10)  dynql_loss                direct assignment, all decoder layers, normalized by S * N
+  Eq. 6   DynQL.content             sqrt(beta_s) * eps + sqrt(1 - beta_s) * z_attr^i
+  Eq. 7   DynQL.position            GT centre moved by lambda * theta / 2, size by lambda * theta
+  Eq. 8   DynQL.positional_query    Linear(PE(p))
+  Eq. 9   attention_mask            who may attend to whom in [q ; set 1 ; ... ; set S]
+  Eq. 10  dynql_loss                direct assignment, all decoder layers, normalized by S * N
 
 Shape legend: B batch, Q conventional queries, S DynQuery sets, G = max_b n_b GT boxes per image (each set is
 padded to G), N GT instances in the batch, C model width, K classes, T = Q + S * G decoder queries.
 Boxes are normalized cxcywh.
 
 Deviations from the paper:
-  - Eq. (7)'s lambda is drawn as |lambda| ~ U(0, rho) with a random sign per coordinate (DINO's box noise,
+  - Eq. 7's lambda is drawn as |lambda| ~ U(0, rho) with a random sign per coordinate (DINO's box noise,
     which the paper says it follows); the jittered box is clipped to the image and keeps w, h >= 1e-3.
   - Images with fewer GT boxes than the batch maximum pad their sets; padded DynQueries are hidden as keys
     from every query and ignored by the loss.
-  - N in Eq. (10) is the number of GT boxes averaged over ranks (as the conventional loss normalizer), so that
+  - N in Eq. 10 is the number of GT boxes averaged over ranks (as the conventional loss normalizer), so that
     every rank's gradient has the same scale under DDP.
-  - The classification term of Eq. (10) is the focal loss over the real DynQueries only; there are no
+  - The classification term of Eq. 10 is the focal loss over the real DynQueries only; there are no
     background DynQueries.
 """
 from typing import NamedTuple
@@ -39,10 +39,10 @@ from model import box_sine_embed
 
 class DynQueries(NamedTuple):
     """The DynQuery sets of a batch, laid out for the decoder after the Q conventional queries."""
-    content: torch.Tensor     # (B, S*G, C)   Eq. (6)
-    query_pos: torch.Tensor   # (B, S*G, C)   Eq. (8)
-    reference: torch.Tensor   # (B, S*G, 4)   Eq. (7), the reference boxes of the decoder
-    attn_mask: torch.Tensor   # (B, T, T)     Eq. (9), True = may not attend
+    content: torch.Tensor     # (B, S*G, C)   Eq. 6
+    query_pos: torch.Tensor   # (B, S*G, C)   Eq. 8
+    reference: torch.Tensor   # (B, S*G, 4)   Eq. 7, the reference boxes of the decoder
+    attn_mask: torch.Tensor   # (B, T, T)     Eq. 9, True = may not attend
     valid: torch.Tensor       # (B, G)        False on padding
     num_sets: int             # S
     group_size: int           # G

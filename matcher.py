@@ -6,7 +6,7 @@ with the lowest cost  2 * focal class cost + 5 * L1 + 2 * (-GIoU)  (scipy's line
 the criterion then applies sigmoid focal loss (weight 2), L1 (5) and GIoU (2) to every decoder layer's
 predictions and a class-agnostic version to the two-stage encoder proposals.
 
-Building blocks reused by DynQL's Eq. (10) (`dynql.py`): `focal_loss`, `box_losses`, `global_num_boxes`.
+Building blocks reused by DynQL's Eq. 10 (`dynql.py`): `focal_loss`, `box_losses`, `global_num_boxes`.
 
 Shape legend: B batch, Q queries, K classes, N GT boxes in the batch (n_b in image b).
 Boxes are normalized cxcywh unless a name says xyxy.

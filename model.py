@@ -164,7 +164,7 @@ def box_sine_embed(boxes, d_model=256, temperature=10000):
     """Sine embedding of normalized 4-D boxes: (..., 4) -> (..., 2*d_model).
 
     Used for two-stage proposals (official `get_proposal_pos_embed`, which takes them in logit space and
-    applies the sigmoid first) and by DynQL's Eq. (8); here the input is already in [0, 1].
+    applies the sigmoid first) and by DynQL's Eq. 8; here the input is already in [0, 1].
     """
     num_feats = d_model // 2
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
@@ -849,7 +849,7 @@ class DeformableDETR(nn.Module):
             raise ValueError("DynQL needs the AlignNet projection for z_attr (Eq. 3); pass alignnet too")
         self.alignnet = alignnet
         self.dynql = dynql
-        # DynQL alone still needs AlignNet's Eq. (3) projection, but not its loss.
+        # DynQL alone still needs AlignNet's Eq. 3 projection, but not its loss.
         self.align_loss = align_loss and alignnet is not None
 
     def features(self, images, mask):

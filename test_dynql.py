@@ -1,6 +1,6 @@
-"""Tests for dynql.py, DynQL (paper §3.3, Eq. 6-10; SPEC.md §5): the noise statistics of Eq. (6), the box
-jitter bounds of Eq. (7), the positional query of Eq. (8), the attention mask of Eq. (9) alone and inside a
-real decoder, the direct-assignment loss of Eq. (10) and its S * N normalization, bad arguments, and a batch
+"""Tests for dynql.py, DynQL (paper §3.3, Eq. 6-10; SPEC.md §5): the noise statistics of Eq. 6, the box
+jitter bounds of Eq. 7, the positional query of Eq. 8, the attention mask of Eq. 9 alone and inside a
+real decoder, the direct-assignment loss of Eq. 10 and its S * N normalization, bad arguments, and a batch
 without GT boxes. CPU only, no network.
 
 Shape legend: B batch, Q conventional queries, S DynQuery sets, G padded set size (max GT per image),
@@ -35,7 +35,7 @@ def targets_of_sizes(sizes, K=3, seed=0):
     return targets
 
 
-# Eq. (6) ---------------------------------------------------------------------------------------------
+# Eq. 6 ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('beta', [0.0, 0.3, 0.9, 1.0])
 def test_content_mean_and_variance(beta):
@@ -64,11 +64,11 @@ def test_forward_lays_out_sets_per_image_in_gt_order():
     for s in range(S):  # rho = 0: the reference is the GT box
         torch.testing.assert_close(reference[0, s, :2], targets[0]['boxes'], rtol=0, atol=1e-6)
         torch.testing.assert_close(reference[1, s], targets[1]['boxes'], rtol=0, atol=1e-6)
-    # Eq. (8): the positional query encodes the reference box, which the decoder refines from.
+    # Eq. 8: the positional query encodes the reference box, which the decoder refines from.
     torch.testing.assert_close(dyn.query_pos, dynql.positional_query(dyn.reference))
 
 
-# Eq. (7) ---------------------------------------------------------------------------------------------
+# Eq. 7 ---------------------------------------------------------------------------------------------
 
 def test_position_jitter_bounded_by_rho_theta():
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def test_position_boxes_at_the_border_stay_inside_the_image(rho):
     assert xyxy.min() >= -1e-6 and xyxy.max() <= 1 + 1e-6
 
 
-# Eq. (8) ---------------------------------------------------------------------------------------------
+# Eq. 8 ---------------------------------------------------------------------------------------------
 
 def naive_box_sine_embed(boxes, d_model, temperature=10000):
     """Per coordinate (cx, cy, w, h) in turn, d_model/2 features: sin for even k, cos for odd k, of
@@ -137,7 +137,7 @@ def test_positional_query_is_linear_of_box_sine_embedding():
     torch.testing.assert_close(box_sine_embed(p, 16), naive_box_sine_embed(p, 16))
 
 
-# Eq. (9) ---------------------------------------------------------------------------------------------
+# Eq. 9 ---------------------------------------------------------------------------------------------
 
 def test_attention_mask_known_answer():
     Q, S, G = 2, 2, 2
@@ -232,7 +232,7 @@ def test_decoder_padded_dynqueries_never_reach_anything(decoder_case):
 
 
 def test_decoder_set_1_sees_itself_and_conventional_queries_reach_sets(decoder_case):
-    """Sanity: the mask lets information through where Eq. (9) allows it."""
+    """Sanity: the mask lets information through where Eq. 9 allows it."""
     change = changed_rows(decoder_case, [0], SET_1[:1])
     assert change[0, SET_1[1]] > 1e-3
     assert change[0, SET_2].max() < 1e-6
@@ -267,7 +267,7 @@ def test_model_conventional_outputs_unchanged_by_dynql_in_training():
         torch.testing.assert_close(with_dynql[key], without[key], rtol=0, atol=1e-5)
 
 
-# Eq. (10) --------------------------------------------------------------------------------------------
+# Eq. 10 --------------------------------------------------------------------------------------------
 
 def loss_case(betas, set_offsets, garbage=0.0, K=3):
     """dynql_outputs of 3 decoder layers for GT sizes [2, 1]: at the assigned slots the boxes are the GT

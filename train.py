@@ -174,7 +174,7 @@ def build_model(args, class_names):
 
 
 def compute_losses(criterion, outputs, targets):
-    """Set-prediction losses (§3.1), plus AlignNet's Eq. (5) and DynQL's Eq. (10) when the model made them."""
+    """Set-prediction losses (§3.1), plus AlignNet's Eq. 5 and DynQL's Eq. 10 when the model made them."""
     losses = criterion(outputs, targets)
     if "dynql_outputs" in outputs:
         n = global_num_boxes(targets, outputs["pred_logits"].device)
@@ -321,47 +321,60 @@ def to_device(targets, device):
     return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
 
+def train_step(model, criterion, batch, optimizer, device, *, clip_max_norm=0.1, align_loss_coef=1.0,
+               amp_dtype=None, scaler=None, where="step"):
+    """One optimisation step on a collated batch; returns (total loss, {term: value}) as Python floats.
+
+    A non-finite total stops training with the offending terms named (`where` says which step it was).
+    """
+    images, mask, targets = batch
+    images, mask, targets = images.to(device), mask.to(device), to_device(targets, device)
+    with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+        losses = compute_losses(criterion, model(images, mask, targets), targets)
+        weights = weight_dict(losses, align=align_loss_coef)
+        loss = sum(weights[k] * v for k, v in losses.items())
+    values = {k: v.item() for k, v in losses.items()}
+    if not math.isfinite(loss.item()):
+        bad = {k: round(v, 4) for k, v in values.items() if not math.isfinite(v)}
+        raise FloatingPointError(f"non-finite loss at {where}: {bad} "
+                                 f"(all terms: { {k: round(v, 4) for k, v in values.items()} })")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.item(), values
+
+
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, args, scaler=None):
     model.train()
     criterion.train()
     sums, count = {}, 0
     progress = None
     if is_main() and not args.no_progress:
-        progress = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, file=sys.stdout)
+        total = len(loader) if args.max_steps is None else min(len(loader), args.max_steps)
+        progress = tqdm(total=total, desc=f"epoch {epoch}", leave=False, file=sys.stdout, mininterval=1.0)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    for step, (images, mask, targets) in enumerate(loader):
+    for step, batch in enumerate(loader):
         if args.max_steps is not None and step >= args.max_steps:
             break
-        images, mask, targets = images.to(device), mask.to(device), to_device(targets, device)
-        with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(images, mask, targets)
-            losses = compute_losses(criterion, outputs, targets)
-            weights = weight_dict(losses, align=args.align_loss_coef)
-            loss = sum(weights[k] * v for k, v in losses.items())
-        if not math.isfinite(loss.item()):
-            bad = {k: round(v.item(), 4) for k, v in losses.items() if not math.isfinite(v.item())}
-            raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}: {bad} "
-                                     f"(all terms: { {k: round(v.item(), 4) for k, v in losses.items()} })")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if args.clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        loss, values = train_step(model, criterion, batch, optimizer, device, clip_max_norm=args.clip_max_norm,
+                                  align_loss_coef=args.align_loss_coef, amp_dtype=amp_dtype, scaler=scaler,
+                                  where=f"epoch {epoch} step {step}")
         count += 1
-        sums["loss"] = sums.get("loss", 0.0) + loss.item()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
+        for k, v in {"loss": loss, **values}.items():
+            sums[k] = sums.get(k, 0.0) + v
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            progress.set_postfix(loss=f"{loss:.3f}")
     if progress is not None:
         progress.close()
     return {k: v / max(count, 1) for k, v in sums.items()} | {"steps": count}
