@@ -8,6 +8,9 @@
   python bench.py coco-step [--steps 3]     seconds per training step of the default COCO model (R50, 6+6 layers,
                                             300 queries, two-stage + refine) on one 800x1333 image
 
+Shape legend (attention): value (B, S_all, M, C/M), sampling locations (B, Lq, M, L, P, 2), B batch, Lq
+queries, M heads, L levels, P points, S_all = sum_l H_l*W_l.
+
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is the peak resident set size of a
 fresh process per configuration (so numbers include the Python/torch baseline of ~0.5 GB).
 

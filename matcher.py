@@ -78,6 +78,7 @@ class HungarianMatcher(nn.Module):
             empty = torch.empty(0, dtype=torch.int64)
             return [(empty, empty) for _ in targets]
         # One cost matrix for the whole batch is cheaper than B small ones; only diagonal blocks are used.
+        # (B*Q, K) and (B*Q, 4) predictions against all N GT boxes of the batch.
         C = self.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1),
                              torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
         C = C.view(B, Q, -1).float().cpu()  # (B, Q, N)
@@ -117,7 +118,8 @@ class SetCriterion(nn.Module):
         losses = {}
         for suffix, out in layers:
             indices = self.matcher(out, targets)
-            losses.update({k + suffix: v for k, v in self.single_layer_losses(out, targets, indices, num_boxes).items()})
+            layer_losses = self.single_layer_losses(out, targets, indices, num_boxes)
+            losses.update({k + suffix: v for k, v in layer_losses.items()})
         if "enc_outputs" in outputs:
             # Proposals are class-agnostic: every object counts as class 0.
             binary = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]

@@ -26,7 +26,8 @@ Output contract of `DeformableDETR.forward(images, mask, targets=None)`:
   dynql_layout   the DynQueries object (group size G, number of sets S, validity) that built them
 
 Shape legend: B batch, Q queries, L feature levels, C model width, M attention heads, P sampling points,
-K classes, S_all = sum_l H_l*W_l flattened memory length, Lq number of attention queries.
+K classes, S_all = sum_l H_l*W_l flattened memory length, Lq number of attention queries, S DynQuery sets,
+G DynQueries per set (the most GT boxes of an image in the batch).
 
 Parameter names follow the official Deformable-DETR module tree (backbone.0.body..., input_proj.N,
 transformer..., class_embed.N, bbox_embed.N.layers.M, query_embed) so an official checkpoint loads with
@@ -148,7 +149,7 @@ class PositionEmbeddingSine(nn.Module):
         pos_x = x_embed[..., None] / dim_t  # (B, H, W, C/2)
         pos_y = y_embed[..., None] / dim_t
         pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, C/2)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, C/2)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
@@ -512,11 +513,11 @@ class MSDeformAttn(nn.Module):
         # Head h starts sampling along direction 2*pi*h/M, point p at distance p+1: a spread-out grid.
         thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (M, 2)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)  # (M, 1, 1, 2)
         grid = grid.repeat(1, self.n_levels, self.n_points, 1)  # (M, L, P, 2)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)  # (M, L, P, 2)
         with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.flatten())
+            self.sampling_offsets.bias.copy_(grid.flatten())  # (M*L*P*2,)
         nn.init.constant_(self.attention_weights.weight, 0.0)
         nn.init.constant_(self.attention_weights.bias, 0.0)
         for lin in (self.value_proj, self.output_proj):
@@ -532,7 +533,7 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(B, value.shape[1], M, self.d_model // M)  # (B, S_all, M, C/M)
         offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # (B, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1)
+        weights = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1)  # (B, Lq, M, L*P)
         weights = weights.view(B, Lq, M, L, P)  # (B, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalize by (W_l, H_l), in that order.
@@ -587,7 +588,7 @@ class DeformableEncoder(nn.Module):
             ys, xs = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, device=device),
                                     torch.linspace(0.5, W - 0.5, W, device=device), indexing="ij")
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)  # (B, H*W)
-            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)
+            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)  # (B, H*W)
             refs.append(torch.stack((xs, ys), -1))  # (B, H*W, 2)
         ref = torch.cat(refs, 1)  # (B, S_all, 2)
         return ref[:, :, None] * valid_ratios[:, None]  # (B, S_all, L, 2)
@@ -714,7 +715,7 @@ class DeformableTransformer(nn.Module):
             shapes.append(src.shape[-2:])
             src_flat.append(src.flatten(2).transpose(1, 2))  # (B, H_l*W_l, C)
             mask_flat.append(mask.flatten(1))  # (B, H_l*W_l)
-            pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+            pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))  # (B, H_l*W_l, C)
         src_flat, mask_flat, pos_flat = torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1)
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)  # (L, 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
@@ -728,12 +729,12 @@ class DeformableTransformer(nn.Module):
         B = memory.shape[0]
         proposals, start = [], 0
         for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            m = memory_padding_mask[:, start:start + H * W].view(B, H, W)
+            m = memory_padding_mask[:, start:start + H * W].view(B, H, W)  # (B, H_l, W_l)
             valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
             ys, xs = torch.meshgrid(torch.linspace(0, H - 1, H, device=memory.device),
                                     torch.linspace(0, W - 1, W, device=memory.device), indexing="ij")
             grid = torch.stack([xs, ys], -1)  # (H, W, 2)
-            scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
+            scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)  # (B, 1, 1, 2)
             grid = (grid[None] + 0.5) / scale  # (B, H, W, 2)
             wh = torch.full_like(grid, 0.05 * (2.0 ** lvl))
             proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))  # (B, H*W, 4)
@@ -911,7 +912,8 @@ class DeformableDETR(nn.Module):
         if enc_out is not None:
             out["enc_outputs"] = enc_out
         if dyn is not None:
-            out["dynql_outputs"] = [{"pred_logits": lg[:, Q:], "pred_boxes": bx[:, Q:]} for lg, bx in zip(logits, boxes)]
+            out["dynql_outputs"] = [{"pred_logits": lg[:, Q:], "pred_boxes": bx[:, Q:]}
+                                    for lg, bx in zip(logits, boxes)]
             out["dynql_layout"] = dyn
         if train_modules and self.align_loss:
             out["loss_align"] = self.alignnet(self.memory_levels(enc), enc["valid_ratios"], targets)

@@ -13,6 +13,9 @@ Paper ablations as flags:
 Every loss term of one step (Eq. 5 `loss_align`, Eq. 10 `loss_dynql_*`, the set-prediction terms) is
 logged separately, one JSON line per epoch in OUTPUT_DIR/log.jsonl.
 
+Shape legend: a batch is images (B, 3, H, W), a padding mask (B, H, W) True on padding, and B target dicts
+with boxes (n_b, 4) normalized cxcywh and labels (n_b,); B is --batch-size per process.
+
 Deviations from the paper: the `shapes` defaults (small ResNet-18 detector, few queries, short schedule) are
 sized for a 2-core CPU; COCO defaults are the paper's.
 """
