@@ -254,6 +254,39 @@ if triton is not None:
         return start + yi * W + xi, inside
 
     @triton.jit
+    def _taps(loc_ptr, attn_ptr, v_head, lp, q_ok, H, W, start, M, Dh, d, d_ok):
+        """One sampling point of a block of queries: its attention weight, bilinear weights (hx, hy, lx, ly),
+        and the offsets, masks and values (BLOCK_Q, BLOCK_D) of its four taps; forward and backward share it."""
+        a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0)
+        x = tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * W.to(tl.float32) - 0.5
+        y = tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * H.to(tl.float32) - 0.5
+        x0f = tl.floor(x)
+        y0f = tl.floor(y)
+        lx = x - x0f
+        ly = y - y0f
+        x0 = x0f.to(tl.int64)
+        y0 = y0f.to(tl.int64)
+        s00, ok00 = _corner(start, H, W, y0, x0, q_ok)
+        s01, ok01 = _corner(start, H, W, y0, x0 + 1, q_ok)
+        s10, ok10 = _corner(start, H, W, y0 + 1, x0, q_ok)
+        s11, ok11 = _corner(start, H, W, y0 + 1, x0 + 1, q_ok)
+        # value[b, s, m, :] sits at v_head + s * M * Dh
+        off00 = (s00 * M * Dh)[:, None] + d[None, :]
+        off01 = (s01 * M * Dh)[:, None] + d[None, :]
+        off10 = (s10 * M * Dh)[:, None] + d[None, :]
+        off11 = (s11 * M * Dh)[:, None] + d[None, :]
+        mask00 = ok00[:, None] & d_ok[None, :]
+        mask01 = ok01[:, None] & d_ok[None, :]
+        mask10 = ok10[:, None] & d_ok[None, :]
+        mask11 = ok11[:, None] & d_ok[None, :]
+        v00 = tl.load(v_head + off00, mask=mask00, other=0.0)
+        v01 = tl.load(v_head + off01, mask=mask01, other=0.0)
+        v10 = tl.load(v_head + off10, mask=mask10, other=0.0)
+        v11 = tl.load(v_head + off11, mask=mask11, other=0.0)
+        return (a, 1.0 - lx, 1.0 - ly, lx, ly, off00, off01, off10, off11, mask00, mask01, mask10, mask11,
+                v00, v01, v10, v11)
+
+    @triton.jit
     def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                          S_all, M, Lq, L, P, Dh,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -265,7 +298,6 @@ if triton is not None:
         q_ok = q < Lq
         d_ok = d < Dh
         row = (b * Lq + q) * M + m  # index into (B, Lq, M), int64 since B*Lq*M*L*P*2 can pass 2^31
-        # value[b, s, m, :] sits at v_head + s * M * Dh
         v_head = value_ptr + b * S_all * M * Dh + m * Dh
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
         for lvl in range(L):
@@ -274,29 +306,8 @@ if triton is not None:
             start = tl.load(starts_ptr + lvl)
             for pt in range(P):
                 lp = (row * L + lvl) * P + pt
-                a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0)
-                x = tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * W.to(tl.float32) - 0.5
-                y = tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * H.to(tl.float32) - 0.5
-                x0f = tl.floor(x)
-                y0f = tl.floor(y)
-                lx = x - x0f
-                ly = y - y0f
-                hx = 1.0 - lx
-                hy = 1.0 - ly
-                x0 = x0f.to(tl.int64)
-                y0 = y0f.to(tl.int64)
-                s00, ok00 = _corner(start, H, W, y0, x0, q_ok)
-                s01, ok01 = _corner(start, H, W, y0, x0 + 1, q_ok)
-                s10, ok10 = _corner(start, H, W, y0 + 1, x0, q_ok)
-                s11, ok11 = _corner(start, H, W, y0 + 1, x0 + 1, q_ok)
-                v00 = tl.load(v_head + (s00 * M * Dh)[:, None] + d[None, :], mask=ok00[:, None] & d_ok[None, :],
-                              other=0.0)
-                v01 = tl.load(v_head + (s01 * M * Dh)[:, None] + d[None, :], mask=ok01[:, None] & d_ok[None, :],
-                              other=0.0)
-                v10 = tl.load(v_head + (s10 * M * Dh)[:, None] + d[None, :], mask=ok10[:, None] & d_ok[None, :],
-                              other=0.0)
-                v11 = tl.load(v_head + (s11 * M * Dh)[:, None] + d[None, :], mask=ok11[:, None] & d_ok[None, :],
-                              other=0.0)
+                a, hx, hy, lx, ly, _, _, _, _, _, _, _, _, v00, v01, v10, v11 = _taps(
+                    loc_ptr, attn_ptr, v_head, lp, q_ok, H, W, start, M, Dh, d, d_ok)
                 sample = ((hy * hx)[:, None] * v00 + (hy * lx)[:, None] * v01
                           + (ly * hx)[:, None] * v10 + (ly * lx)[:, None] * v11)
                 acc += a[:, None] * sample
@@ -326,33 +337,8 @@ if triton is not None:
             start = tl.load(starts_ptr + lvl)
             for pt in range(P):
                 lp = (row * L + lvl) * P + pt
-                a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0)
-                x = tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * W.to(tl.float32) - 0.5
-                y = tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * H.to(tl.float32) - 0.5
-                x0f = tl.floor(x)
-                y0f = tl.floor(y)
-                lx = x - x0f
-                ly = y - y0f
-                hx = 1.0 - lx
-                hy = 1.0 - ly
-                x0 = x0f.to(tl.int64)
-                y0 = y0f.to(tl.int64)
-                s00, ok00 = _corner(start, H, W, y0, x0, q_ok)
-                s01, ok01 = _corner(start, H, W, y0, x0 + 1, q_ok)
-                s10, ok10 = _corner(start, H, W, y0 + 1, x0, q_ok)
-                s11, ok11 = _corner(start, H, W, y0 + 1, x0 + 1, q_ok)
-                off00 = (s00 * M * Dh)[:, None] + d[None, :]
-                off01 = (s01 * M * Dh)[:, None] + d[None, :]
-                off10 = (s10 * M * Dh)[:, None] + d[None, :]
-                off11 = (s11 * M * Dh)[:, None] + d[None, :]
-                mask00 = ok00[:, None] & d_ok[None, :]
-                mask01 = ok01[:, None] & d_ok[None, :]
-                mask10 = ok10[:, None] & d_ok[None, :]
-                mask11 = ok11[:, None] & d_ok[None, :]
-                v00 = tl.load(v_head + off00, mask=mask00, other=0.0)
-                v01 = tl.load(v_head + off01, mask=mask01, other=0.0)
-                v10 = tl.load(v_head + off10, mask=mask10, other=0.0)
-                v11 = tl.load(v_head + off11, mask=mask11, other=0.0)
+                a, hx, hy, lx, ly, off00, off01, off10, off11, mask00, mask01, mask10, mask11, v00, v01, v10, v11 = \
+                    _taps(loc_ptr, attn_ptr, v_head, lp, q_ok, H, W, start, M, Dh, d, d_ok)
                 sample = ((hy * hx)[:, None] * v00 + (hy * lx)[:, None] * v01
                           + (ly * hx)[:, None] * v10 + (ly * lx)[:, None] * v11)
                 tl.store(grad_attn_ptr + lp, tl.sum(g_out * sample, axis=1), mask=q_ok)

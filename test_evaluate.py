@@ -31,17 +31,7 @@ TINY = ["--shapes-num-train", "8", "--shapes-num-val", "2", "--shapes-min-size",
         "--no-progress"]
 DEC_LAYERS = 2
 
-COCO_80 = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)
+from test_data import COCO_80  # noqa: E402  (the 80 COCO names, in category-id order)
 # OV-COCO ground truth on two 64x64 images: two base, two novel and one left-out category, one box each.
 OV_BOXES = {"person": (1, [2, 2, 20, 20]), "dog": (1, [30, 2, 20, 20]), "stop sign": (1, [2, 30, 20, 20]),
             "car": (2, [2, 2, 25, 25]), "airplane": (2, [35, 35, 20, 20])}
