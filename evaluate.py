@@ -22,6 +22,8 @@ Deviations from the paper:
   - Score map: the encoder memory has L levels and Appendix A.1 does not say how they are combined. Each
     level's l2-norm map is cut to the part the image covers (padding removed), upsampled bilinearly to the
     image size, and the L maps are averaged; min-max normalization is per image.
+  - Figure 3 draws detections and score map over one image; here they are two panels side by side, so the
+    boxes do not hide the map (SPEC §7 asks for one overlay).
   - Per-layer AP covers the decoder layers (as Table 9), not the two-stage encoder proposals.
   - LVIS keeps 300 detections per image (the LVIS protocol); COCO keeps 100.
   - OV-COCO AP50 is pycocotools' AP at IoU 0.5 with the categories restricted to novel, base or both; the
