@@ -155,7 +155,13 @@ def build_model(args, class_names):
     open_vocabulary = args.dataset == "ov-coco"
     table = align = dyn = class_head = None
     if args.method != "baseline" or open_vocabulary:
+        # Rank 0 builds (or downloads) the label dictionary into the disk cache; the others then read it.
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and dist.get_rank() != 0:
+            dist.barrier()
         table = alignnet.build_label_embeddings(args, class_names)
+        if distributed and dist.get_rank() == 0:
+            dist.barrier()
     if args.method != "baseline":
         align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
     if open_vocabulary:
