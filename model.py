@@ -254,6 +254,17 @@ if triton is not None:
         return start + yi * W + xi, inside
 
     @triton.jit
+    def _program_rows(M, Lq, Dh, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's batch element b, head m, its BLOCK_Q rows of (B, Lq, M) and its channel block."""
+        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        bm = tl.program_id(1).to(tl.int64)
+        b = bm // M
+        m = bm % M
+        d = tl.arange(0, BLOCK_D)
+        row = (b * Lq + q) * M + m  # index into (B, Lq, M), int64 since B*Lq*M*L*P*2 can pass 2^31
+        return b, m, row, q < Lq, d, d < Dh
+
+    @triton.jit
     def _taps(loc_ptr, attn_ptr, v_head, lp, q_ok, H, W, start, M, Dh, d, d_ok):
         """One sampling point of a block of queries: its attention weight, bilinear weights (hx, hy, lx, ly),
         and the offsets, masks and values (BLOCK_Q, BLOCK_D) of its four taps; forward and backward share it."""
@@ -290,14 +301,7 @@ if triton is not None:
     def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                          S_all, M, Lq, L, P, Dh,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        bm = tl.program_id(1).to(tl.int64)
-        b = bm // M
-        m = bm % M
-        d = tl.arange(0, BLOCK_D)
-        q_ok = q < Lq
-        d_ok = d < Dh
-        row = (b * Lq + q) * M + m  # index into (B, Lq, M), int64 since B*Lq*M*L*P*2 can pass 2^31
+        b, m, row, q_ok, d, d_ok = _program_rows(M, Lq, Dh, BLOCK_Q, BLOCK_D)
         v_head = value_ptr + b * S_all * M * Dh + m * Dh
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
         for lvl in range(L):
@@ -318,14 +322,7 @@ if triton is not None:
                          grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
                          S_all, M, Lq, L, P, Dh,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        bm = tl.program_id(1).to(tl.int64)
-        b = bm // M
-        m = bm % M
-        d = tl.arange(0, BLOCK_D)
-        q_ok = q < Lq
-        d_ok = d < Dh
-        row = (b * Lq + q) * M + m
+        b, m, row, q_ok, d, d_ok = _program_rows(M, Lq, Dh, BLOCK_Q, BLOCK_D)
         head_offset = b * S_all * M * Dh + m * Dh
         v_head = value_ptr + head_offset
         gv_head = grad_value_ptr + head_offset
