@@ -428,7 +428,9 @@ def build_detector(ckpt, args, class_names, source):
     """(model in eval mode on args.device, postprocess) with the checkpoint's weights."""
     import train
     from model import PostProcess
-    model, _, postprocess = train.build_model(args, class_names)
+    # An open-vocabulary head carries its label dictionary: evaluating it needs neither CLIP nor its cache.
+    model, _, postprocess = train.build_model(args, class_names,
+                                              label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
     train.load_model_state(model, ckpt["model"], source)
     if args.dataset == "lvis":
         postprocess = PostProcess(num_select=LVIS_DETECTIONS_PER_IMAGE)

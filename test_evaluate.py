@@ -252,6 +252,7 @@ def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatc
     assert isinstance(model.class_embed[0], LabelEmbeddingClassifier)
     ckpt = str(tmp_path / "ov.pth")
     torch.save({"model": model.state_dict(), "args": vars(args)}, ckpt)
+    table.unlink()  # evaluation must use the dictionary the checkpoint carries, not the training-time file
 
     def novel_only(model, postprocess, loader, device, per_layer=False):
         preds = {}

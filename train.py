@@ -143,8 +143,11 @@ def finalize_args(args):
 # ----------------------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------------------
-def build_model(args, class_names):
-    """The one place that maps arguments to modules: (model, criterion, postprocess)."""
+def build_model(args, class_names, label_table=None):
+    """The one place that maps arguments to modules: (model, criterion, postprocess).
+
+    `label_table` (K, D) replaces the CLIP label dictionary, e.g. the one an open-vocabulary checkpoint carries.
+    """
     backbone = Joiner(Backbone(args.backbone, pretrained=args.pretrained_backbone),
                       PositionEmbeddingSine(args.hidden_dim // 2))
     transformer = DeformableTransformer(
@@ -159,7 +162,7 @@ def build_model(args, class_names):
         distributed = dist.is_available() and dist.is_initialized()
         if distributed and dist.get_rank() != 0:
             dist.barrier()
-        table = alignnet.build_label_embeddings(args, class_names)
+        table = alignnet.build_label_embeddings(args, class_names) if label_table is None else label_table
         if distributed and dist.get_rank() == 0:
             dist.barrier()
     if args.method != "baseline":
