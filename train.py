@@ -47,7 +47,7 @@ METHODS = ("baseline", "alignnet", "dynql", "clip-detr")
 DATASET_DEFAULTS = {
     "shapes": dict(backbone="resnet18", hidden_dim=64, dim_feedforward=256, enc_layers=2, dec_layers=3,
                    nheads=4, num_queries=30, enc_n_points=4, dec_n_points=4, batch_size=8, epochs=3,
-                   lr_drop=[2], lr=4e-4, lr_backbone=4e-4, dropout=0.0, clip_model="RN50", clip_pretrained="none",
+                   lr_drop=[2], lr=1e-3, lr_backbone=1e-3, dropout=0.0, clip_model="RN50", clip_pretrained="none",
                    device="cpu", num_workers=1),
     "coco": dict(backbone="resnet50", hidden_dim=256, dim_feedforward=1024, enc_layers=6, dec_layers=6, nheads=8,
                  num_queries=300, enc_n_points=4, dec_n_points=4, batch_size=2, epochs=12, lr_drop=[10],
