@@ -111,9 +111,13 @@ class SetCriterion(nn.Module):
         losses.update(box_losses(src_boxes, tgt_boxes, num_boxes))
         return losses
 
-    def forward(self, outputs, targets):
-        """Unweighted loss terms; `weight_dict(...)` says how to sum them."""
-        num_boxes = global_num_boxes(targets, outputs["pred_logits"].device)
+    def forward(self, outputs, targets, num_boxes=None):
+        """Unweighted loss terms; `weight_dict(...)` says how to sum them.
+
+        `num_boxes`: the normalizer from `global_num_boxes`, when the caller already has it (one all-reduce a step).
+        """
+        if num_boxes is None:
+            num_boxes = global_num_boxes(targets, outputs["pred_logits"].device)
         layers = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         losses = {}
         for suffix, out in layers:

@@ -187,9 +187,10 @@ def build_model(args, class_names, label_table=None):
 
 def compute_losses(criterion, outputs, targets):
     """Set-prediction losses (§3.1), plus AlignNet's Eq. 5 and DynQL's Eq. 10 when the model made them."""
-    losses = criterion(outputs, targets)
+    # One all-reduce of the box count per step serves both the conventional and the DynQL normalizer.
+    n = global_num_boxes(targets, outputs["pred_logits"].device)
+    losses = criterion(outputs, targets, num_boxes=n)
     if "dynql_outputs" in outputs:
-        n = global_num_boxes(targets, outputs["pred_logits"].device)
         losses.update(dynql_loss(outputs["dynql_outputs"], outputs["dynql_layout"], targets, n))
     if "loss_align" in outputs:
         losses["loss_align"] = outputs["loss_align"]
