@@ -445,6 +445,16 @@ def test_resize_scales_boxes_and_area():
         assert abs(img.size[0] / img.size[1] - 97 / 41) < 0.05
 
 
+def test_resize_scales_x_and_y_by_their_own_ratios():
+    """7x3 to shorter side 4 gives 9x4 (truncated): x scales by 9/7, y by 4/3. A box covering the image
+    covers the resized image."""
+    target = {"boxes": torch.tensor([[0.0, 0.0, 7.0, 3.0], [0.0, 1.5, 3.5, 3.0]]), "area": torch.tensor([21.0, 5.25])}
+    out_image, out = data.resize(Image.new("RGB", (7, 3)), target, 4)
+    assert out_image.size == (9, 4)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0.0, 9.0, 4.0], [0.0, 2.0, 4.5, 4.0]]))
+    torch.testing.assert_close(out["area"], torch.tensor([36.0, 9.0]))
+
+
 def test_crop_clips_boxes_and_drops_the_ones_outside():
     image = Image.new("RGB", (100, 100))
     target = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [70.0, 70.0, 90.0, 90.0], [40.0, 0.0, 60.0, 20.0]]),

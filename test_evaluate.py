@@ -116,6 +116,18 @@ def test_per_layer_rows_are_in_decoder_order_known_answer(checkpoint, cache):
     assert [row[0] for row in per] == pytest.approx([1.0, 0.0])
 
 
+def test_per_layer_cli_reports_the_last_layer_as_the_model(checkpoint, monkeypatch):
+    """The model's own row (coco_stats) is decoder layer 2's, not layer 1's: a stub whose layers differ."""
+    args = evaluate.checkpoint_args(torch.load(checkpoint, weights_only=False), {})
+    dataset = data.build_dataset("val", args)
+    batches = list(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn))
+    stub = LayerStub(batches, len(dataset.cat_names))
+    monkeypatch.setattr(evaluate, "build_detector", lambda *a, **k: (stub, PostProcess()))
+    log, _ = run_main("--resume", checkpoint, "--per-layer")
+    assert [row[0] for row in log["per_layer"]] == pytest.approx([1.0, 0.0])
+    assert log["coco_stats"] == log["per_layer"][-1]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Discriminative score map (Appendix A.1) and drawing
 # ----------------------------------------------------------------------------------------------------------
@@ -131,6 +143,14 @@ def test_score_map_known_answer_ignores_padding():
     scaled = evaluate.discriminative_score_map([level * torch.tensor([1.0, 0.25])[None, :, None, None]],
                                                valid_ratios, [(2, 2)])[0]
     torch.testing.assert_close(scaled, torch.tensor([[3 / math.sqrt(10), 0.0], [0.0, 1.0]]))
+
+
+def test_score_map_valid_region_of_a_non_square_padded_map():
+    # One level padded to 3x4 (H x W); the image covers 2 rows and 3 columns: valid (w, h) = (3/4, 2/3).
+    level = torch.full((1, 1, 3, 4), 100.0)  # padding with a huge norm must not matter
+    level[0, 0, :2, :3] = torch.tensor([[3.0, 4.0, 0.0], [5.0, 4.5, 2.5]])
+    score = evaluate.discriminative_score_map([level], torch.tensor([[[3 / 4, 2 / 3]]]), [(2, 3)])[0]
+    torch.testing.assert_close(score, torch.tensor([[0.6, 0.8, 0.0], [1.0, 0.9, 0.5]]))
 
 
 def test_score_map_averages_levels_and_renders_at_the_requested_size():
@@ -356,6 +376,15 @@ def test_lvis_stats_known_answer(tmp_path):
                {"image_id": 1, "category_id": 3, "bbox": [30, 30, 20, 20], "score": 0.8}]  # frequent: no GT
     stats = evaluate.lvis_stats(str(ann_file), results)
     assert stats == pytest.approx({"AP": 0.5, "AP50": 0.5, "AP75": 0.5, "APr": 1.0, "APc": 0.0, "APf": -1.0})
+
+
+def test_coco_results_map_labels_to_non_contiguous_category_ids():
+    """COCO's ids run 1..90 with gaps: label k is cat_ids[k], not k + 1; boxes become xywh."""
+    predictions = {7: {"scores": torch.tensor([0.9, 0.5]), "labels": torch.tensor([2, 0]),
+                       "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 5.0, 5.0]])}}
+    results = evaluate.to_coco_results(predictions, cat_ids=[1, 13, 90])
+    assert [(r["image_id"], r["category_id"], r["bbox"]) for r in results] == [
+        (7, 90, [10.0, 20.0, 30.0, 40.0]), (7, 1, [0.0, 0.0, 5.0, 5.0])]
 
 
 def test_coco_stats_accepts_annotations_without_iscrowd():

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from matcher import HungarianMatcher, SetCriterion, global_num_boxes, weight_dict
+from matcher import HungarianMatcher, SetCriterion, box_losses, cxcywh_to_xyxy, global_num_boxes, weight_dict
 
 
 def random_boxes(n, generator):
@@ -99,6 +99,19 @@ def test_focal_class_cost_and_box_costs_known_answer():
     # GIoU = 0.2 - (0.12 - 0.10) / 0.12 = 1/30.
     expected = 2 * class_cost + 5 * 0.3 - 2 * (1 / 30)
     assert HungarianMatcher().cost_matrix(logits, pred, label, gt).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cxcywh_to_xyxy_known_answer_and_a_giou_that_tells_centres_from_corners():
+    assert cxcywh_to_xyxy(torch.tensor([[0.5, 0.375, 0.25, 0.5]])).tolist() == [[0.375, 0.125, 0.625, 0.625]]
+    # xyxy (.2,.4,.4,.6) inside (.2,.4,.8,.6): GIoU = IoU = .04 / .12. Read as corner + size, the same numbers
+    # are (.3,.5,.5,.7) and (.5,.5,1.1,.7), which only touch: GIoU 0.
+    pred, gt = torch.tensor([[0.3, 0.5, 0.2, 0.2]]), torch.tensor([[0.5, 0.5, 0.6, 0.2]])
+    losses = box_losses(pred, gt, num_boxes=1)
+    assert losses['loss_giou'].item() == pytest.approx(1 - 1 / 3, rel=1e-5)
+    assert losses['loss_bbox'].item() == pytest.approx(0.2 + 0.4, rel=1e-5)
+    only_giou = HungarianMatcher(cost_class=0.0, cost_bbox=0.0, cost_giou=1.0)
+    cost = only_giou.cost_matrix(torch.zeros(1, 2), pred, torch.tensor([0]), gt)
+    assert cost.item() == pytest.approx(-1 / 3, rel=1e-5)
 
 
 # Criterion --------------------------------------------------------------------------------------------

@@ -219,6 +219,23 @@ def test_decoder_mask_hides_group_b_from_group_a(refine):
         assert (refs_b[1:, :, B_] - refs[1:, :, B_]).abs().max() > 1e-3
 
 
+def test_refined_boxes_are_detached_between_decoder_layers(eval_detr):
+    """Official gradient flow: layer 2's box loss trains layer 2's box head, never layer 1's through the
+    reference boxes layer 1 refined; layer 1's own box loss does reach it. (The backbone is left out: it
+    only feeds the memory, and its backward would dominate the test's time.)"""
+    detr, transformer = eval_detr, eval_detr.transformer
+    detr.zero_grad(set_to_none=True)
+    enc = transformer.encode(*random_levels([(6, 5), (3, 4), (2, 2), (1, 3)]))
+    tgt, query_pos, reference, _ = transformer.select_queries(enc)
+    _, boxes = detr.heads(*transformer.decode(enc, tgt, query_pos, reference))
+    boxes[1].sum().backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in detr.bbox_embed[0].parameters())
+    assert detr.bbox_embed[1].layers[-1].bias.grad.abs().sum() > 0
+    boxes[0].sum().backward()
+    assert detr.bbox_embed[0].layers[-1].bias.grad.abs().sum() > 0
+    detr.zero_grad(set_to_none=True)
+
+
 # Official parameter names ------------------------------------------------------------------------------
 
 def official_state_shapes(*, backbone_state, backbone_channels, num_classes, d_model, n_heads, d_ffn, enc_layers,
@@ -392,6 +409,40 @@ def test_encoder_proposals_mask_padding_and_out_of_range_boxes():
     torch.testing.assert_close(out_memory, expected_memory)
 
 
+def random_levels(shapes, seed=0):
+    """Random unpadded inputs of the transformer: L maps (1, C, H_l, W_l), their masks and positions."""
+    g = torch.Generator().manual_seed(seed)
+    srcs = [torch.randn(1, D_MODEL, h, w, generator=g) for h, w in shapes]
+    masks = [torch.zeros(1, h, w, dtype=torch.bool) for h, w in shapes]
+    pos = [PositionEmbeddingSine(D_MODEL // 2)(m) for m in masks]
+    return srcs, masks, pos
+
+
+def test_level_start_index_is_cumulative_level_sizes_and_splits_memory_exactly(eval_detr):
+    shapes = [(6, 5), (3, 4), (2, 2), (1, 3)]  # H != W and unequal sizes: an offset or (W, H) slip shows
+    with torch.no_grad():
+        enc = eval_detr.transformer.encode(*random_levels(shapes))
+    assert enc['level_start_index'].tolist() == [0, 30, 42, 46]
+    levels = DeformableDETR.memory_levels(enc)
+    assert [tuple(level.shape) for level in levels] == [(1, D_MODEL, h, w) for h, w in shapes]
+    flat = torch.cat([level.flatten(2).transpose(1, 2) for level in levels], 1)  # (1, S_all, C)
+    assert torch.equal(flat, enc['memory'])
+
+
+def test_two_stage_reference_boxes_are_top_q_of_the_objectness_column(eval_detr):
+    """The encoder head learns every object as class 0 (class-agnostic): queries are ranked by that column."""
+    transformer = eval_detr.transformer
+    with torch.no_grad():
+        enc = transformer.encode(*random_levels([(6, 5), (3, 4), (2, 2), (1, 3)]))
+        _, _, reference, enc_out = transformer.select_queries(enc)
+    Q = transformer.two_stage_num_proposals
+    top = enc_out['pred_logits'][..., 0].topk(Q, dim=1).indices  # (B, Q)
+    expected = torch.gather(enc_out['pred_boxes'], 1, top[..., None].expand(-1, -1, 4))  # (B, Q, 4)
+    torch.testing.assert_close(reference, expected, rtol=0, atol=1e-6)
+    # Sanity: another column ranks other locations first, so the test tells the columns apart.
+    assert set(enc_out['pred_logits'][0, :, 1].topk(Q).indices.tolist()) != set(top[0].tolist())
+
+
 # Post-processing ---------------------------------------------------------------------------------------
 
 def test_postprocess_topk_labels_and_absolute_boxes():
@@ -413,6 +464,17 @@ def test_postprocess_topk_labels_and_absolute_boxes():
     torch.testing.assert_close(results[1]['boxes'], torch.tensor([[20.0, 0.0, 40.0, 25.0],
                                                                   [16.0, 20.0, 24.0, 30.0],
                                                                   [0.0, 0.0, 40.0, 50.0]]))
+
+
+def test_postprocess_ranks_all_query_class_pairs_so_a_query_can_score_two_classes():
+    logits = torch.full((1, 3, 3), -10.0)
+    logits[0, 1, 0], logits[0, 1, 2], logits[0, 0, 1] = 3.0, 2.0, 1.0  # query 1 is best for classes 0 and 2
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5], [0.8, 0.8, 0.2, 0.2]]])
+    result, = PostProcess(num_select=3)({'pred_logits': logits, 'pred_boxes': boxes}, torch.tensor([[10, 10]]))
+    torch.testing.assert_close(result['scores'], torch.sigmoid(torch.tensor([3.0, 2.0, 1.0])))
+    assert result['labels'].tolist() == [0, 2, 1]
+    torch.testing.assert_close(result['boxes'], torch.tensor([[0.0, 0.0, 5.0, 5.0], [0.0, 0.0, 5.0, 5.0],
+                                                          [4.0, 4.0, 6.0, 6.0]]))
 
 
 # Batch independence ------------------------------------------------------------------------------------

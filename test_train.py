@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 import evaluate  # noqa: E402
@@ -54,6 +55,55 @@ def test_training_steps_lower_the_loss(tmp_path, cache):
     assert min(history[-3:]) < 0.8 * history[0], history
 
 
+class FixedPredictions(nn.Module):
+    """A 'detector' whose predictions are its parameters: the same gradient every step while lr is 0."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.logits = nn.Parameter(torch.randn(1, 3, 2, generator=g))
+        self.boxes = nn.Parameter(torch.randn(1, 3, 4, generator=g))
+
+    def forward(self, images, mask, targets=None):
+        return {"pred_logits": self.logits, "pred_boxes": self.boxes.sigmoid()}
+
+
+def test_train_step_does_not_accumulate_gradients():
+    from matcher import SetCriterion
+    model = FixedPredictions()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = (torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool),
+             [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}])
+    step = lambda: train.train_step(model, SetCriterion(2), batch, optimizer, torch.device("cpu"),  # noqa: E731
+                                    clip_max_norm=0.0)
+    step()
+    first = [p.grad.clone() for p in model.parameters()]
+    step()
+    assert first[0].abs().sum() > 0
+    for before, p in zip(first, model.parameters()):
+        assert torch.equal(p.grad, before)
+
+
+def test_param_groups_train_sampling_offsets_and_reference_points_at_a_tenth_of_the_lr(tmp_path, cache):
+    args = tiny_args(tmp_path, cache, "--method", "baseline", "--no-two-stage", "--lr", "1e-3",
+                     "--lr-backbone", "2e-4")
+    model, _, _ = train.build_model(args, ["a", "b"])
+    groups = train.param_groups(model, args)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(lr_of)  # no parameter in two groups
+    assert set(lr_of) == {id(p) for p in model.parameters() if p.requires_grad}
+    transformer = model.transformer
+    expected = {transformer.encoder.layers[0].self_attn.sampling_offsets.weight: 1e-4,
+                transformer.decoder.layers[1].cross_attn.sampling_offsets.bias: 1e-4,
+                transformer.reference_points.weight: 1e-4,
+                transformer.decoder.layers[1].cross_attn.attention_weights.weight: 1e-3,
+                transformer.decoder.layers[1].cross_attn.value_proj.weight: 1e-3,
+                model.class_embed[0].weight: 1e-3, model.input_proj[0][0].weight: 1e-3,
+                model.backbone[0].body.layer4[0].conv1.weight: 2e-4}
+    for p, lr in expected.items():
+        assert lr_of[id(p)] == pytest.approx(lr)
+
+
 def test_train_evaluate_resume_auto(tmp_path, cache):
     """Two epochs in one go == one epoch, a restart with --resume auto, one more epoch: identical weights."""
     straight = tiny_args(tmp_path / "a", cache, "--epochs", "2", "--method", "clip-detr")
@@ -72,6 +122,34 @@ def test_train_evaluate_resume_auto(tmp_path, cache):
     assert a["epoch"] == b["epoch"] == 1
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_resume_restores_the_lr_scheduler_across_an_lr_drop(tmp_path, cache):
+    """--lr-drop 1: epoch 0, then a resumed run for epoch 1. After it the scheduler has stepped twice and every
+    group sits at 0.1x its base LR, as in a straight run; a fresh scheduler would drop the LR a second time."""
+    common = ("--method", "baseline", "--max-steps", "1", "--eval-every", "0", "--lr-drop", "1", "--lr", "1e-3",
+              "--lr-backbone", "2e-4")
+    train.main(tiny_args(tmp_path, cache, "--epochs", "1", *common))
+    train.main(tiny_args(tmp_path, cache, "--epochs", "2", "--resume", "auto", *common))
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["scheduler"]["last_epoch"] == 2
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([1e-4, 2e-5, 1e-5])
+    assert [json.loads(line)["lr"] for line in open(tmp_path / "out" / "log.jsonl")] == pytest.approx([1e-3, 1e-4])
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    train.save_checkpoint(path, epoch=0)
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.save_checkpoint(path, epoch=1)
+    assert train.load_checkpoint(path)["epoch"] == 0
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
 
 
 def test_evaluate_cli_loads_clip_detr_checkpoint_into_baseline(tmp_path, cache):
