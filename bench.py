@@ -183,6 +183,109 @@ def bench_coco_step(args):
           f"{t:.2f} s per training step (median of {args.steps})")
 
 
+# ----------------------------------------------------------------------------------------------------------
+def _gpu_train_worker(method, steps):
+    """Print JSON timings of `steps` training steps of the COCO model (--amp bf16 --attn-impl triton) on CUDA.
+
+    A fixed synthetic batch (COCO batch size, 800x1333 images, 7 boxes each) and a random-weight RN50 CLIP
+    (its label-embedding width equals RN50x64's, and the step never runs CLIP), so no data or download is needed.
+    Runs in a fresh process per method so that peak memory is this method's own.
+    """
+    import train
+    targs = train.finalize_args(train.get_parser().parse_args(
+        ["--dataset", "coco", "--device", "cuda", "--method", method, "--amp", "bf16", "--attn-impl", "triton",
+         "--clip-pretrained", "none", "--clip-model", "RN50"]))
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model, criterion, _ = train.build_model(targs, [f"class {i}" for i in range(80)])
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr, weight_decay=targs.weight_decay)
+    n = targs.batch_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 800, 1333, generator=g).to(device)  # (B, 3, H, W)
+    mask = torch.zeros(n, 800, 1333, dtype=torch.bool, device=device)  # (B, H, W)
+    targets = [{"boxes": (torch.rand(7, 4, generator=g) * 0.4 + 0.1).to(device),
+                "labels": torch.randint(0, 80, (7,), generator=g).to(device)} for _ in range(n)]
+    times, loss = [], float("nan")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss, _ = train.train_step(model, criterion, (images, mask, targets), optimizer, device,
+                                   clip_max_norm=targs.clip_max_norm, amp_dtype=torch.bfloat16)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    warm = times[2:] or times  # the first steps compile the Triton kernels and warm up cuDNN
+    print(json.dumps({"step_s": sorted(warm)[len(warm) // 2], "first_s": times[0], "steps": steps,
+                      "batch": n, "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "loss": loss}))
+
+
+def bench_gpu(args):
+    """One command for a CUDA machine: the CUDA tests, the attention benchmark and COCO-model training steps.
+
+    CUDA tests are the tests whose name contains "cuda" (they skip without a GPU). Without CUDA: one line, exit 0.
+    Prints one table; exits non-zero when a part failed.
+    """
+    if not torch.cuda.is_available():
+        print("bench.py gpu: no CUDA device (torch.cuda.is_available() is False); nothing run")
+        return
+    import model
+    rows, failed = [], []  # rows: (part, configuration, time, peak MiB, note)
+    t0 = time.perf_counter()
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda"],
+                           cwd=HERE, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    summary = (tests.stdout.strip().splitlines() or ["no output"])[-1]
+    if tests.returncode:
+        failed.append("CUDA tests")
+        print(tests.stdout + tests.stderr)
+    rows.append(("tests", "pytest -k cuda", f"{time.perf_counter() - t0:.0f} s", "-", summary))
+
+    device = torch.device("cuda")
+    impls = {"pytorch": lambda v, s, st, l, a: model.ms_deform_attn_pytorch(v, s, l, a),
+             "triton": model.ms_deform_attn_triton}
+    for lq in ("encoder", 300):
+        inputs = attn_inputs(lq, device)
+        for name, fn in impls.items():
+            v, s, st, l, a = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+            grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=device)  # (B, Lq, C)
+
+            def fwd():
+                with torch.no_grad():
+                    fn(v, s, st, l, a)
+
+            def fwd_bwd():
+                torch.autograd.grad(fn(v, s, st, l, a), (v, l, a), grad)
+
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t_f, t_fb = _time(fwd, device, args.repeats), _time(fwd_bwd, device, args.repeats)
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows.append(("attention", f"Lq={l.shape[1]} ({lq}), {name}",
+                         f"fwd {1e3 * t_f:.2f} ms, fwd+bwd {1e3 * t_fb:.2f} ms", f"{extra:.0f}",
+                         "peak above the inputs, median of " + str(args.repeats)))
+
+    for method in ("baseline", "clip-detr"):
+        code = f"import bench; bench._gpu_train_worker({method!r}, {args.steps})"
+        run = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        config = f"COCO model, --method {method} --amp bf16 --attn-impl triton"
+        if run.returncode:
+            failed.append(f"training {method}")
+            print(run.stdout + run.stderr)
+            rows.append(("train", config, "failed", "-", (run.stderr.strip().splitlines() or ["?"])[-1]))
+            continue
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        rows.append(("train", config, f"{r['step_s']:.3f} s/step", f"{r['peak_mib']:.0f}",
+                     f"batch {r['batch']} of 800x1333, median of steps 3-{r['steps']}, first step "
+                     f"{r['first_s']:.1f} s, last loss {r['loss']:.3f}"))
+
+    print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    widths = [max(len(str(r[i])) for r in rows + [("part", "configuration", "time", "peak MiB", "note")])
+              for i in range(5)]
+    for r in [("part", "configuration", "time", "peak MiB", "note")] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    if failed:
+        sys.exit(f"bench.py gpu: {', '.join(failed)} failed (output above)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser("bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -198,6 +301,9 @@ def main(argv=None):
     c.add_argument("--device", default="cpu")
     c.add_argument("--steps", type=int, default=3)
     c.add_argument("--method", default="baseline")
+    gp = sub.add_parser("gpu", help="CUDA tests, attention benchmark and COCO training steps in one table")
+    gp.add_argument("--steps", type=int, default=20)
+    gp.add_argument("--repeats", type=int, default=10)
     w = sub.add_parser("_worker")
     w.add_argument("--steps", type=int)
     w.add_argument("argv", nargs="*")
@@ -208,6 +314,8 @@ def main(argv=None):
         bench_train(args)
     elif args.what == "coco-step":
         bench_coco_step(args)
+    elif args.what == "gpu":
+        bench_gpu(args)
     else:
         _train_worker(args.argv, args.steps, os.path.join(HERE, ".bench_tmp.json"))
 

@@ -212,11 +212,17 @@ def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_
 #
 # Kernel layout: one program per (block of queries, batch element and head). It loops over levels and points,
 # holds a (BLOCK_Q, BLOCK_D) tile of the head's channels, and gathers the four corner rows of `value` per
-# sampling point. The backward kernel recomputes the corners and produces
-#   - grad value: scattered with atomic adds into an fp32 buffer, since many queries read the same pixel;
-#   - grad attention weight: <grad_out, bilinear sample> over the head's channels;
-#   - grad location: the derivative of the bilinear weights with respect to the pixel coordinate, times
-#     W_l (for x) or H_l (for y), the chain rule of x * W_l - 0.5.
+# sampling point, one tap at a time. The backward kernel recomputes the corners; with t_ij = <grad_out, V[tap ij]>
+# over the head's channels it produces
+#   - grad value: w_ij * A * grad_out scattered with atomic adds into an fp32 buffer (many queries read a pixel);
+#   - grad attention weight: <grad_out, bilinear sample> = sum_ij w_ij t_ij;
+#   - grad location: A * sum_ij (d w_ij / d coordinate) t_ij, times W_l (for x) or H_l (for y), the chain rule
+#     of x * W_l - 0.5.
+# Registers: with TRITON_BLOCK_Q = 16 and BLOCK_D = 32 (Dh of the 256-wide, 8-head model), 4 warps hold 4
+# channels per thread, and both kernels fit in at most 128 registers without spilling on sm_80 and sm_90;
+# test_triton compiles them for those GPUs and reads the cubin. Larger blocks spill (64: up to 255 registers).
+# Offsets are int32 within one batch element's head (_check_inputs bounds S_all * M * Dh) and int64 only in
+# the per-program scalar bases.
 try:
     import triton
     import triton.language as tl
@@ -248,109 +254,123 @@ def triton_interpreted():
 if triton is not None:
 
     @triton.jit
-    def _corner(start, H, W, yi, xi, row_ok):
-        """Flat pixel index of one bilinear tap and whether it lies inside the map (zero padding outside)."""
-        inside = row_ok & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
-        return start + yi * W + xi, inside
+    def _program_block(M, Lq, Dh, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's batch element b and head m, its block of BLOCK_Q queries and its channel block.
 
-    @triton.jit
-    def _program_rows(M, Lq, Dh, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's batch element b, head m, its BLOCK_Q rows of (B, Lq, M) and its channel block."""
-        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        row0 (int64) indexes (B, Lq, M) at the block's first query; the queries' rows are row0 + q_rows, with
+        int32 q_rows < BLOCK_Q * M, so only the scalar base needs 64 bits (B*Lq*M*L*P*2 can pass 2^31).
+        """
+        q0 = tl.program_id(0) * BLOCK_Q
         bm = tl.program_id(1).to(tl.int64)
         b = bm // M
         m = bm % M
+        q = tl.arange(0, BLOCK_Q)
         d = tl.arange(0, BLOCK_D)
-        row = (b * Lq + q) * M + m  # index into (B, Lq, M), int64 since B*Lq*M*L*P*2 can pass 2^31
-        return b, m, row, q < Lq, d, d < Dh
+        return b, m, (b * Lq + q0) * M + m, q * M, q0 + q < Lq, d, d < Dh
 
     @triton.jit
-    def _taps(loc_ptr, attn_ptr, v_head, lp, q_ok, H, W, start, M, Dh, d, d_ok):
-        """One sampling point of a block of queries: its attention weight, bilinear weights (hx, hy, lx, ly),
-        and the offsets, masks and values (BLOCK_Q, BLOCK_D) of its four taps; forward and backward share it."""
-        a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0)
-        x = tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * W.to(tl.float32) - 0.5
-        y = tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * H.to(tl.float32) - 0.5
-        x0f = tl.floor(x)
-        y0f = tl.floor(y)
-        lx = x - x0f
-        ly = y - y0f
-        x0 = x0f.to(tl.int64)
-        y0 = y0f.to(tl.int64)
-        s00, ok00 = _corner(start, H, W, y0, x0, q_ok)
-        s01, ok01 = _corner(start, H, W, y0, x0 + 1, q_ok)
-        s10, ok10 = _corner(start, H, W, y0 + 1, x0, q_ok)
-        s11, ok11 = _corner(start, H, W, y0 + 1, x0 + 1, q_ok)
-        # value[b, s, m, :] sits at v_head + s * M * Dh
-        off00 = (s00 * M * Dh)[:, None] + d[None, :]
-        off01 = (s01 * M * Dh)[:, None] + d[None, :]
-        off10 = (s10 * M * Dh)[:, None] + d[None, :]
-        off11 = (s11 * M * Dh)[:, None] + d[None, :]
-        mask00 = ok00[:, None] & d_ok[None, :]
-        mask01 = ok01[:, None] & d_ok[None, :]
-        mask10 = ok10[:, None] & d_ok[None, :]
-        mask11 = ok11[:, None] & d_ok[None, :]
-        v00 = tl.load(v_head + off00, mask=mask00, other=0.0)
-        v01 = tl.load(v_head + off01, mask=mask01, other=0.0)
-        v10 = tl.load(v_head + off10, mask=mask10, other=0.0)
-        v11 = tl.load(v_head + off11, mask=mask11, other=0.0)
-        return (a, 1.0 - lx, 1.0 - ly, lx, ly, off00, off01, off10, off11, mask00, mask01, mask10, mask11,
-                v00, v01, v10, v11)
+    def _point(loc_blk, attn_blk, lp, q_ok, H, W):
+        """One sampling point of a block of queries: attention weight, top-left tap (y0, x0), fractions (ly, lx)."""
+        a = tl.load(attn_blk + lp, mask=q_ok, other=0.0)
+        x = tl.load(loc_blk + 2 * lp, mask=q_ok, other=0.0) * W.to(tl.float32) - 0.5
+        y = tl.load(loc_blk + 2 * lp + 1, mask=q_ok, other=0.0) * H.to(tl.float32) - 0.5
+        # Past -2 or W + 1 both taps are outside anyway; the clamp keeps far-away points from overflowing int32.
+        x = tl.minimum(tl.maximum(x, -2.0), W.to(tl.float32) + 1.0)
+        y = tl.minimum(tl.maximum(y, -2.0), H.to(tl.float32) + 1.0)
+        x0 = tl.floor(x)
+        y0 = tl.floor(y)
+        return a, y0.to(tl.int32), x0.to(tl.int32), y - y0, x - x0
+
+    @triton.jit
+    def _tap(v_head, H, W, start, yi, xi, q_ok, row_stride, d, d_ok):
+        """One bilinear tap of a block of queries: offsets (BLOCK_Q, BLOCK_D) into the head's value rows, mask
+        (zero padding outside the map) and values. int32 offsets: _check_inputs bounds S_all * M * Dh."""
+        inside = q_ok & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
+        off = ((start + yi * W + xi) * row_stride)[:, None] + d[None, :]
+        mask = inside[:, None] & d_ok[None, :]
+        return off, mask, tl.load(v_head + off, mask=mask, other=0.0)
+
+    @triton.jit
+    def _tap_backward(v_head, gv_head, H, W, start, yi, xi, q_ok, row_stride, d, d_ok, g_out, weight):
+        """Scatter weight * grad_out into grad value at one tap; return <grad_out, value row> per query."""
+        off, mask, v = _tap(v_head, H, W, start, yi, xi, q_ok, row_stride, d, d_ok)
+        tl.atomic_add(gv_head + off, weight[:, None] * g_out, mask=mask, sem="relaxed")
+        return tl.sum(g_out * v, axis=1)
 
     @triton.jit
     def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                          S_all, M, Lq, L, P, Dh,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-        b, m, row, q_ok, d, d_ok = _program_rows(M, Lq, Dh, BLOCK_Q, BLOCK_D)
+        b, m, row0, q_rows, q_ok, d, d_ok = _program_block(M, Lq, Dh, BLOCK_Q, BLOCK_D)
         v_head = value_ptr + b * S_all * M * Dh + m * Dh
+        loc_blk = loc_ptr + row0 * L * P * 2
+        attn_blk = attn_ptr + row0 * L * P
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+        # One tap at a time, each folded into acc at once: few value tiles are live, so no registers spill.
         for lvl in range(L):
-            H = tl.load(shapes_ptr + 2 * lvl)
-            W = tl.load(shapes_ptr + 2 * lvl + 1)
-            start = tl.load(starts_ptr + lvl)
+            H = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+            W = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+            start = tl.load(starts_ptr + lvl).to(tl.int32)
             for pt in range(P):
-                lp = (row * L + lvl) * P + pt
-                a, hx, hy, lx, ly, _, _, _, _, _, _, _, _, v00, v01, v10, v11 = _taps(
-                    loc_ptr, attn_ptr, v_head, lp, q_ok, H, W, start, M, Dh, d, d_ok)
-                sample = ((hy * hx)[:, None] * v00 + (hy * lx)[:, None] * v01
-                          + (ly * hx)[:, None] * v10 + (ly * lx)[:, None] * v11)
-                acc += a[:, None] * sample
-        tl.store(out_ptr + (row * Dh)[:, None] + d[None, :], acc, mask=q_ok[:, None] & d_ok[None, :])
+                lp = q_rows * L * P + lvl * P + pt
+                a, y0, x0, ly, lx = _point(loc_blk, attn_blk, lp, q_ok, H, W)
+                hy = 1.0 - ly
+                hx = 1.0 - lx
+                _, _, v = _tap(v_head, H, W, start, y0, x0, q_ok, M * Dh, d, d_ok)
+                acc += (a * hy * hx)[:, None] * v
+                _, _, v = _tap(v_head, H, W, start, y0, x0 + 1, q_ok, M * Dh, d, d_ok)
+                acc += (a * hy * lx)[:, None] * v
+                _, _, v = _tap(v_head, H, W, start, y0 + 1, x0, q_ok, M * Dh, d, d_ok)
+                acc += (a * ly * hx)[:, None] * v
+                _, _, v = _tap(v_head, H, W, start, y0 + 1, x0 + 1, q_ok, M * Dh, d, d_ok)
+                acc += (a * ly * lx)[:, None] * v
+        out_blk = out_ptr + row0 * Dh
+        tl.store(out_blk + (q_rows * Dh)[:, None] + d[None, :], acc, mask=q_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _msda_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                          grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
                          S_all, M, Lq, L, P, Dh,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-        b, m, row, q_ok, d, d_ok = _program_rows(M, Lq, Dh, BLOCK_Q, BLOCK_D)
+        b, m, row0, q_rows, q_ok, d, d_ok = _program_block(M, Lq, Dh, BLOCK_Q, BLOCK_D)
         head_offset = b * S_all * M * Dh + m * Dh
         v_head = value_ptr + head_offset
         gv_head = grad_value_ptr + head_offset
-        g_out = tl.load(grad_out_ptr + (row * Dh)[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+        loc_blk = loc_ptr + row0 * L * P * 2
+        attn_blk = attn_ptr + row0 * L * P
+        g_loc_blk = grad_loc_ptr + row0 * L * P * 2
+        g_attn_blk = grad_attn_ptr + row0 * L * P
+        g_out = tl.load(grad_out_ptr + row0 * Dh + (q_rows * Dh)[:, None] + d[None, :],
+                        mask=q_ok[:, None] & d_ok[None, :], other=0.0)
         for lvl in range(L):
-            H = tl.load(shapes_ptr + 2 * lvl)
-            W = tl.load(shapes_ptr + 2 * lvl + 1)
-            start = tl.load(starts_ptr + lvl)
+            H = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+            W = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+            start = tl.load(starts_ptr + lvl).to(tl.int32)
             for pt in range(P):
-                lp = (row * L + lvl) * P + pt
-                a, hx, hy, lx, ly, off00, off01, off10, off11, mask00, mask01, mask10, mask11, v00, v01, v10, v11 = \
-                    _taps(loc_ptr, attn_ptr, v_head, lp, q_ok, H, W, start, M, Dh, d, d_ok)
-                sample = ((hy * hx)[:, None] * v00 + (hy * lx)[:, None] * v01
-                          + (ly * hx)[:, None] * v10 + (ly * lx)[:, None] * v11)
-                tl.store(grad_attn_ptr + lp, tl.sum(g_out * sample, axis=1), mask=q_ok)
-                # d sample / d x and d sample / d y of the bilinear weights; out-of-map taps read 0 and add 0.
-                d_sample_dx = hy[:, None] * (v01 - v00) + ly[:, None] * (v11 - v10)
-                d_sample_dy = hx[:, None] * (v10 - v00) + lx[:, None] * (v11 - v01)
-                g_sample = a[:, None] * g_out
-                g_x = tl.sum(g_sample * d_sample_dx, axis=1) * W.to(tl.float32)
-                g_y = tl.sum(g_sample * d_sample_dy, axis=1) * H.to(tl.float32)
-                tl.store(grad_loc_ptr + 2 * lp, g_x, mask=q_ok)
-                tl.store(grad_loc_ptr + 2 * lp + 1, g_y, mask=q_ok)
-                tl.atomic_add(gv_head + off00, (hy * hx)[:, None] * g_sample, mask=mask00, sem="relaxed")
-                tl.atomic_add(gv_head + off01, (hy * lx)[:, None] * g_sample, mask=mask01, sem="relaxed")
-                tl.atomic_add(gv_head + off10, (ly * hx)[:, None] * g_sample, mask=mask10, sem="relaxed")
-                tl.atomic_add(gv_head + off11, (ly * lx)[:, None] * g_sample, mask=mask11, sem="relaxed")
+                lp = q_rows * L * P + lvl * P + pt
+                a, y0, x0, ly, lx = _point(loc_blk, attn_blk, lp, q_ok, H, W)
+                hy = 1.0 - ly
+                hx = 1.0 - lx
+                # Per tap t_ij = <grad_out, V[tap ij]>: the sample is sum w_ij V[tap ij], so its gradients are
+                # sums of the four t_ij, and each value tile dies after its own tap (no spills).
+                t00 = _tap_backward(v_head, gv_head, H, W, start, y0, x0, q_ok, M * Dh, d, d_ok, g_out,
+                                    a * hy * hx)
+                t01 = _tap_backward(v_head, gv_head, H, W, start, y0, x0 + 1, q_ok, M * Dh, d, d_ok, g_out,
+                                    a * hy * lx)
+                t10 = _tap_backward(v_head, gv_head, H, W, start, y0 + 1, x0, q_ok, M * Dh, d, d_ok, g_out,
+                                    a * ly * hx)
+                t11 = _tap_backward(v_head, gv_head, H, W, start, y0 + 1, x0 + 1, q_ok, M * Dh, d, d_ok, g_out,
+                                    a * ly * lx)
+                tl.store(g_attn_blk + lp, hy * hx * t00 + hy * lx * t01 + ly * hx * t10 + ly * lx * t11, mask=q_ok)
+                # d sample / d x and d y of the bilinear weights, times W_l and H_l (chain rule of x * W_l - 0.5).
+                tl.store(g_loc_blk + 2 * lp, a * W.to(tl.float32) * (hy * (t01 - t00) + ly * (t11 - t10)),
+                         mask=q_ok)
+                tl.store(g_loc_blk + 2 * lp + 1, a * H.to(tl.float32) * (hx * (t10 - t00) + lx * (t11 - t01)),
+                         mask=q_ok)
+
+
+# Queries per program of every launch (a power of two); see the register note above.
+TRITON_BLOCK_Q = 16
 
 
 def _device_guard(tensor):
@@ -367,7 +387,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels; all floating inputs must be float32 and on one device."""
 
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, block_q=64):
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, block_q):
         value = value.contiguous()
         spatial_shapes = spatial_shapes.contiguous()
         level_start_index = level_start_index.contiguous()
@@ -427,12 +447,16 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     devices = {t.device for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)}
     if len(devices) != 1:
         raise ValueError(f"inputs are on devices {sorted(map(str, devices))}: expected one device")
+    per_image = math.prod(value.shape[1:])
+    if per_image >= 2**31:
+        raise ValueError(f"value has shape {tuple(value.shape)}: {per_image} elements per batch element, expected "
+                         "fewer than 2^31 (the kernels' int32 offsets); use ms_deform_attn_pytorch")
     if block_q < 1 or block_q & (block_q - 1):
         raise ValueError(f"block_q {block_q}: expected a power of two")
 
 
 def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                          block_q=64):
+                          block_q=TRITON_BLOCK_Q):
     """Multi-scale deformable attention (Zhu et al., Eq. 3) with the Triton kernels described above.
 
     Same conventions and result as `ms_deform_attn_pytorch`, plus `level_start_index` (L,), the offset of each

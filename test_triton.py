@@ -6,7 +6,8 @@ below before anything else is imported. When another test file imported triton f
 tests cannot run in this process: they are skipped here and `test_interpreter_in_fresh_process` re-runs
 them in a subprocess that starts with TRITON_INTERPRET=1, so either way they run. CUDA tests (skipped
 without a GPU) run in a subprocess with TRITON_INTERPRET=0, so that the kernels are compiled, at Deformable
-DETR sizes.
+DETR sizes. The GPU compile test needs no GPU: in a subprocess with TRITON_INTERPRET=0 it compiles both
+kernels ahead of time for sm_80 and sm_90 and reads registers and spills from the cubin.
 
 Sampling locations are multiples of 2**-10: then x * W - 0.5 is exact in float32 and in the float64
 reference alike, so both take the same corner pixels even where a location sits exactly on a pixel centre
@@ -18,8 +19,11 @@ import sys
 _INTERPRETER_READY = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pathlib  # noqa: E402 (the environment above must come first)
+import json  # noqa: E402 (the environment above must come first)
+import pathlib  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -111,6 +115,20 @@ def test_pixel_centre_reads_one_pixel_and_outside_reads_zero():
 
 
 @interpreted
+def test_far_outside_points_read_zero_and_get_zero_gradients():
+    # Beyond the clamp of the pixel coordinate to [-2, W + 1] (int32 safety) both taps of an axis stay outside.
+    value, spatial_shapes, level_start_index, _, _, grad_out = _make_inputs([(3, 4)], batch=1, n_queries=4,
+                                                                            n_heads=1, n_points=1)
+    loc = torch.tensor([[-1e6, 0.5], [1e6, 0.5], [0.5, -3.0], [0.5, 1e30]])
+    loc = loc.view(1, 4, 1, 1, 1, 2)  # (B, Lq, M, L, P, 2)
+    attn = torch.ones(1, 4, 1, 1, 1)  # (B, Lq, M, L, P)
+    got = _forward_backward(model.ms_deform_attn_triton, value, spatial_shapes, level_start_index, loc, attn,
+                            grad_out)
+    for name, g in zip(("output", "grad value", "grad locations", "grad weights"), got):
+        assert torch.equal(g, torch.zeros_like(g)), name
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_compute_in_float32(dtype):
     value, spatial_shapes, level_start_index, loc, attn, grad_out = _make_inputs(_TINY_SHAPES, head_dim=6)
@@ -136,6 +154,11 @@ def test_bad_shapes_raise_value_error():
         model.ms_deform_attn_triton(value, spatial_shapes, level_start_index, loc[:, :, :1], attn)
     with pytest.raises(ValueError, match="block_q"):
         model.ms_deform_attn_triton(value, spatial_shapes, level_start_index, loc, attn, block_q=3)
+    # 2^31 elements in one batch element pass the kernels' int32 offsets; an expanded view allocates nothing.
+    big = torch.zeros(1, 1, 1, 1).expand(1, 2**23, 8, 32)  # (B, S_all, M, Dh)
+    with pytest.raises(ValueError, match=r"2\^31"):
+        model.ms_deform_attn_triton(big, torch.tensor([[2**13, 2**10]]), torch.zeros(1, dtype=torch.int64),
+                                    torch.zeros(1, 1, 8, 1, 1, 2), torch.zeros(1, 1, 8, 1, 1))
 
 
 def _check_cuda(n_queries):
@@ -163,10 +186,95 @@ def test_cuda_matches_reference(n_queries):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_bench_gpu_on_a_machine_without_gpu_prints_one_line():
+    # CUDA hidden, so the test means the same on a GPU machine; there `python bench.py gpu` runs the CUDA tests.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(_HERE / "bench.py"), "gpu"], cwd=_HERE, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["bench.py gpu: no CUDA device (torch.cuda.is_available() is False); "
+                                          "nothing run"], result.stdout
+
+
+# What a launch at the COCO configuration passes (d_model 256, 8 heads, 4 levels, 4 points; an 800x1333 image,
+# decoder Lq 300): the kernel arguments that are not constexpr, by name.
+_LAUNCH_SIZES = dict(S_all=22223, M=8, Lq=300, L=4, P=4, Dh=32)
+_MAX_REGISTERS = 128
+
+
+def _launch_signature(kernel):
+    """Signature and attributes as the launcher specializes a launch at _LAUNCH_SIZES.
+
+    Tensors are pointers to their dtype: float32 for every floating tensor (ms_deform_attn_triton casts fp16,
+    bf16 and float64 to float32, so no other float dtype reaches the kernels), int64 for the level shapes and
+    starts. torch allocations are 16-byte aligned and ints that are multiples of 16 (Dh) are marked so too:
+    the launcher's tt.divisibility specialization, which decides how wide the value loads are.
+    """
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name.startswith("BLOCK_"):
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i64" if name in ("shapes_ptr", "starts_ptr") else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if _LAUNCH_SIZES[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def _compile_for_gpus():
+    """Print, as one JSON line, each kernel's resources compiled for sm_80 and sm_90 at the launch's blocks."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if model.triton_interpreted():
+        raise RuntimeError("_compile_for_gpus needs TRITON_INTERPRET unset or 0, to compile the kernels")
+    cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    blocks = dict(BLOCK_Q=model.TRITON_BLOCK_Q, BLOCK_D=triton.next_power_of_2(_LAUNCH_SIZES["Dh"]))
+    rows = []
+    for arch in (80, 90):
+        for kernel in (model._msda_fwd_kernel, model._msda_bwd_kernel):
+            signature, attrs = _launch_signature(kernel)
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=blocks, attrs=attrs),
+                                      target=GPUTarget("cuda", arch, 32))
+            row = dict(kernel=kernel.__name__, arch=f"sm_{arch}", **blocks, shared_dynamic=compiled.metadata.shared,
+                       cubin_bytes=len(compiled.asm["cubin"]))
+            if cuobjdump and os.path.exists(cuobjdump):
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                           text=True, check=True).stdout
+                found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+                row.update(zip(("registers", "stack", "shared_static", "local"), map(int, found.groups())))
+            rows.append(row)
+    print(json.dumps(rows))
+
+
+@pytest.mark.skipif(not model.triton_available(), reason="needs triton")
+def test_kernels_compile_for_gpus_without_spills(tmp_path):
+    # A fresh cache: the test must compile, not find last run's cubins.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", "import test_triton; test_triton._compile_for_gpus()"],
+                            cwd=_HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(result.stdout.splitlines()[-1])
+    assert [(r["kernel"], r["arch"]) for r in rows] == [(k, a) for a in ("sm_80", "sm_90")
+                                                       for k in ("_msda_fwd_kernel", "_msda_bwd_kernel")]
+    assert all(r["cubin_bytes"] > 0 for r in rows)
+    if any("registers" not in r for r in rows):
+        pytest.skip("compiled; triton ships no cuobjdump here to read registers and spills")
+    # Spills go to local memory (stack) and cap occupancy: none allowed, and at most 128 registers per thread.
+    bad = [r for r in rows if r["stack"] or r["local"] or r["registers"] > _MAX_REGISTERS]
+    assert not bad, f"kernels over {_MAX_REGISTERS} registers or spilling: {bad}"
+
+
 @pytest.mark.skipif(_IN_PROCESS, reason="the interpreter tests ran in this process")
 def test_interpreter_in_fresh_process():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(_HERE / "test_triton.py"),
-           "-k", "not cuda and not fresh_process"]
+           "-k", "not cuda and not fresh_process and not compile_for_gpus and not bench_gpu"]
     result = subprocess.run(cmd, cwd=_HERE, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "skipped" not in result.stdout, result.stdout + result.stderr
