@@ -730,6 +730,15 @@ class DeformableTransformer(nn.Module):
         out_memory = memory.masked_fill(invalid, 0.0)
         return self.enc_output_norm(self.enc_output(out_memory)), proposals
 
+    def proposal_queries(self, boxes):
+        """Two-stage query of each box (official `pos_trans_norm(pos_trans(get_proposal_pos_embed(...)))`):
+        (query_pos, tgt), each (..., C), from boxes (..., 4) normalized cxcywh.
+
+        DynQL's Eq. 8 takes the positional half, so a DynQuery's position is encoded as a conventional query's.
+        """
+        pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(boxes, self.d_model)))  # (..., 2C)
+        return torch.split(pos_tgt, self.d_model, dim=-1)
+
     def select_queries(self, enc, query_embed=None):
         """Conventional queries: (tgt, query_pos, reference boxes) and, two-stage, the encoder predictions."""
         memory = enc["memory"]
@@ -744,8 +753,7 @@ class DeformableTransformer(nn.Module):
             topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]  # (B, Q)
             coords = torch.gather(enc_coord_logit, 1, topk[..., None].repeat(1, 1, 4)).detach()  # (B, Q, 4)
             reference = coords.sigmoid()
-            pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(reference, C)))  # (B, Q, 2C)
-            query_pos, tgt = torch.split(pos_tgt, C, dim=2)
+            query_pos, tgt = self.proposal_queries(reference)
             enc_out = {"pred_logits": enc_logits, "pred_boxes": enc_coord_logit.sigmoid()}
             return tgt, query_pos, reference, enc_out
         query_pos, tgt = torch.split(query_embed, C, dim=1)
@@ -883,7 +891,7 @@ class DeformableDETR(nn.Module):
         if train_modules and self.dynql is not None:
             z_attr = self.alignnet.object_attribute_feature(
                 torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
-            dyn = self.dynql(z_attr, targets, num_queries=tgt.shape[1])
+            dyn = self.dynql(z_attr, targets, num_queries=Q, proposal_queries=self.transformer.proposal_queries)
             tgt = torch.cat([tgt, dyn.content], 1)  # (B, Q + S*G, C)
             query_pos = torch.cat([query_pos, dyn.query_pos], 1)
             reference = torch.cat([reference, dyn.reference], 1)
