@@ -19,7 +19,8 @@ Output contract of `DeformableDETR.forward(images, mask, targets=None)`:
   pred_logits  (B, Q, K)   class logits of the last decoder layer (sigmoid, no background class)
   pred_boxes   (B, Q, 4)   normalized cxcywh boxes, relative to each image's unpadded size
   aux_outputs  list of {pred_logits, pred_boxes} for decoder layers 1 .. n-1
-  enc_outputs  {pred_logits (B, S_all, K), pred_boxes} two-stage encoder proposals (two-stage only)
+  enc_outputs  {pred_logits (B, S_all, K), pred_boxes} two-stage encoder proposals (two-stage only); with a
+               custom (open-vocabulary) class head the encoder's is class-agnostic: pred_logits (B, S_all, 1)
   training only, when targets are given and the modules exist:
   loss_align   scalar AlignNet loss (Eq. 5)
   dynql_outputs  list over decoder layers of {pred_logits (B, S*G, K), pred_boxes (B, S*G, 4)}
@@ -828,6 +829,13 @@ class DeformableDETR(nn.Module):
             nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
             self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
             self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+        if two_stage and class_head is not None:
+            # Proposals are ranked by column 0 of the encoder head, trained with every object as class 0. A class
+            # head that scores CLIP rows would make its column 0 (a real class) the objectness and push every
+            # other class down on every object: open-vocabulary DETRs keep a class-agnostic head here instead.
+            objectness = nn.Linear(C, 1)
+            nn.init.constant_(objectness.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+            self.class_embed[-1] = objectness
         if two_stage:
             transformer.decoder.class_embed = self.class_embed
             for box_embed in self.bbox_embed:

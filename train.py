@@ -171,7 +171,8 @@ def build_model(args, class_names, label_table=None):
         align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
     if open_vocabulary:
         # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
-        # training annotations (§4.2). Class 0 (person) is base: the two-stage proposals rank by it.
+        # training annotations (§4.2). The decoder layers score with it; the two-stage encoder keeps a
+        # class-agnostic objectness head (DeformableDETR), so proposals are not ranked by one class's CLIP row.
         base = set(data.OV_COCO_BASE)
         class_head = alignnet.LabelEmbeddingClassifier(
             label_embeddings=table, d_model=args.hidden_dim,
