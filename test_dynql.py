@@ -354,8 +354,9 @@ def test_model_dynquery_slot_s_i_is_supervised_by_gt_i():
 
 
 LOGIT = 2.0
-FOCAL_POS = 0.25 * (1 - torch.sigmoid(torch.tensor(LOGIT)).item()) ** 2 * -math.log(torch.sigmoid(torch.tensor(LOGIT)).item())
-FOCAL_NEG = 0.75 * torch.sigmoid(torch.tensor(-LOGIT)).item() ** 2 * -math.log(1 - torch.sigmoid(torch.tensor(-LOGIT)).item())
+P_GT = 1 / (1 + math.exp(-LOGIT))  # sigmoid(+LOGIT): the GT class of an assigned DynQuery
+FOCAL_POS = 0.25 * (1 - P_GT) ** 2 * -math.log(P_GT)  # focal loss of the GT class at +LOGIT
+FOCAL_NEG = 0.75 * (1 - P_GT) ** 2 * -math.log(P_GT)  # ... of another class at -LOGIT: sigmoid(-x) = 1 - sigmoid(x)
 
 
 def loss_case(betas, set_offsets, layer_offsets=(0.0, 0.0, 0.0), garbage=0.0, K=3):
