@@ -350,7 +350,9 @@ def test_label_embedding_classifier_as_the_detector_head():
         assert layer["pred_logits"].shape == (1, 10, 3) and (layer["pred_logits"][..., 2] == -1e4).all()
     with torch.no_grad():
         assert (model.eval()(images, mask)["pred_logits"][..., 2] > -100).all()
-    assert {f"class_embed.{i}.label_embeddings" for i in range(3)} <= set(model.state_dict())
+    # The decoder layers carry the dictionary; the two-stage encoder head is the class-agnostic objectness.
+    assert {f"class_embed.{i}.label_embeddings" for i in range(2)} <= set(model.state_dict())
+    assert out["enc_outputs"]["pred_logits"].shape[-1] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
