@@ -7,17 +7,28 @@ decoded together with the conventional queries under an attention mask that keep
 into the conventional queries and into each other (Eq. 9). DynQuery i of every set is assigned to GT i
 directly, without Hungarian matching, and gets the conventional losses normalized by S * N (Eq. 10).
 
-  Eq. 6   DynQL.content             sqrt(beta_s) * eps + sqrt(1 - beta_s) * z_attr^i
+  Eq. 6   DynQL.content             sqrt(beta_s) * eps + sqrt(1 - beta_s) * z_attr^i  (z_attr at unit scale)
   Eq. 7   DynQL.position            GT centre moved by lambda * theta / 2, size by lambda * theta
-  Eq. 8   DynQL.positional_query    Linear(PE(p))
+  Eq. 8   DynQL.positional_query    Linear(PE(p)): the conventional two-stage queries' own projection
   Eq. 9   attention_mask            who may attend to whom in [q ; set 1 ; ... ; set S]
   Eq. 10  dynql_loss                direct assignment, all decoder layers, normalized by S * N
+          dynql_set_losses          the same terms per beta, last layer, for the log
 
 Shape legend: B batch, Q conventional queries, S DynQuery sets, G = max_b n_b GT boxes per image (each set is
 padded to G), N GT instances in the batch, C model width, K classes, T = Q + S * G decoder queries.
 Boxes are normalized cxcywh.
 
 Deviations from the paper:
+  - Eq. 6 blends noise with z_attr brought to unit per-element scale, z_hat = sqrt(C) * z_attr / ||z_attr||_2
+    (Eq. 4's L2 normalization, so the direction AlignNet aligns is kept). Eq. 6 is the diffusion forward step,
+    which presumes a unit-variance signal against eps ~ N(0, I); the raw z_attr of a freshly initialised
+    Linear(D+2 -> C) on a unit-norm CLIP row has element std ~0.03, so every set would be almost pure noise
+    (signal-to-noise 0.08 at beta = 0.1), and AlignNet's cosine loss cannot grow that scale. With z_hat the
+    cosine between a DynQuery's content and z_attr is ~sqrt(1 - beta_s), the spectrum the paper describes.
+  - Eq. 8's Linear is not a new layer: it is the conventional two-stage queries' projection
+    (transformer.pos_trans + pos_trans_norm, positional half), so a DynQuery at a box gets exactly the
+    positional query a conventional query at that box gets ("akin to conventional queries"; DINO shares one
+    head between its denoising and matching queries). DynQL owns no parameters.
   - Eq. 7's lambda is drawn as |lambda| ~ U(0, rho) with a random sign per coordinate (DINO's box noise,
     which the paper says it follows); the jittered box is clipped to the image and keeps w, h >= 1e-3.
   - Images with fewer GT boxes than the batch maximum pad their sets; padded DynQueries are hidden as keys
@@ -30,11 +41,11 @@ Deviations from the paper:
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
 from matcher import box_losses, focal_loss
-from model import box_sine_embed
 
 
 class DynQueries(NamedTuple):
@@ -46,7 +57,8 @@ class DynQueries(NamedTuple):
     valid: torch.Tensor       # (B, G)        False on padding
     num_sets: int             # S
     group_size: int           # G
-    anchor: torch.Tensor      # 0 * sum of DynQL's parameters: keeps DDP's graph whole when N = 0
+    betas: tuple              # (S,)          the noise level of each set
+    z_attr_norm: torch.Tensor  # ()           mean ||z_attr||_2 before Eq. 6's rescaling (logged, detached)
 
 
 def attention_mask(num_queries, num_sets, group_size, valid):
@@ -67,7 +79,8 @@ def attention_mask(num_queries, num_sets, group_size, valid):
 
 
 class DynQL(nn.Module):
-    """Builds the noised DynQuery sets from z_attr and the GT boxes."""
+    """Builds the noised DynQuery sets from z_attr and the GT boxes. No parameters of its own: z_attr comes
+    from AlignNet's Eq. 3, the positional query from the transformer's two-stage projection."""
 
     def __init__(self, *, d_model=256, betas=(0.1, 0.3, 0.5, 0.7, 0.9), rho=1.0):
         super().__init__()
@@ -77,12 +90,16 @@ class DynQL(nn.Module):
         if rho < 0:
             raise ValueError(f"--dynql-rho {rho}: expected a value >= 0")
         self.d_model, self.betas, self.rho = d_model, betas, float(rho)
-        self.query_pos_proj = nn.Linear(2 * d_model, d_model)
 
-    def content(self, z_attr, beta):
-        """Eq. (6): q_content = sqrt(beta) * eps + sqrt(1 - beta) * z_attr, eps ~ N(0, I). (N, C) -> (N, C)."""
-        eps = torch.randn_like(z_attr)
-        return beta ** 0.5 * eps + (1.0 - beta) ** 0.5 * z_attr
+    @staticmethod
+    def unit_scale(z_attr):
+        """z_hat = sqrt(C) * z_attr / ||z_attr||_2: per-element RMS 1, the signal scale Eq. 6 presumes. (N, C)."""
+        return F.normalize(z_attr, dim=-1) * z_attr.shape[-1] ** 0.5
+
+    def content(self, z_hat, beta):
+        """Eq. (6): q_content = sqrt(beta) * eps + sqrt(1 - beta) * z_hat, eps ~ N(0, I). (N, C) -> (N, C)."""
+        eps = torch.randn_like(z_hat)
+        return beta ** 0.5 * eps + (1.0 - beta) ** 0.5 * z_hat
 
     def position(self, boxes):
         """Eq. (7): p = [p_cent + lambda * theta / 2, p_wh + lambda * theta], |lambda| ~ U(0, rho).
@@ -101,29 +118,57 @@ class DynQL(nn.Module):
         centre = torch.minimum(torch.maximum(p[:, :2], wh / 2), 1 - wh / 2)
         return torch.cat([centre, wh], 1)
 
-    def positional_query(self, p):
-        """Eq. (8): q_pos = Linear(PE(p)), PE the sine embedding of the 4-D box. (..., 4) -> (..., C)."""
-        return self.query_pos_proj(box_sine_embed(p, self.d_model))
+    @staticmethod
+    def positional_query(p, proposal_queries):
+        """Eq. (8): q_pos = Linear(PE(p)), the positional half of the conventional two-stage query at box p.
 
-    def forward(self, z_attr, targets, num_queries):
-        """z_attr (N, C) in the order of torch.cat over targets; returns the padded DynQueries of the batch."""
+        proposal_queries: the transformer's box -> (query_pos, tgt) projection (LayerNorm(pos_trans(PE(p))),
+        `DeformableTransformer.proposal_queries`). (..., 4) -> (..., C).
+        """
+        return proposal_queries(p)[0]
+
+    def forward(self, z_attr, targets, *, num_queries, proposal_queries):
+        """z_attr (N, C) in the order of torch.cat over targets; returns the padded DynQueries of the batch.
+
+        proposal_queries: see positional_query (Eq. 8).
+        """
         B, C, S = len(targets), z_attr.shape[1], len(self.betas)
+        if C != self.d_model:
+            raise ValueError(f"z_attr has width {C}, expected d_model = {self.d_model}")
         sizes = [len(t["boxes"]) for t in targets]
         G = max(sizes, default=0)
         device = z_attr.device
         valid = torch.arange(G, device=device)[None] < torch.as_tensor(sizes, device=device)[:, None]  # (B, G)
         gt_boxes = torch.cat([t["boxes"] for t in targets])  # (N, 4)
-        # Padding gets a harmless box in the image centre; it is masked out everywhere.
-        content = z_attr.new_zeros(B, S, G, C)
-        reference = z_attr.new_tensor([0.5, 0.5, 0.1, 0.1]).repeat(B, S, G, 1)  # (B, S, G, 4)
+        z_hat = self.unit_scale(z_attr)
+        # Padding gets a harmless box in the image centre; it is masked out everywhere. The boxes keep the GT's
+        # dtype (fp32 under autocast): reference boxes are refined in logit space, where bf16 is too coarse.
+        content = z_hat.new_zeros(B, S, G, C)
+        reference = gt_boxes.new_tensor([0.5, 0.5, 0.1, 0.1]).repeat(B, S, G, 1)  # (B, S, G, 4)
         for s, beta in enumerate(self.betas):
-            content[:, s][valid] = self.content(z_attr, beta)
+            content[:, s][valid] = self.content(z_hat, beta)
             reference[:, s][valid] = self.position(gt_boxes)
         content = content.flatten(1, 2)  # (B, S*G, C)
         reference = reference.flatten(1, 2)  # (B, S*G, 4)
-        anchor = sum(0.0 * p.sum() for p in self.parameters())
-        return DynQueries(content, self.positional_query(reference), reference,
-                          attention_mask(num_queries, S, G, valid), valid, S, G, anchor)
+        z_attr_norm = z_attr.detach().norm(dim=-1).mean() if len(z_attr) else z_attr.new_zeros(())
+        return DynQueries(content, self.positional_query(reference, proposal_queries), reference,
+                          attention_mask(num_queries, S, G, valid), valid, S, G, tuple(self.betas),
+                          z_attr_norm)
+
+
+def _assigned(out, layout, targets):
+    """The DynQuery predictions of one decoder layer and their GT, set-major: row s * N + i is DynQuery i of
+    set s and GT i (torch.cat(targets) order). Returns logits (S*N, K), onehot (S*N, K), boxes, gt (S*N, 4)."""
+    S, G = layout.num_sets, layout.group_size
+    b_idx, g_idx = layout.valid.nonzero(as_tuple=True)  # (N,), (N,) in torch.cat(targets) order
+    q_idx = (torch.arange(S, device=g_idx.device)[:, None] * G + g_idx[None]).flatten()  # (S*N,)
+    b_idx = b_idx.repeat(S)  # (S*N,)
+    labels = torch.cat([t["labels"] for t in targets]).repeat(S)  # (S*N,)
+    gt_boxes = torch.cat([t["boxes"] for t in targets]).repeat(S, 1)  # (S*N, 4)
+    logits = out["pred_logits"][b_idx, q_idx]  # (S*N, K)
+    onehot = torch.zeros_like(logits)
+    onehot[torch.arange(len(labels)), labels] = 1.0
+    return logits, onehot, out["pred_boxes"][b_idx, q_idx], gt_boxes
 
 
 def dynql_loss(dynql_outputs, layout, targets, num_instances, focal_alpha=0.25):
@@ -133,23 +178,34 @@ def dynql_loss(dynql_outputs, layout, targets, num_instances, focal_alpha=0.25):
     is assigned to GT i of its image. Keys follow the criterion: loss_dynql_{ce,bbox,giou} for the last layer,
     with suffix _i for earlier layers.
     """
-    S, G = layout.num_sets, layout.group_size
-    norm = S * num_instances
-    b_idx, g_idx = layout.valid.nonzero(as_tuple=True)  # (N,), (N,) in torch.cat(targets) order
-    q_idx = (torch.arange(S, device=g_idx.device)[:, None] * G + g_idx[None]).flatten()  # (S*N,)
-    b_idx = b_idx.repeat(S)  # (S*N,)
-    labels = torch.cat([t["labels"] for t in targets]).repeat(S)
-    gt_boxes = torch.cat([t["boxes"] for t in targets]).repeat(S, 1)  # (S*N, 4)
+    norm = layout.num_sets * num_instances
     n = len(dynql_outputs)
     losses = {}
     for layer, out in enumerate(dynql_outputs):
         suffix = "" if layer == n - 1 else f"_{layer}"
-        logits = out["pred_logits"][b_idx, q_idx]  # (S*N, K)
-        onehot = torch.zeros_like(logits)
-        onehot[torch.arange(len(labels)), labels] = 1.0
+        logits, onehot, boxes, gt_boxes = _assigned(out, layout, targets)
         terms = {"loss_ce": focal_loss(logits, onehot, norm, focal_alpha)}
-        terms.update(box_losses(out["pred_boxes"][b_idx, q_idx], gt_boxes, norm))
+        terms.update(box_losses(boxes, gt_boxes, norm))
         for k, v in terms.items():
             losses[k.replace("loss_", "loss_dynql_") + suffix] = v
-    losses["loss_dynql_ce"] = losses["loss_dynql_ce"] + layout.anchor
     return losses
+
+
+@torch.no_grad()
+def dynql_set_losses(dynql_outputs, layout, targets, focal_alpha=0.25):
+    """Eq. 10's last-layer terms per noise level, for the log (not optimised): {'dynql_b{beta}_{ce,bbox,giou}'}.
+
+    Each is normalized by the DynQueries it covers (sets with that beta times the local N), so the sets read on
+    the scale of the conventional loss and a repeated beta (Table 7's x2) is averaged, not summed.
+    """
+    N = int(layout.valid.sum())
+    logits, onehot, boxes, gt_boxes = _assigned(dynql_outputs[-1], layout, targets)
+    values = {}
+    for beta in sorted(set(layout.betas)):
+        sets = [s for s, b in enumerate(layout.betas) if b == beta]
+        rows = torch.cat([torch.arange(s * N, (s + 1) * N, device=logits.device) for s in sets])  # set-major
+        norm = max(len(rows), 1)
+        terms = {"ce": focal_loss(logits[rows], onehot[rows], norm, focal_alpha)}
+        terms.update({k[5:]: v for k, v in box_losses(boxes[rows], gt_boxes[rows], norm).items()})
+        values.update({f"dynql_b{beta:g}_{k}": v.item() for k, v in terms.items()})
+    return values

@@ -19,7 +19,8 @@ Output contract of `DeformableDETR.forward(images, mask, targets=None)`:
   pred_logits  (B, Q, K)   class logits of the last decoder layer (sigmoid, no background class)
   pred_boxes   (B, Q, 4)   normalized cxcywh boxes, relative to each image's unpadded size
   aux_outputs  list of {pred_logits, pred_boxes} for decoder layers 1 .. n-1
-  enc_outputs  {pred_logits (B, S_all, K), pred_boxes} two-stage encoder proposals (two-stage only)
+  enc_outputs  {pred_logits (B, S_all, K), pred_boxes} two-stage encoder proposals (two-stage only); with a
+               custom (open-vocabulary) class head the encoder's is class-agnostic: pred_logits (B, S_all, 1)
   training only, when targets are given and the modules exist:
   loss_align   scalar AlignNet loss (Eq. 5)
   dynql_outputs  list over decoder layers of {pred_logits (B, S*G, K), pred_boxes (B, S*G, 4)}
@@ -754,6 +755,15 @@ class DeformableTransformer(nn.Module):
         out_memory = memory.masked_fill(invalid, 0.0)
         return self.enc_output_norm(self.enc_output(out_memory)), proposals
 
+    def proposal_queries(self, boxes):
+        """Two-stage query of each box (official `pos_trans_norm(pos_trans(get_proposal_pos_embed(...)))`):
+        (query_pos, tgt), each (..., C), from boxes (..., 4) normalized cxcywh.
+
+        DynQL's Eq. 8 takes the positional half, so a DynQuery's position is encoded as a conventional query's.
+        """
+        pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(boxes, self.d_model)))  # (..., 2C)
+        return torch.split(pos_tgt, self.d_model, dim=-1)
+
     def select_queries(self, enc, query_embed=None):
         """Conventional queries: (tgt, query_pos, reference boxes) and, two-stage, the encoder predictions."""
         memory = enc["memory"]
@@ -768,8 +778,7 @@ class DeformableTransformer(nn.Module):
             topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]  # (B, Q)
             coords = torch.gather(enc_coord_logit, 1, topk[..., None].repeat(1, 1, 4)).detach()  # (B, Q, 4)
             reference = coords.sigmoid()
-            pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(reference, C)))  # (B, Q, 2C)
-            query_pos, tgt = torch.split(pos_tgt, C, dim=2)
+            query_pos, tgt = self.proposal_queries(reference)
             enc_out = {"pred_logits": enc_logits, "pred_boxes": enc_coord_logit.sigmoid()}
             return tgt, query_pos, reference, enc_out
         query_pos, tgt = torch.split(query_embed, C, dim=1)
@@ -844,6 +853,13 @@ class DeformableDETR(nn.Module):
             nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
             self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
             self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+        if two_stage and class_head is not None:
+            # Proposals are ranked by column 0 of the encoder head, trained with every object as class 0. A class
+            # head that scores CLIP rows would make its column 0 (a real class) the objectness and push every
+            # other class down on every object: open-vocabulary DETRs keep a class-agnostic head here instead.
+            objectness = nn.Linear(C, 1)
+            nn.init.constant_(objectness.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+            self.class_embed[-1] = objectness
         if two_stage:
             transformer.decoder.class_embed = self.class_embed
             for box_embed in self.bbox_embed:
@@ -907,7 +923,7 @@ class DeformableDETR(nn.Module):
         if train_modules and self.dynql is not None:
             z_attr = self.alignnet.object_attribute_feature(
                 torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
-            dyn = self.dynql(z_attr, targets, num_queries=tgt.shape[1])
+            dyn = self.dynql(z_attr, targets, num_queries=Q, proposal_queries=self.transformer.proposal_queries)
             tgt = torch.cat([tgt, dyn.content], 1)  # (B, Q + S*G, C)
             query_pos = torch.cat([query_pos, dyn.query_pos], 1)
             reference = torch.cat([reference, dyn.reference], 1)

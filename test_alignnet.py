@@ -129,6 +129,7 @@ def test_loss_matches_hand_computation():
     A = [[10.0 * cosine(z_enc[i], z_attr[j]) for j in range(3)] for i in range(3)]
     rows = sum(-(A[i][i] - math.log(sum(math.exp(A[i][j]) for j in range(3)))) for i in range(3)) / 3
     cols = sum(-(A[j][j] - math.log(sum(math.exp(A[i][j]) for i in range(3)))) for j in range(3)) / 3
+    assert abs(rows - cols) > 1.0  # A is far from symmetric: a loss along one axis only cannot match
     similarity = net.similarity(torch.tensor(z_enc), torch.tensor(z_attr))
     torch.testing.assert_close(similarity, torch.tensor(A))
     assert net.alignment_loss(similarity).item() == pytest.approx((rows + cols) / 2, rel=1e-5)
@@ -190,13 +191,18 @@ def test_forward_without_instances_is_zero_and_touches_every_parameter():
     assert_gradient_reaches_parameters(net)
 
 
-def test_forward_with_one_instance_is_finite_and_connected():
+def test_forward_with_one_instance_per_image_trains_attr_proj():
+    """N = 2 instances from two images: Eq. 5 contrasts them, so the backward must reach attr_proj (z_attr)
+    with a non-zero gradient. (With N = 1 the loss is a 1 x 1 cross entropy, identically 0.)"""
     net = make_alignnet()
     levels, valid_ratios = memory_and_ratios()
-    loss = net(levels, valid_ratios, targets([0, 1]))
-    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss = net(levels, valid_ratios, targets([1, 1]))
+    assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
-    assert_gradient_reaches_parameters(net)
+    assert net.attr_proj.weight.grad.abs().sum() > 0 and net.attr_proj.bias.grad.abs().sum() > 0
+    assert net.logit_beta.grad != 0 and levels[0].grad.abs().sum() > 0
+    single = make_alignnet()(*memory_and_ratios(), targets([0, 1]))
+    assert single.item() == 0.0
 
 
 def test_label_dictionary_is_a_non_persistent_buffer():

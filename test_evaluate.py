@@ -287,6 +287,31 @@ def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatc
     assert "novel   base    all" in printed
 
 
+def test_ov_coco_encoder_proposals_come_from_a_class_agnostic_objectness_head(tmp_path):
+    """SPEC §7: in open-vocabulary mode only the decoder scores CLIP rows; the two-stage encoder ranks its
+    proposals by one objectness logit, not by the CLIP row of 'person'."""
+    table = tmp_path / "labels.pt"
+    torch.save(torch.randn(len(COCO_80), 16), table)
+    args = train.finalize_args(train.get_parser().parse_args(
+        ["--dataset", "ov-coco", *TINY, "--backbone", "resnet18", "--method", "clip-detr", "--device", "cpu",
+         "--label-embeddings", str(table), "--dynql-betas", "0.5"]))
+    torch.manual_seed(0)
+    model, criterion, _ = train.build_model(args, COCO_80)
+    layers = args.dec_layers
+    assert all(isinstance(head, LabelEmbeddingClassifier) for head in model.class_embed[:layers])
+    objectness = model.class_embed[layers]
+    assert isinstance(objectness, nn.Linear) and objectness.out_features == 1
+    assert model.transformer.decoder.class_embed[layers] is objectness
+    targets = [{"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]]),
+                "labels": torch.tensor([COCO_80.index("person"), COCO_80.index("car")])}]
+    out = model.train()(torch.randn(1, 3, 128, 128), torch.zeros(1, 128, 128, dtype=torch.bool), targets)
+    assert out["enc_outputs"]["pred_logits"].shape[-1] == 1
+    assert out["pred_logits"].shape[-1] == len(COCO_80)
+    losses = train.compute_losses(criterion, out, targets)
+    losses["loss_ce_enc"].backward()
+    assert objectness.weight.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The open-vocabulary classifier
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +370,9 @@ def test_label_embedding_classifier_as_the_detector_head():
         assert layer["pred_logits"].shape == (1, 10, 3) and (layer["pred_logits"][..., 2] == -1e4).all()
     with torch.no_grad():
         assert (model.eval()(images, mask)["pred_logits"][..., 2] > -100).all()
-    assert {f"class_embed.{i}.label_embeddings" for i in range(3)} <= set(model.state_dict())
+    # The decoder layers carry the dictionary; the two-stage encoder head is the class-agnostic objectness.
+    assert {f"class_embed.{i}.label_embeddings" for i in range(2)} <= set(model.state_dict())
+    assert out["enc_outputs"]["pred_logits"].shape[-1] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------

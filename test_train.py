@@ -104,6 +104,29 @@ def test_param_groups_train_sampling_offsets_and_reference_points_at_a_tenth_of_
         assert lr_of[id(p)] == pytest.approx(lr)
 
 
+def test_train_step_logs_z_attr_norm_and_dynql_per_beta_outside_the_total(tmp_path, cache):
+    import data
+    from matcher import weight_dict
+    args = tiny_args(tmp_path, cache, "--method", "clip-detr", "--dynql-betas", "0.2", "0.8")
+    torch.manual_seed(0)
+    ds = data.build_dataset("train", args)
+    model, criterion, _ = train.build_model(args, ds.cat_names)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, values = train.train_step(model.train(), criterion, data.collate_fn([ds[0], ds[1]]), optimizer,
+                                    torch.device("cpu"), clip_max_norm=0.1)
+    terms = [k for k in values if k.startswith("loss_")]
+    assert set(values) - set(terms) == {"z_attr_norm"} | {f"dynql_b{b}_{t}" for b in ("0.2", "0.8")
+                                                          for t in ("ce", "bbox", "giou")}
+    assert values["z_attr_norm"] > 0
+    # Logged only: the total is the weighted sum of the loss terms alone.
+    weights = weight_dict(terms)
+    assert loss == pytest.approx(sum(weights[k] * values[k] for k in terms), rel=1e-6)
+    # One set per beta: their mean is the optimised last-layer DynQL term.
+    for t in ("ce", "bbox", "giou"):
+        mean = (values[f"dynql_b0.2_{t}"] + values[f"dynql_b0.8_{t}"]) / 2
+        assert mean == pytest.approx(values[f"loss_dynql_{t}"], rel=1e-5), t
+
+
 def test_train_evaluate_resume_auto(tmp_path, cache):
     """Two epochs in one go == one epoch, a restart with --resume auto, one more epoch: identical weights."""
     straight = tiny_args(tmp_path / "a", cache, "--epochs", "2", "--method", "clip-detr")
@@ -112,6 +135,7 @@ def test_train_evaluate_resume_auto(tmp_path, cache):
     log = [json.loads(line) for line in open(tmp_path / "a" / "out" / "log.jsonl")]
     assert [e["epoch"] for e in log] == [0, 1]
     assert {"train_loss_align", "train_loss_dynql_ce", "train_loss_ce", "coco_stats"} <= set(log[-1])
+    assert {"train_z_attr_norm", "train_dynql_b0.1_ce", "train_dynql_b0.9_giou"} <= set(log[-1])
 
     first = tiny_args(tmp_path / "b", cache, "--epochs", "1", "--method", "clip-detr")
     train.main(first)

@@ -11,7 +11,9 @@ Paper ablations as flags:
   Table 8   --dynql-rho 1.0
 
 Every loss term of one step (Eq. 5 `loss_align`, Eq. 10 `loss_dynql_*`, the set-prediction terms) is
-logged separately, one JSON line per epoch in OUTPUT_DIR/log.jsonl.
+logged separately, one JSON line per epoch in OUTPUT_DIR/log.jsonl; with DynQL also `z_attr_norm` (mean
+||z_attr|| before Eq. 6's rescaling) and `dynql_b{beta}_{ce,bbox,giou}`, the last layer's DynQL loss per
+noise level, which are logged only and not part of the total.
 
 Shape legend: a batch is images (B, 3, H, W), a padding mask (B, H, W) True on padding, and B target dicts
 with boxes (n_b, 4) normalized cxcywh and labels (n_b,); B is --batch-size per process.
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 import alignnet
 import data
-from dynql import DynQL, dynql_loss
+from dynql import DynQL, dynql_loss, dynql_set_losses
 from matcher import SetCriterion, global_num_boxes, weight_dict
 from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
 
@@ -169,7 +171,8 @@ def build_model(args, class_names, label_table=None):
         align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
     if open_vocabulary:
         # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
-        # training annotations (§4.2). Class 0 (person) is base: the two-stage proposals rank by it.
+        # training annotations (§4.2). The decoder layers score with it; the two-stage encoder keeps a
+        # class-agnostic objectness head (DeformableDETR), so proposals are not ranked by one class's CLIP row.
         base = set(data.OV_COCO_BASE)
         class_head = alignnet.LabelEmbeddingClassifier(
             label_embeddings=table, d_model=args.hidden_dim,
@@ -195,6 +198,15 @@ def compute_losses(criterion, outputs, targets):
     if "loss_align" in outputs:
         losses["loss_align"] = outputs["loss_align"]
     return losses
+
+
+def monitored_values(outputs, targets):
+    """Logged, never optimised: the mean ||z_attr|| before Eq. 6's rescaling, and DynQL's last-layer loss per beta,
+    so a reader can see which sets learn. Empty without DynQL."""
+    if "dynql_outputs" not in outputs:
+        return {}
+    layout = outputs["dynql_layout"]
+    return {"z_attr_norm": layout.z_attr_norm.item(), **dynql_set_losses(outputs["dynql_outputs"], layout, targets)}
 
 
 def param_groups(model, args):
@@ -343,10 +355,11 @@ def train_step(model, criterion, batch, optimizer, device, *, clip_max_norm=0.1,
     images, mask, targets = batch
     images, mask, targets = images.to(device), mask.to(device), to_device(targets, device)
     with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-        losses = compute_losses(criterion, model(images, mask, targets), targets)
+        outputs = model(images, mask, targets)
+        losses = compute_losses(criterion, outputs, targets)
         weights = weight_dict(losses, align=align_loss_coef)
         loss = sum(weights[k] * v for k, v in losses.items())
-    values = {k: v.item() for k, v in losses.items()}
+    values = {k: v.item() for k, v in losses.items()} | monitored_values(outputs, targets)
     if not math.isfinite(loss.item()):
         bad = {k: round(v, 4) for k, v in values.items() if not math.isfinite(v)}
         raise FloatingPointError(f"non-finite loss at {where}: {bad} "
