@@ -1,7 +1,9 @@
 """Evaluation: COCO AP, per-decoder-layer AP, OV-COCO AP50, LVIS AP, discriminative score maps and detection
 on a folder of images (paper §4.1-4.2, Tables 1-4 and 9, Appendix A.1 and A.3, Figure 3).
 
-`evaluate(...)` is what training calls after an epoch. `python evaluate.py --resume CKPT` rebuilds the detector
+`evaluate(...)` is what training calls after an epoch; `build_model` (the one place that maps arguments to
+modules) and the checkpoint readers live here too, so train.py imports this module and never the reverse.
+`python evaluate.py --resume CKPT` rebuilds the detector
 from the checkpoint's own arguments as a plain Deformable DETR (AlignNet and DynQL act during training only)
 and runs one of three modes:
   default          AP of the val set with pycocotools: AP, AP50, AP75, APs, APm, APl (Tables 1, 4-8);
@@ -48,6 +50,12 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import draw_bounding_boxes
 
+import alignnet
+import data
+from dynql import DynQL
+from matcher import SetCriterion
+from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_STAT_NAMES = ("AP", "AP50", "AP75", "APr", "APc", "APf")
 LVIS_DETECTIONS_PER_IMAGE = 300
@@ -59,6 +67,79 @@ BOX_COLORS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245,
 # A 'jet'-like colour ramp (position in [0, 1], RGB): blue for the lowest scores shown, red for the highest.
 COLORMAP = ((0.0, (0, 0, 255)), (0.25, (0, 255, 255)), (0.5, (0, 255, 0)), (0.75, (255, 255, 0)),
             (1.0, (255, 0, 0)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the detector and reading checkpoints (shared with train.py, which imports this module)
+# ----------------------------------------------------------------------------------------------------------
+def build_model(args, class_names, label_table=None):
+    """The one place that maps arguments to modules: (model, criterion, postprocess).
+
+    `label_table` (K, D) replaces the CLIP label dictionary, e.g. the one an open-vocabulary checkpoint carries.
+    """
+    backbone = Joiner(Backbone(args.backbone, pretrained=args.pretrained_backbone),
+                      PositionEmbeddingSine(args.hidden_dim // 2))
+    transformer = DeformableTransformer(
+        d_model=args.hidden_dim, n_heads=args.nheads, num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers, d_ffn=args.dim_feedforward, dropout=args.dropout,
+        n_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
+        two_stage=args.two_stage, two_stage_num_proposals=args.num_queries, attn_impl=args.attn_impl)
+    open_vocabulary = args.dataset == "ov-coco"
+    table = align = dyn = class_head = None
+    if args.method != "baseline" or open_vocabulary:
+        # Rank 0 builds (or downloads) the label dictionary into the disk cache; the others then read it.
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and dist.get_rank() != 0:
+            dist.barrier()
+        table = alignnet.build_label_embeddings(args, class_names) if label_table is None else label_table
+        if distributed and dist.get_rank() == 0:
+            dist.barrier()
+    if args.method != "baseline":
+        align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
+    if open_vocabulary:
+        # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
+        # training annotations (§4.2). Class 0 (person) is base: the two-stage proposals rank by it.
+        base = set(data.OV_COCO_BASE)
+        class_head = alignnet.LabelEmbeddingClassifier(
+            label_embeddings=table, d_model=args.hidden_dim,
+            train_classes=[k for k, name in enumerate(class_names) if name in base])
+    if args.method == "dynql":
+        align.logit_beta.requires_grad_(False)  # no alignment loss: beta would be an unused parameter
+    if args.method in ("dynql", "clip-detr"):
+        dyn = DynQL(d_model=args.hidden_dim, betas=args.dynql_betas, rho=args.dynql_rho)
+    model = DeformableDETR(backbone, transformer, num_classes=len(class_names), num_queries=args.num_queries,
+                           num_feature_levels=args.num_feature_levels, with_box_refine=args.with_box_refine,
+                           two_stage=args.two_stage, alignnet=align, dynql=dyn,
+                           align_loss=args.method in ("alignnet", "clip-detr"), class_head=class_head)
+    return model, SetCriterion(len(class_names)), PostProcess()
+
+
+def is_main():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model_state(model, state_dict, source):
+    """Strict load; a CLIP-DETR checkpoint into a baseline model may only miss alignnet.*/dynql.* keys."""
+    own = model.state_dict()
+    module_key = lambda k: k.startswith(("alignnet.", "dynql."))  # noqa: E731
+    missing = [k for k in own if k not in state_dict and not module_key(k)]
+    unexpected = [k for k in state_dict if k not in own and not module_key(k)]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        show = lambda keys: f"{keys[:3]}{'...' if len(keys) > 3 else ''} ({len(keys)})"  # noqa: E731
+        raise ValueError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
+                         f"unexpected {show(unexpected)}, shape mismatch {show(mismatched)}")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    skipped = [k for k in list(own) + list(state_dict) if module_key(k) and (k not in own or k not in state_dict)]
+    if skipped and is_main():
+        print(f"loaded {source}: {len(skipped)} training-module keys (alignnet.*/dynql.*) not used")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,7 +384,6 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, s
     detectors: (label, model) pairs, drawn top to bottom; each panel has the original image's size.
     Returns the paths written.
     """
-    import data
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index in indices:
@@ -383,7 +463,6 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
     of the post-processing (a results file is scored later at any threshold); the PNGs draw those scoring
     at least `score_threshold`.
     """
-    import data
     names, skipped = list_images(folder)
     if skipped:
         print(f"warning: skipped {len(skipped)} file(s) in {folder} that are not images: {', '.join(skipped)}",
@@ -426,12 +505,10 @@ def checkpoint_args(ckpt, overrides, num_workers=0):
 
 def build_detector(ckpt, args, class_names, source):
     """(model in eval mode on args.device, postprocess) with the checkpoint's weights."""
-    import train
-    from model import PostProcess
     # An open-vocabulary head carries its label dictionary: evaluating it needs neither CLIP nor its cache.
-    model, _, postprocess = train.build_model(args, class_names,
+    model, _, postprocess = build_model(args, class_names,
                                               label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
-    train.load_model_state(model, ckpt["model"], source)
+    load_model_state(model, ckpt["model"], source)
     if args.dataset == "lvis":
         postprocess = PostProcess(num_select=LVIS_DETECTIONS_PER_IMAGE)
     return model.to(torch.device(args.device)).eval(), postprocess
@@ -439,7 +516,6 @@ def build_detector(ckpt, args, class_names, source):
 
 def checkpoint_classes(ckpt, args):
     """(cat_ids, cat_names) the checkpoint was trained with: stored in it, else read from its val dataset."""
-    import data
     if "classes" in ckpt:
         return list(ckpt["classes"]["ids"]), list(ckpt["classes"]["names"])
     try:
@@ -499,11 +575,9 @@ def check_cli(cli):
 
 def main(argv=None):
     """Run one mode (see the module docstring); returns the dict that --log appends."""
-    import data
-    import train
     cli = get_parser().parse_args(argv)
     check_cli(cli)
-    ckpt = train.load_checkpoint(cli.resume)
+    ckpt = load_checkpoint(cli.resume)
     overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
     args = checkpoint_args(ckpt, overrides, cli.num_workers)
     method = ckpt["args"].get("method", "baseline")
@@ -534,7 +608,7 @@ def main(argv=None):
     if cli.visualize is not None:
         detectors = [(method, model)]
         if cli.compare:
-            ckpt2 = train.load_checkpoint(cli.compare)
+            ckpt2 = load_checkpoint(cli.compare)
             args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k in ("device", "attn_impl")})
             detectors.append((ckpt2["args"].get("method", "baseline"),
                               build_detector(ckpt2, args2, dataset.cat_names, cli.compare)[0].to(device)))

@@ -248,7 +248,7 @@ def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatc
     args = train.finalize_args(train.get_parser().parse_args(
         ["--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY, "--backbone", "resnet18", "--method", "baseline",
          "--device", "cpu", "--label-embeddings", str(table)]))
-    model, _, _ = train.build_model(args, COCO_80)
+    model, _, _ = evaluate.build_model(args, COCO_80)
     assert isinstance(model.class_embed[0], LabelEmbeddingClassifier)
     ckpt = str(tmp_path / "ov.pth")
     torch.save({"model": model.state_dict(), "args": vars(args)}, ckpt)

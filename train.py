@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 import alignnet
 import data
-from dynql import DynQL, dynql_loss
-from matcher import SetCriterion, global_num_boxes, weight_dict
-from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
+import evaluate
+from dynql import dynql_loss
+from evaluate import build_model, is_main, load_checkpoint, load_model_state
+from matcher import global_num_boxes, weight_dict
 
 METHODS = ("baseline", "alignnet", "dynql", "clip-detr")
 
@@ -143,48 +144,6 @@ def finalize_args(args):
 # ----------------------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------------------
-def build_model(args, class_names, label_table=None):
-    """The one place that maps arguments to modules: (model, criterion, postprocess).
-
-    `label_table` (K, D) replaces the CLIP label dictionary, e.g. the one an open-vocabulary checkpoint carries.
-    """
-    backbone = Joiner(Backbone(args.backbone, pretrained=args.pretrained_backbone),
-                      PositionEmbeddingSine(args.hidden_dim // 2))
-    transformer = DeformableTransformer(
-        d_model=args.hidden_dim, n_heads=args.nheads, num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers, d_ffn=args.dim_feedforward, dropout=args.dropout,
-        n_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
-        two_stage=args.two_stage, two_stage_num_proposals=args.num_queries, attn_impl=args.attn_impl)
-    open_vocabulary = args.dataset == "ov-coco"
-    table = align = dyn = class_head = None
-    if args.method != "baseline" or open_vocabulary:
-        # Rank 0 builds (or downloads) the label dictionary into the disk cache; the others then read it.
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed and dist.get_rank() != 0:
-            dist.barrier()
-        table = alignnet.build_label_embeddings(args, class_names) if label_table is None else label_table
-        if distributed and dist.get_rank() == 0:
-            dist.barrier()
-    if args.method != "baseline":
-        align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
-    if open_vocabulary:
-        # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
-        # training annotations (§4.2). Class 0 (person) is base: the two-stage proposals rank by it.
-        base = set(data.OV_COCO_BASE)
-        class_head = alignnet.LabelEmbeddingClassifier(
-            label_embeddings=table, d_model=args.hidden_dim,
-            train_classes=[k for k, name in enumerate(class_names) if name in base])
-    if args.method == "dynql":
-        align.logit_beta.requires_grad_(False)  # no alignment loss: beta would be an unused parameter
-    if args.method in ("dynql", "clip-detr"):
-        dyn = DynQL(d_model=args.hidden_dim, betas=args.dynql_betas, rho=args.dynql_rho)
-    model = DeformableDETR(backbone, transformer, num_classes=len(class_names), num_queries=args.num_queries,
-                           num_feature_levels=args.num_feature_levels, with_box_refine=args.with_box_refine,
-                           two_stage=args.two_stage, alignnet=align, dynql=dyn,
-                           align_loss=args.method in ("alignnet", "clip-detr"), class_head=class_head)
-    return model, SetCriterion(len(class_names)), PostProcess()
-
-
 def compute_losses(criterion, outputs, targets):
     """Set-prediction losses (§3.1), plus AlignNet's Eq. 5 and DynQL's Eq. 10 when the model made them."""
     # One all-reduce of the box count per step serves both the conventional and the DynQL normalizer.
@@ -232,10 +191,6 @@ def init_distributed(args):
     return dist.get_rank(), world
 
 
-def is_main():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -281,36 +236,12 @@ def check_resume_args(saved, args, source):
         raise ValueError(f"--resume {source}: the checkpoint was trained with other settings: {'; '.join(diff)}")
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def resolve_resume(resume, output_dir):
     """'auto' -> OUTPUT_DIR/checkpoint.pth when it exists (else start fresh); a path must exist."""
     if resume == "auto":
         path = os.path.join(output_dir, "checkpoint.pth")
         return path if os.path.isfile(path) else None
     return resume
-
-
-def load_model_state(model, state_dict, source):
-    """Strict load; a CLIP-DETR checkpoint into a baseline model may only miss alignnet.*/dynql.* keys."""
-    own = model.state_dict()
-    module_key = lambda k: k.startswith(("alignnet.", "dynql."))  # noqa: E731
-    missing = [k for k in own if k not in state_dict and not module_key(k)]
-    unexpected = [k for k in state_dict if k not in own and not module_key(k)]
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-                  if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        show = lambda keys: f"{keys[:3]}{'...' if len(keys) > 3 else ''} ({len(keys)})"  # noqa: E731
-        raise ValueError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
-                         f"unexpected {show(unexpected)}, shape mismatch {show(mismatched)}")
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
-    skipped = [k for k in list(own) + list(state_dict) if module_key(k) and (k not in own or k not in state_dict)]
-    if skipped and is_main():
-        print(f"loaded {source}: {len(skipped)} training-module keys (alignnet.*/dynql.*) not used")
 
 
 def load_official_checkpoint(model, path, cat_ids):
@@ -409,7 +340,6 @@ def make_loaders(args, train_set, val_set, rank, world):
 
 
 def main(args):
-    import evaluate
     rank, world = init_distributed(args)
     device = torch.device(args.device)
     seed = args.seed + rank
