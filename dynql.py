@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
+from errors import InputError
 from matcher import box_losses, focal_loss
 from model import box_sine_embed
 
@@ -73,9 +74,9 @@ class DynQL(nn.Module):
         super().__init__()
         betas = [float(b) for b in betas]
         if not betas or any(not 0.0 <= b <= 1.0 for b in betas):
-            raise ValueError(f"--dynql-betas {betas}: expected one or more noise levels in [0, 1]")
+            raise InputError(f"--dynql-betas {betas}: expected one or more noise levels in [0, 1]")
         if rho < 0:
-            raise ValueError(f"--dynql-rho {rho}: expected a value >= 0")
+            raise InputError(f"--dynql-rho {rho}: expected a value >= 0")
         self.d_model, self.betas, self.rho = d_model, betas, float(rho)
         self.query_pos_proj = nn.Linear(2 * d_model, d_model)
 

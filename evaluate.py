@@ -12,7 +12,8 @@ and runs one of three modes:
                    --dataset lvis: AP, AP50, AP75, APr, APc, APf with the optional `lvis` package (Table 2).
   --visualize N    one PNG per val image for the first N: detections | discriminative score map (Appendix A.1,
                    Figure 3); --compare CKPT2 adds a row for a second checkpoint (e.g. baseline vs CLIP-DETR).
-  --images DIR     detections on every image of a folder: a COCO-style results JSON and annotated PNGs.
+  --images DIR     detections on every image of a folder (turned as its EXIF orientation says): a COCO-style
+                   results JSON and annotated PNGs.
 
 The file holds no equation; the paper content is the protocols above and the score map of Appendix A.1:
 the l2-norm over C of the encoder memory at every location, min-max normalized, values below 0.5 left out.
@@ -52,6 +53,7 @@ from torchvision.utils import draw_bounding_boxes
 
 import alignnet
 import data
+from errors import InputError, error_line, read_torch_file
 from dynql import DynQL
 from matcher import SetCriterion
 from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
@@ -118,10 +120,62 @@ def is_main():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def load_checkpoint(path):
+def check_device(name, flag="--device"):
+    """A device string torch understands and this machine has: 'cpu', 'cuda' or 'cuda:N'."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's answer to an unknown device string
+        raise InputError(f"{flag} {name!r} is not a device, expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{flag} {name!r}: no CUDA GPU is visible to PyTorch, use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"{flag} {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
+
+
+def check_output_path(path, flag, folder=True):
+    """An output folder (or, folder=False, a file) that can be created: neither it nor a parent is a file."""
+    path = os.path.abspath(path)
+    if folder and os.path.isfile(path):
+        raise InputError(f"{flag} {path} is a file, expected a folder (or a path to create one at)")
+    if not folder and os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a folder, expected a file name")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise InputError(f"{flag} {path} lies under {parent}, which is a file, expected a folder")
+
+
+# Arguments build_model reads from a checkpoint: one without them was not written by train.py.
+MODEL_ARGS = ("dataset", "backbone", "hidden_dim", "dim_feedforward", "enc_layers", "dec_layers", "nheads",
+              "num_queries", "num_feature_levels", "enc_n_points", "dec_n_points", "dropout", "with_box_refine",
+              "two_stage", "attn_impl", "device")
+
+
+def load_checkpoint(path, flag="--resume", keys=("model", "args")):
+    """A checkpoint as a dict on the CPU holding `keys`; anything else is an InputError naming `flag` and path."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{flag}: checkpoint {path!r} does not exist")
+    ckpt = read_torch_file(path, f"{flag}: checkpoint", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{flag}: checkpoint {path} holds a {type(ckpt).__name__}, expected the dict train.py "
+                         "writes")
+    missing = [key for key in keys if key not in ckpt]
+    if "args" in keys and isinstance(ckpt.get("args"), dict):
+        missing += [f"args.{key}" for key in MODEL_ARGS if key not in ckpt["args"]]
+    if missing:
+        raise InputError(f"{flag}: checkpoint {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         "expected a checkpoint written by train.py")
+    for key in ("model", "args"):
+        if key in keys and not isinstance(ckpt[key], dict):
+            raise InputError(f"{flag}: checkpoint {path} has a {type(ckpt[key]).__name__} as '{key}', expected a "
+                             "dict")
+    if "model" in keys and not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise InputError(f"{flag}: checkpoint {path}: 'model' holds non-tensors, expected a state_dict")
+    return ckpt
 
 
 def load_model_state(model, state_dict, source):
@@ -134,7 +188,7 @@ def load_model_state(model, state_dict, source):
                   if k in own and v.shape != own[k].shape]
     if missing or unexpected or mismatched:
         show = lambda keys: f"{keys[:3]}{'...' if len(keys) > 3 else ''} ({len(keys)})"  # noqa: E731
-        raise ValueError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
+        raise InputError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
                          f"unexpected {show(unexpected)}, shape mismatch {show(mismatched)}")
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
     skipped = [k for k in list(own) + list(state_dict) if module_key(k) and (k not in own or k not in state_dict)]
@@ -243,9 +297,9 @@ def ov_coco_ap50(coco_gt, results, base_names, novel_names, image_ids=None):
     ids_of = {cat["name"]: cat_id for cat_id, cat in coco_gt.cats.items()}
     unknown = sorted((set(base_names) | set(novel_names)) - set(ids_of))
     if unknown:
-        raise ValueError(f"OV-COCO categories {unknown} are not in the ground truth; expected COCO 2017 names")
+        raise InputError(f"OV-COCO categories {unknown} are not in the ground truth; expected COCO 2017 names")
     if set(base_names) & set(novel_names):
-        raise ValueError(f"categories {sorted(set(base_names) & set(novel_names))} are both base and novel")
+        raise InputError(f"categories {sorted(set(base_names) & set(novel_names))} are both base and novel")
     groups = {"novel": novel_names, "base": base_names, "all": list(base_names) + list(novel_names)}
     return {group: coco_stats(coco_gt, results, image_ids, [ids_of[n] for n in names])[1]
             for group, names in groups.items()}
@@ -260,7 +314,7 @@ def lvis_api():
     try:
         from lvis import LVIS, LVISEval
     except ImportError:
-        raise ValueError("--dataset lvis needs the optional 'lvis' package: pip install lvis (with NumPy >= 1.24 "
+        raise InputError("--dataset lvis needs the optional 'lvis' package: pip install lvis (with NumPy >= 1.24 "
                          "the PyPI release 0.5.3 fails on np.float; then use pip install "
                          "git+https://github.com/lvis-dataset/lvis-api.git)") from None
     return LVIS, LVISEval
@@ -392,8 +446,7 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, s
         images, mask = images.to(device), mask.to(device)
         image_id = int(target["image_id"])
         file_path = dataset.image_path(image_id)
-        with Image.open(file_path) as f:
-            original = TF.pil_to_tensor(f.convert("RGB"))  # (3, H, W) uint8
+        original = TF.pil_to_tensor(data.load_rgb(file_path))  # (3, H, W) uint8
         size = target["orig_size"].tolist()
         rows = []
         for label, model in detectors:
@@ -416,19 +469,23 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, s
 # A folder of images
 # ----------------------------------------------------------------------------------------------------------
 def list_images(folder):
-    """(names PIL can open, names it cannot) of the files in `folder`, each sorted; subfolders are ignored."""
+    """(names PIL can decode, names it cannot, subfolder names) of the entries of `folder`, each sorted.
+
+    Every file is decoded once here (verify() passes truncated JPEGs); beside a detector's forward pass that
+    costs little. Subfolders are not searched.
+    """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images: folder {folder} not found (expected a folder of images)")
-    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    entries = sorted(os.listdir(folder))
+    subfolders = [n for n in entries if os.path.isdir(os.path.join(folder, n))]
     good, bad = [], []
-    for name in names:
+    for name in (n for n in entries if os.path.isfile(os.path.join(folder, n))):
         try:
-            with Image.open(os.path.join(folder, name)) as f:
-                f.verify()
+            data.load_rgb(os.path.join(folder, name))
             good.append(name)
-        except OSError:  # PIL's UnidentifiedImageError and truncated files are both OSErrors
+        except InputError:
             bad.append(name)
-    return good, bad
+    return good, bad, subfolders
 
 
 class ImageFolder(Dataset):
@@ -442,8 +499,8 @@ class ImageFolder(Dataset):
         return len(self.names)
 
     def __getitem__(self, index):
-        with Image.open(os.path.join(self.folder, self.names[index])) as f:
-            image = f.convert("RGB")
+        # Photos are shown as their EXIF orientation says; a folder has no annotations tied to stored pixels.
+        image = data.load_rgb(os.path.join(self.folder, self.names[index]), exif_transpose=True)
         target = {"image_id": torch.tensor(index), "orig_size": torch.tensor([image.height, image.width])}
         image, _ = self.transforms(image, None)
         return image, target
@@ -459,16 +516,20 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
                   batch_size=1, score_threshold=0.3):
     """Detections on every image of `folder`: (COCO results list with 'file_name', PNG paths).
 
-    Unreadable files are named in one warning line on stderr and skipped. The results keep every detection
+    Unreadable files, and subfolders, are named in one warning line each on stderr and skipped; photos are
+    turned as their EXIF orientation says (boxes refer to the turned image). The results keep every detection
     of the post-processing (a results file is scored later at any threshold); the PNGs draw those scoring
     at least `score_threshold`.
     """
-    names, skipped = list_images(folder)
+    names, skipped, subfolders = list_images(folder)
     if skipped:
-        print(f"warning: skipped {len(skipped)} file(s) in {folder} that are not images: {', '.join(skipped)}",
+        print(f"warning: skipped {len(skipped)} file(s) in {folder} that are not readable images: "
+              f"{', '.join(skipped)}", file=sys.stderr)
+    if subfolders:
+        print(f"warning: skipped {len(subfolders)} subfolder(s) of {folder} (not searched): {', '.join(subfolders)}",
               file=sys.stderr)
     if not names:
-        raise ValueError(f"--images: no image in {folder} (found {len(skipped)} other file(s))")
+        raise InputError(f"--images: no image in {folder} (found {len(skipped)} other file(s))")
     loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn)
     final, _ = predict(model, postprocess, loader, device)
     results = to_coco_results(final, cat_ids)
@@ -477,8 +538,7 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index, (name, out_name) in enumerate(zip(names, png_names(names))):
-        with Image.open(os.path.join(folder, name)) as f:
-            image = TF.pil_to_tensor(f.convert("RGB"))  # (3, H, W) uint8
+        image = TF.pil_to_tensor(data.load_rgb(os.path.join(folder, name), exif_transpose=True))  # (3, H, W) uint8
         paths.append(os.path.join(output_dir, out_name))
         save_png(draw_detections(image, final[index], class_names, score_threshold), paths[-1])
     return results, paths
@@ -562,15 +622,19 @@ def get_parser():
 def check_cli(cli):
     """Reject flag combinations that mean nothing, before any work is done."""
     if cli.compare and cli.visualize is None:
-        raise ValueError("--compare CKPT2 needs --visualize N (it adds a second row to the score-map PNGs)")
+        raise InputError("--compare CKPT2 needs --visualize N (it adds a second row to the score-map PNGs)")
     if cli.visualize is not None and cli.visualize < 1:
-        raise ValueError(f"--visualize {cli.visualize}: expected a number of images >= 1")
+        raise InputError(f"--visualize {cli.visualize}: expected a number of images >= 1")
     if cli.images and (cli.visualize is not None or cli.per_layer):
-        raise ValueError("--images runs alone: drop --visualize and --per-layer (they need the val set)")
+        raise InputError("--images runs alone: drop --visualize and --per-layer (they need the val set)")
     if cli.visualize is not None and cli.per_layer:
-        raise ValueError("--visualize computes no AP: run --per-layer separately")
+        raise InputError("--visualize computes no AP: run --per-layer separately")
+    if cli.batch_size is not None and cli.batch_size < 1:
+        raise InputError(f"--batch-size {cli.batch_size}: expected a number >= 1")
+    if cli.num_workers < 0:
+        raise InputError(f"--num-workers {cli.num_workers}: expected a number >= 0")
     if not 0 <= cli.score_threshold <= 1:
-        raise ValueError(f"--score-threshold {cli.score_threshold}: expected a score in [0, 1]")
+        raise InputError(f"--score-threshold {cli.score_threshold}: expected a score in [0, 1]")
 
 
 def main(argv=None):
@@ -578,15 +642,20 @@ def main(argv=None):
     cli = get_parser().parse_args(argv)
     check_cli(cli)
     ckpt = load_checkpoint(cli.resume)
+    if cli.images or cli.visualize is not None:
+        check_output_path(cli.output_dir, "--output-dir")
+    for path, flag in ((cli.output, "--output"), (cli.log, "--log")):
+        if path:
+            check_output_path(path, flag, folder=False)
     overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
     args = checkpoint_args(ckpt, overrides, cli.num_workers)
     method = ckpt["args"].get("method", "baseline")
     log = {"checkpoint": cli.resume, "method": method, "dataset": args.dataset}
     if args.dataset == "lvis":
         if cli.per_layer:
-            raise ValueError("--per-layer reports COCO AP (Table 9); LVIS is scored with its own protocol")
+            raise InputError("--per-layer reports COCO AP (Table 9); LVIS is scored with its own protocol")
         lvis_api()  # a missing package must fail before a whole inference run, not after
-    device = torch.device(args.device)
+    device = check_device(args.device, "--device" if cli.device else "--device (the checkpoint's; override it)")
 
     if cli.images:
         cat_ids, cat_names = checkpoint_classes(ckpt, args)
@@ -608,7 +677,7 @@ def main(argv=None):
     if cli.visualize is not None:
         detectors = [(method, model)]
         if cli.compare:
-            ckpt2 = load_checkpoint(cli.compare)
+            ckpt2 = load_checkpoint(cli.compare, "--compare")
             args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k in ("device", "attn_impl")})
             detectors.append((ckpt2["args"].get("method", "baseline"),
                               build_detector(ckpt2, args2, dataset.cat_names, cli.compare)[0].to(device)))
@@ -646,9 +715,14 @@ def main(argv=None):
     return log
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with bad input reported as one line on stderr and exit status 2; bugs keep their traceback."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return main(argv)
+    except (InputError, FileNotFoundError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
