@@ -410,25 +410,27 @@ class CocoDetection(Dataset):
 
     def _index_targets(self, annotations):
         """Clip every non-crowd box to its image once, at load time; returns how many were left empty."""
-        anns = [a for a in annotations if not a.get("iscrowd", 0)]
-        for ann in anns:
+        for ann in annotations:
             bbox = ann.get("bbox")
             if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
                                for v in bbox)):
                 raise InputError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} has bbox "
                                  f"{bbox!r}, expected [x, y, w, h] of finite numbers")
-            area = ann.get("area", 0)
-            if not isinstance(area, (int, float)) or isinstance(area, bool):
+            # pycocotools' evaluation reads both keys of every annotation (else a KeyError after an epoch).
+            ann.setdefault("iscrowd", 0)
+            ann.setdefault("area", bbox[2] * bbox[3])
+            if not isinstance(ann["area"], (int, float)) or isinstance(ann["area"], bool):
                 raise InputError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} has area "
-                                 f"{area!r}, expected a number")
+                                 f"{ann['area']!r}, expected a number")
             if ann.get("image_id") not in self.coco.imgs:
                 raise InputError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} refers to "
                                  f"image_id {ann.get('image_id')!r}, which is not among the file's images")
+        anns = [a for a in annotations if not a["iscrowd"]]
         image_ids = np.array([a["image_id"] for a in anns], dtype=np.int64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)  # (M, 4)
         labels = np.array([self.label_of[a["category_id"]] for a in anns], dtype=np.int64)
-        area = np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], dtype=np.float32)
+        area = np.array([a["area"] for a in anns], dtype=np.float32)
         sizes = np.array([[self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]] for i in image_ids],
                          dtype=np.float64).reshape(-1, 2)  # (M, 2) as (w, h)
         x0y0 = np.clip(xywh[:, :2], 0, sizes)
