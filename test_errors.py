@@ -221,6 +221,7 @@ def test_resume_after_the_category_names_changed_is_an_error(tmp_path, capsys):
     ("inf.npy", np.array([[np.inf, 0.0], [1.0, 2.0]]), "NaN or Inf in rows [0]"),
     ("strings.npy", np.array([["a", "b"], ["c", "d"]]), "dtype <U1"),
     ("text.pt", b"box\ndisc\n", "not a file written by torch.save"),
+    ("integers.pt", torch.ones(2, 4, dtype=torch.int64), "torch.int64"),
 ])
 def test_bad_label_embeddings_are_one_line(name, content, named, tmp_path, capsys):
     path = tmp_path / name

@@ -382,7 +382,8 @@ def test_images_folder_reports_non_images_and_processes_the_rest(checkpoint, cac
     out = tmp_path / "out"
     log = evaluate.main(["--resume", checkpoint, "--images", str(folder), "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"warning: skipped 1 file(s) in {folder} that are not images: notes.txt"]
+    assert err == [f"warning: skipped 1 file(s) in {folder} that are not readable images: notes.txt",
+                   f"warning: skipped 1 subfolder(s) of {folder} (not searched): nested"]
     results = json.load(open(out / "results.json"))
     assert {(d["image_id"], d["file_name"]) for d in results} == {(0, "a.jpg"), (1, "b.png")}
     assert {"category_id", "bbox", "score"} <= set(results[0]) and log["num_images"] == 2
