@@ -129,9 +129,9 @@ def get_parser():
 
 # Lowest sensible value of numeric flags: below it a run cannot train (0 queries, 0 epochs, ...).
 FLAG_MINIMUM = dict(hidden_dim=1, dim_feedforward=1, enc_layers=0, dec_layers=1, nheads=1, num_queries=1,
-                      num_feature_levels=1, enc_n_points=1, dec_n_points=1, batch_size=1, epochs=1, num_workers=0,
-                      max_steps=1, eval_every=0, lr=0, lr_backbone=0, weight_decay=0, clip_max_norm=0,
-                      align_loss_coef=0)
+                    num_feature_levels=1, enc_n_points=1, dec_n_points=1, batch_size=1, epochs=1, num_workers=0,
+                    max_steps=1, eval_every=0, lr=0, lr_backbone=0, weight_decay=0, clip_max_norm=0,
+                    align_loss_coef=0)
 
 
 def finalize_args(args):
