@@ -567,7 +567,7 @@ def build_detector(ckpt, args, class_names, source):
     """(model in eval mode on args.device, postprocess) with the checkpoint's weights."""
     # An open-vocabulary head carries its label dictionary: evaluating it needs neither CLIP nor its cache.
     model, _, postprocess = build_model(args, class_names,
-                                              label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
+                                        label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
     load_model_state(model, ckpt["model"], source)
     if args.dataset == "lvis":
         postprocess = PostProcess(num_select=LVIS_DETECTIONS_PER_IMAGE)
@@ -678,7 +678,9 @@ def main(argv=None):
         detectors = [(method, model)]
         if cli.compare:
             ckpt2 = load_checkpoint(cli.compare, "--compare")
-            args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k in ("device", "attn_impl")})
+            # The second detector runs where the first does (its checkpoint may name a device this machine lacks).
+            args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k == "attn_impl"}
+                                    | {"device": str(device)})
             detectors.append((ckpt2["args"].get("method", "baseline"),
                               build_detector(ckpt2, args2, dataset.cat_names, cli.compare)[0].to(device)))
         paths = visualize(detectors, dataset, postprocess, range(min(cli.visualize, len(dataset))), cli.output_dir,
