@@ -45,12 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, roi_align
 
+from errors import InputError, read_torch_file
+
 ALIGN_FEATURES = ('label', 'label+bbox', 'label+scale')
 # Columns that Eq. 2 appends to f_cls, per Table 5 variant.
 _BOX_COLUMNS = {'label': [], 'label+bbox': [0, 1, 2, 3], 'label+scale': [2, 3]}
 
 
-class ClipWeightsUnavailableError(ValueError):
+class ClipWeightsUnavailableError(InputError):
     """The CLIP weights for the label dictionary cannot be had (no network, no cache, no file)."""
 
 
@@ -77,25 +79,35 @@ def _save_atomically(table, path):
 
 
 def _load_embeddings_file(path, num_classes):
-    """Read a (K, D) table from a .pt or .npy file and check it against the K class names."""
+    """Read a (K, D) table of finite numbers from a .pt or .npy file and check it against the K class names."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label embeddings file '{path}' not found (expected a .pt or .npy file "
                                 f"with one row per class)")
+    if path.suffix not in ('.pt', '.npy'):
+        raise InputError(f"label embeddings file '{path}' has suffix '{path.suffix}', expected .pt or .npy")
     if path.suffix == '.pt':
-        table = torch.load(path, map_location='cpu', weights_only=True)
-    elif path.suffix == '.npy':
-        table = torch.from_numpy(np.load(path))
+        table = read_torch_file(path, 'label embeddings file', weights_only=True)
     else:
-        raise ValueError(f"label embeddings file '{path}' has suffix '{path.suffix}', expected .pt or .npy")
-    if not isinstance(table, torch.Tensor):
-        raise ValueError(f"label embeddings file '{path}' holds a {type(table).__name__}, expected a tensor")
+        try:
+            table = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:  # numpy's ways of saying 'not an .npy file'
+            raise InputError(f"label embeddings file '{path}' cannot be read as .npy ({err})") from None
+    if isinstance(table, np.ndarray) and table.dtype.kind == 'f':
+        table = torch.from_numpy(table)
+    if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+        what = f"{type(table).__name__} of dtype {table.dtype}" if hasattr(table, 'dtype') else type(table).__name__
+        raise InputError(f"label embeddings file '{path}' holds a {what}, expected a floating-point tensor")
     if table.ndim != 2:
-        raise ValueError(f"label embeddings file '{path}' holds a tensor of shape {tuple(table.shape)}, "
+        raise InputError(f"label embeddings file '{path}' holds a tensor of shape {tuple(table.shape)}, "
                          f"expected 2 dimensions (classes, embedding width)")
     if table.shape[0] != num_classes:
-        raise ValueError(f"label embeddings file '{path}' has {table.shape[0]} rows, "
+        raise InputError(f"label embeddings file '{path}' has {table.shape[0]} rows, "
                          f"expected {num_classes} (one per class)")
+    bad_rows = (~torch.isfinite(table)).any(dim=1).nonzero().flatten().tolist()
+    if bad_rows:
+        raise InputError(f"label embeddings file '{path}' has NaN or Inf in rows {bad_rows[:10]}"
+                         f"{' ...' if len(bad_rows) > 10 else ''}, expected finite numbers")
     return table
 
 
@@ -109,7 +121,7 @@ def _clip_checkpoint(model_name, pretrained, num_classes):
     """
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg:
-        raise ValueError(f"unknown CLIP pretrained tag '{pretrained}' for model '{model_name}', expected one of "
+        raise InputError(f"unknown CLIP pretrained tag '{pretrained}' for model '{model_name}', expected one of "
                          f"{open_clip.list_pretrained_tags_by_model(model_name) + ['none']}")
     try:
         return open_clip.download_pretrained(tag_cfg), tag_cfg.get('quick_gelu', False)
@@ -160,7 +172,7 @@ def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', 
         if '{}' not in prompt:
             raise ValueError(f"prompt '{prompt}' has no '{{}}' placeholder for the class name")
         if model_name not in open_clip.list_models():
-            raise ValueError(f"unknown CLIP model '{model_name}', expected one of open_clip.list_models(), "
+            raise InputError(f"unknown CLIP model '{model_name}', expected one of open_clip.list_models(), "
                              f"e.g. RN50x64, RN50, ViT-B-32")
         path = _cache_path(cache_dir, model_name, pretrained, prompt, class_names)
         if path.is_file():

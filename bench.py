@@ -105,12 +105,13 @@ def bench_attn(args):
 def _train_worker(argv, steps, out_path):
     """One configuration in this (fresh) process: median step time over `steps` steps on fixed batches."""
     import data
+    import evaluate
     import train
     args = train.finalize_args(train.get_parser().parse_args(argv))
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     ds = data.build_dataset("train", args)
-    model, criterion, _ = train.build_model(args, ds.cat_names)
+    model, criterion, _ = evaluate.build_model(args, ds.cat_names)
     model.to(device).train()
     optimizer = torch.optim.AdamW(train.param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
     batches = [data.collate_fn([ds[(i * args.batch_size + j) % len(ds)] for j in range(args.batch_size)])
@@ -158,12 +159,13 @@ def bench_train(args):
 
 
 def bench_coco_step(args):
+    import evaluate
     import train
     targs = train.finalize_args(train.get_parser().parse_args(
         ["--dataset", "coco", "--device", args.device, "--method", args.method, "--clip-pretrained", "none",
          "--clip-model", "RN50"]))
     names = [f"class {i}" for i in range(80)]
-    model, criterion, _ = train.build_model(targs, names)
+    model, criterion, _ = evaluate.build_model(targs, names)
     device = torch.device(args.device)
     model.to(device).train()
     optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr)

@@ -48,16 +48,66 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert
+
+from errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Per-instance fields of a target dict: a crop or a filter must index all of them together.
 INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd")
+
+# Image headers read when a dataset is built (all of them up to this many, else this many evenly spread): a
+# header is a few KB, so 1000 cost about a second even on slow disks, while all 118k of COCO train would cost
+# minutes. Every image's size is still checked when it is loaded.
+HEADER_CHECKS = 1000
+
+# PIL modes of 16-bit (and 32-bit integer) grey images, whose convert("RGB") clips at 255 instead of scaling.
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# EXIF orientations that swap width and height (90/270-degree rotations, with or without a mirror).
+EXIF_TRANSPOSED = (5, 6, 7, 8)
+
+
+def _unreadable(path, err):
+    return InputError(f"image {path} cannot be read ({type(err).__name__}: {err}); expected a PNG/JPEG file")
+
+
+def load_rgb(path, *, exif_transpose=False):
+    """An image file as an 8-bit RGB PIL image; unreadable files are an InputError naming the path.
+
+    16-bit grey is scaled to 8 bits (PIL's convert would clip it, turning it white). `exif_transpose` turns a
+    photo the way its EXIF orientation says (PIL.ImageOps.exif_transpose); COCO annotations are in the stored
+    pixels' orientation, so datasets read the pixels as stored.
+    """
+    try:
+        with Image.open(path) as f:
+            image = ImageOps.exif_transpose(f) if exif_transpose else f
+            image.load()
+            if image.mode in WIDE_GREY_MODES:
+                wide = np.asarray(image, dtype=np.float64)  # (H, W)
+                return Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8)).convert("RGB")
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        # Pillow reports broken files as OSError (UnidentifiedImageError, truncated data), some PNG chunk
+        # errors as SyntaxError.
+        raise _unreadable(path, err) from None
+
+
+def size_mismatch(path, stored_size, orientation, info, ann_file):
+    """The error for an image whose pixels are not the JSON's width x height, naming an EXIF-rotated view."""
+    w, h = stored_size
+    json_size = (info["width"], info["height"])
+    message = f"image {path} is {w}x{h} but {ann_file} says {json_size[0]}x{json_size[1]} (width x height)"
+    if orientation in EXIF_TRANSPOSED and json_size == (h, w):
+        message += (f": the JSON describes the EXIF-rotated view (orientation {orientation}) rather than the "
+                    "stored pixels, which annotations refer to; rotate the pixels to match or fix width/height")
+    return InputError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,17 +286,17 @@ def make_transforms(image_set, scales=tuple(range(480, 801, 32)), max_size=1333,
 # ----------------------------------------------------------------------------------------------------------
 
 def _load_coco_json(ann_file):
-    """Parse a COCO-format JSON; a file that is not JSON or lacks a required section is a ValueError."""
+    """Parse a COCO-format JSON; a file that is not JSON or lacks a required section is an InputError."""
     with open(ann_file, "rb") as f:
         try:
             data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"annotation file {ann_file} is not valid JSON: {err}") from err
+            raise InputError(f"annotation file {ann_file} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"annotation file {ann_file} must hold a JSON object, found {type(data).__name__}")
+        raise InputError(f"annotation file {ann_file} must hold a JSON object, found {type(data).__name__}")
     missing = [key for key in ("images", "annotations", "categories") if key not in data]
     if missing:
-        raise ValueError(f"annotation file {ann_file} lacks {missing}; a COCO-format file needs "
+        raise InputError(f"annotation file {ann_file} lacks {missing}; a COCO-format file needs "
                          "'images', 'annotations' and 'categories'")
     return data
 
@@ -256,29 +306,46 @@ def _check_categories(categories, ann_file):
     names, seen = {}, set()
     for cat in categories:
         if "id" not in cat:
-            raise ValueError(f"annotation file {ann_file}: category {cat!r} has no 'id'")
+            raise InputError(f"annotation file {ann_file}: category {cat!r} has no 'id'")
         name = cat.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"annotation file {ann_file}: category id {cat['id']} has no name "
+            raise InputError(f"annotation file {ann_file}: category id {cat['id']} has no name "
                              "(expected a non-empty 'name' string)")
         if name in seen:
-            raise ValueError(f"annotation file {ann_file}: category name {name!r} is used by more than one id")
+            raise InputError(f"annotation file {ann_file}: category name {name!r} is used by more than one id")
         names[cat["id"]] = name
         seen.add(name)
     if not names:
-        raise ValueError(f"annotation file {ann_file} has no categories")
+        raise InputError(f"annotation file {ann_file} has no categories")
     cat_ids = sorted(names)
     return cat_ids, [names[c] for c in cat_ids]
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_images(images, ann_file):
-    """Every image needs an id, width, height and a file_name or (LVIS) coco_url."""
+    """Every image needs a unique integer id, a positive integer width and height, and a file_name or (LVIS)
+    coco_url; a repeated id would attach one image's boxes to another file."""
+    seen = set()
     for img in images:
         missing = [key for key in ("id", "width", "height") if key not in img]
         if not img.get("file_name") and not img.get("coco_url"):
             missing.append("file_name or coco_url")
         if missing:
-            raise ValueError(f"annotation file {ann_file}: image {img.get('id', img)!r} lacks {missing}")
+            raise InputError(f"annotation file {ann_file}: image {img.get('id', img)!r} lacks {missing}")
+        if not _is_int(img["id"]):
+            raise InputError(f"annotation file {ann_file}: image id {img['id']!r} is a {type(img['id']).__name__}, "
+                             "expected an integer")
+        if img["id"] in seen:
+            raise InputError(f"annotation file {ann_file}: image id {img['id']} is used by more than one image "
+                             f"({img.get('file_name') or img.get('coco_url')} is one), expected unique ids")
+        seen.add(img["id"])
+        for key in ("width", "height"):
+            if not _is_int(img[key]) or img[key] < 1:
+                raise InputError(f"annotation file {ann_file}: image {img['id']} has {key} {img[key]!r}, expected "
+                                 "a positive integer (pixels)")
 
 
 class CocoDetection(Dataset):
@@ -316,7 +383,7 @@ class CocoDetection(Dataset):
         else:
             unknown = sorted(set(keep_cat_names) - set(self.cat_names))
             if unknown:
-                raise ValueError(f"keep_cat_names {unknown} are not categories of {ann_file}")
+                raise InputError(f"keep_cat_names {unknown} are not categories of {ann_file}")
             keep = set(keep_cat_names)
             kept_ids = {c for c, n in zip(self.cat_ids, self.cat_names) if n in keep}
         data["annotations"] = [a for a in data["annotations"] if self._checked_cat(a) in kept_ids]
@@ -327,6 +394,9 @@ class CocoDetection(Dataset):
             self.coco.createIndex()
         self.ids = sorted(self.coco.imgs)
         self.num_dropped = self._index_targets(data["annotations"])
+        self.num_boxes = len(self._boxes)
+        self._paths = self._find_files()
+        self._check_headers()
         if self.num_dropped:
             warnings.warn(f"{ann_file}: dropped {self.num_dropped} boxes with no area after clipping to the image",
                           stacklevel=2)
@@ -334,25 +404,33 @@ class CocoDetection(Dataset):
     def _checked_cat(self, ann):
         cat_id = ann.get("category_id")
         if cat_id not in self.label_of:
-            raise ValueError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} has category_id "
+            raise InputError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} has category_id "
                              f"{cat_id!r}, which is not among the file's categories")
         return cat_id
 
     def _index_targets(self, annotations):
         """Clip every non-crowd box to its image once, at load time; returns how many were left empty."""
-        anns = [a for a in annotations if not a.get("iscrowd", 0)]
-        for ann in anns:
+        for ann in annotations:
             bbox = ann.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise ValueError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} has bbox "
-                                 f"{bbox!r}, expected [x, y, w, h]")
+            if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                               for v in bbox)):
+                raise InputError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} has bbox "
+                                 f"{bbox!r}, expected [x, y, w, h] of finite numbers")
+            # pycocotools' evaluation reads both keys of every annotation (else a KeyError after an epoch).
+            ann.setdefault("iscrowd", 0)
+            ann.setdefault("area", bbox[2] * bbox[3])
+            if not isinstance(ann["area"], (int, float)) or isinstance(ann["area"], bool):
+                raise InputError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} has area "
+                                 f"{ann['area']!r}, expected a number")
             if ann.get("image_id") not in self.coco.imgs:
-                raise ValueError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} refers to "
+                raise InputError(f"annotation file {self.ann_file}: annotation {ann.get('id')!r} refers to "
                                  f"image_id {ann.get('image_id')!r}, which is not among the file's images")
+        anns = [a for a in annotations if not a["iscrowd"]]
         image_ids = np.array([a["image_id"] for a in anns], dtype=np.int64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)  # (M, 4)
         labels = np.array([self.label_of[a["category_id"]] for a in anns], dtype=np.int64)
-        area = np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], dtype=np.float32)
+        area = np.array([a["area"] for a in anns], dtype=np.float32)
         sizes = np.array([[self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]] for i in image_ids],
                          dtype=np.float64).reshape(-1, 2)  # (M, 2) as (w, h)
         x0y0 = np.clip(xywh[:, :2], 0, sizes)
@@ -368,15 +446,46 @@ class CocoDetection(Dataset):
         self._span = {img_id: (int(s), int(e)) for img_id, s, e in zip(self.ids, starts, ends)}
         return int((~keep).sum())
 
+    def _find_files(self):
+        """{image id: path}, each file looked up in the folders in order; missing files are one error.
+
+        One directory listing per folder instead of a stat per image: 118k COCO names take well under a second.
+        """
+        listed = [set(os.listdir(folder)) for folder in self.img_folders]
+        paths, missing = {}, []
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            name = info.get("file_name") or os.path.basename(urlparse(info["coco_url"]).path)
+            found = [os.path.join(folder, name) for folder, names in zip(self.img_folders, listed)
+                     if name in names or (os.sep in name and os.path.isfile(os.path.join(folder, name)))]
+            if found:
+                paths[img_id] = found[0]
+            else:
+                missing.append(name)
+        if missing:
+            raise FileNotFoundError(f"annotation file {self.ann_file}: {len(missing)} of {len(self.ids)} images not "
+                                    f"found in {', '.join(self.img_folders)}: {', '.join(missing[:5])}"
+                                    f"{' ...' if len(missing) > 5 else ''}")
+        return paths
+
+    def _check_headers(self):
+        """Compare the JSON's width x height with the file headers (PIL reads no pixels) of HEADER_CHECKS images
+        spread over the set, so a wrong or unreadable file is found before training rather than an epoch in."""
+        step = max(1, -(-len(self.ids) // HEADER_CHECKS))
+        for img_id in self.ids[::step]:
+            path = self._paths[img_id]
+            try:
+                with Image.open(path) as f:
+                    size, orientation = f.size, f.getexif().get(0x0112)  # 0x0112: the EXIF Orientation tag
+            except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+                raise _unreadable(path, err) from None
+            info = self.coco.imgs[img_id]
+            if size != (info["width"], info["height"]):
+                raise size_mismatch(path, size, orientation, info, self.ann_file)
+
     def image_path(self, img_id):
         """The file of an image: its file_name, or for LVIS the basename of its coco_url, in the folders."""
-        info = self.coco.imgs[img_id]
-        name = info.get("file_name") or os.path.basename(urlparse(info["coco_url"]).path)
-        for folder in self.img_folders:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                return path
-        raise FileNotFoundError(f"image {name} (id {img_id}) not found in {self.img_folders}")
+        return self._paths[img_id]
 
     def __len__(self):
         return len(self.ids)
@@ -384,13 +493,13 @@ class CocoDetection(Dataset):
     def __getitem__(self, index):
         img_id = self.ids[index]
         path = self.image_path(img_id)
-        with Image.open(path) as f:
-            image = f.convert("RGB")
+        image = load_rgb(path)
         w, h = image.size
         info = self.coco.imgs[img_id]
         if (w, h) != (info["width"], info["height"]):
-            raise ValueError(f"image {path} is {w}x{h} but {self.ann_file} says "
-                             f"{info['width']}x{info['height']} (width x height)")
+            with Image.open(path) as f:
+                orientation = f.getexif().get(0x0112)
+            raise size_mismatch(path, (w, h), orientation, info, self.ann_file)
         start, end = self._span[img_id]
         target = {
             "boxes": torch.from_numpy(self._boxes[start:end].copy()),
@@ -568,12 +677,12 @@ def make_shapes(root, *, num_train=2000, num_val=200, seed=0, min_size=160, max_
     that looks complete. Same arguments, same bytes.
     """
     if num_train < 1 or num_val < 1:
-        raise ValueError(f"shapes needs num_train >= 1 and num_val >= 1, got {num_train} and {num_val}")
+        raise InputError(f"shapes needs num_train >= 1 and num_val >= 1, got {num_train} and {num_val}")
     if not 2 * MIN_OBJECT_SIDE <= min_size <= max_size:
-        raise ValueError(f"shapes needs {2 * MIN_OBJECT_SIDE} <= min_size <= max_size, "
+        raise InputError(f"shapes needs {2 * MIN_OBJECT_SIDE} <= min_size <= max_size, "
                          f"got min_size={min_size}, max_size={max_size}")
     if max_objects < 1:
-        raise ValueError(f"shapes needs max_objects >= 1, got {max_objects}")
+        raise InputError(f"shapes needs max_objects >= 1, got {max_objects}")
     key = (f"shapes-v{SHAPES_VERSION}-s{seed}-n{num_train}-{num_val}"
            f"-px{min_size}-{max_size}-o{max_objects}")
     final = os.path.join(root, key)
@@ -635,7 +744,7 @@ def ov_coco_split(cat_names):
     base = [n for n in cat_names if n in OV_COCO_BASE]
     novel = [n for n in cat_names if n in OV_COCO_NOVEL]
     if not base and not novel:
-        raise ValueError(f"none of the categories {list(cat_names)[:10]}... are OV-COCO base or novel "
+        raise InputError(f"none of the categories {list(cat_names)[:10]}... are OV-COCO base or novel "
                          "categories; expected COCO 2017 names such as 'person' or 'airplane'")
     return base, novel
 
@@ -685,17 +794,17 @@ def build_dataset(image_set, args):
         fields = [f"{image_set}_json", f"{image_set}_images"]
         missing = [f for f in fields if not getattr(args, f, None)]
         if missing:
-            raise ValueError(f"dataset 'custom' needs {missing} (--{image_set}-json, --{image_set}-images): "
+            raise InputError(f"dataset 'custom' needs {missing} (--{image_set}-json, --{image_set}-images): "
                              "a COCO-format JSON and its image folder")
         return CocoDetection(getattr(args, fields[1]), getattr(args, fields[0]),
                              transforms=make_transforms(image_set))
 
     if dataset not in ("coco", "ov-coco", "lvis"):
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of 'shapes', 'coco', 'ov-coco', 'lvis', "
+        raise InputError(f"unknown dataset {dataset!r}; expected one of 'shapes', 'coco', 'ov-coco', 'lvis', "
                          "'custom'")
     layout = LVIS_LAYOUT if dataset == "lvis" else COCO_LAYOUT
     if not data_path:
-        raise ValueError(f"dataset {dataset!r} needs --data-path DIR with the layout {layout}")
+        raise InputError(f"dataset {dataset!r} needs --data-path DIR with the layout {layout}")
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"{dataset}: data folder {data_path} not found; expected the layout {layout}")
     if dataset == "lvis":

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
+from errors import InputError
 from matcher import box_losses, focal_loss
 
 
@@ -69,7 +70,6 @@ def attention_mask(num_queries, num_sets, group_size, valid):
     Returns (B, T, T) bool, True where the row query may NOT attend to the column key.
     """
     Q, S, G = num_queries, num_sets, group_size
-    T = Q + S * G
     set_id = torch.cat([torch.full((Q,), -1), torch.arange(S).repeat_interleave(G)]).to(valid.device)  # (T,)
     row, col = set_id[:, None], set_id[None, :]
     # Allowed: a key of the conventional set, or of the row's own set.
@@ -86,9 +86,9 @@ class DynQL(nn.Module):
         super().__init__()
         betas = [float(b) for b in betas]
         if not betas or any(not 0.0 <= b <= 1.0 for b in betas):
-            raise ValueError(f"--dynql-betas {betas}: expected one or more noise levels in [0, 1]")
+            raise InputError(f"--dynql-betas {betas}: expected one or more noise levels in [0, 1]")
         if rho < 0:
-            raise ValueError(f"--dynql-rho {rho}: expected a value >= 0")
+            raise InputError(f"--dynql-rho {rho}: expected a value >= 0")
         self.d_model, self.betas, self.rho = d_model, betas, float(rho)
 
     @staticmethod

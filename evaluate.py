@@ -1,7 +1,9 @@
 """Evaluation: COCO AP, per-decoder-layer AP, OV-COCO AP50, LVIS AP, discriminative score maps and detection
 on a folder of images (paper §4.1-4.2, Tables 1-4 and 9, Appendix A.1 and A.3, Figure 3).
 
-`evaluate(...)` is what training calls after an epoch. `python evaluate.py --resume CKPT` rebuilds the detector
+`evaluate(...)` is what training calls after an epoch; `build_model` (the one place that maps arguments to
+modules) and the checkpoint readers live here too, so train.py imports this module and never the reverse.
+`python evaluate.py --resume CKPT` rebuilds the detector
 from the checkpoint's own arguments as a plain Deformable DETR (AlignNet and DynQL act during training only)
 and runs one of three modes:
   default          AP of the val set with pycocotools: AP, AP50, AP75, APs, APm, APl (Tables 1, 4-8);
@@ -10,7 +12,8 @@ and runs one of three modes:
                    --dataset lvis: AP, AP50, AP75, APr, APc, APf with the optional `lvis` package (Table 2).
   --visualize N    one PNG per val image for the first N: detections | discriminative score map (Appendix A.1,
                    Figure 3); --compare CKPT2 adds a row for a second checkpoint (e.g. baseline vs CLIP-DETR).
-  --images DIR     detections on every image of a folder: a COCO-style results JSON and annotated PNGs.
+  --images DIR     detections on every image of a folder (turned as its EXIF orientation says): a COCO-style
+                   results JSON and annotated PNGs.
 
 The file holds no equation; the paper content is the protocols above and the score map of Appendix A.1:
 the l2-norm over C of the encoder memory at every location, min-max normalized, values below 0.5 left out.
@@ -48,6 +51,13 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import draw_bounding_boxes
 
+import alignnet
+import data
+from errors import InputError, error_line, read_torch_file
+from dynql import DynQL
+from matcher import SetCriterion
+from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_STAT_NAMES = ("AP", "AP50", "AP75", "APr", "APc", "APf")
 LVIS_DETECTIONS_PER_IMAGE = 300
@@ -59,6 +69,132 @@ BOX_COLORS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245,
 # A 'jet'-like colour ramp (position in [0, 1], RGB): blue for the lowest scores shown, red for the highest.
 COLORMAP = ((0.0, (0, 0, 255)), (0.25, (0, 255, 255)), (0.5, (0, 255, 0)), (0.75, (255, 255, 0)),
             (1.0, (255, 0, 0)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the detector and reading checkpoints (shared with train.py, which imports this module)
+# ----------------------------------------------------------------------------------------------------------
+def build_model(args, class_names, label_table=None):
+    """The one place that maps arguments to modules: (model, criterion, postprocess).
+
+    `label_table` (K, D) replaces the CLIP label dictionary, e.g. the one an open-vocabulary checkpoint carries.
+    """
+    backbone = Joiner(Backbone(args.backbone, pretrained=args.pretrained_backbone),
+                      PositionEmbeddingSine(args.hidden_dim // 2))
+    transformer = DeformableTransformer(
+        d_model=args.hidden_dim, n_heads=args.nheads, num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers, d_ffn=args.dim_feedforward, dropout=args.dropout,
+        n_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
+        two_stage=args.two_stage, two_stage_num_proposals=args.num_queries, attn_impl=args.attn_impl)
+    open_vocabulary = args.dataset == "ov-coco"
+    table = align = dyn = class_head = None
+    if args.method != "baseline" or open_vocabulary:
+        # Rank 0 builds (or downloads) the label dictionary into the disk cache; the others then read it.
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and dist.get_rank() != 0:
+            dist.barrier()
+        table = alignnet.build_label_embeddings(args, class_names) if label_table is None else label_table
+        if distributed and dist.get_rank() == 0:
+            dist.barrier()
+    if args.method != "baseline":
+        align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
+    if open_vocabulary:
+        # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
+        # training annotations (§4.2). The decoder layers score with it; the two-stage encoder keeps a
+        # class-agnostic objectness head (DeformableDETR), so proposals are not ranked by one class's CLIP row.
+        base = set(data.OV_COCO_BASE)
+        class_head = alignnet.LabelEmbeddingClassifier(
+            label_embeddings=table, d_model=args.hidden_dim,
+            train_classes=[k for k, name in enumerate(class_names) if name in base])
+    if args.method == "dynql":
+        align.logit_beta.requires_grad_(False)  # no alignment loss: beta would be an unused parameter
+    if args.method in ("dynql", "clip-detr"):
+        dyn = DynQL(d_model=args.hidden_dim, betas=args.dynql_betas, rho=args.dynql_rho)
+    model = DeformableDETR(backbone, transformer, num_classes=len(class_names), num_queries=args.num_queries,
+                           num_feature_levels=args.num_feature_levels, with_box_refine=args.with_box_refine,
+                           two_stage=args.two_stage, alignnet=align, dynql=dyn,
+                           align_loss=args.method in ("alignnet", "clip-detr"), class_head=class_head)
+    return model, SetCriterion(len(class_names)), PostProcess()
+
+
+def is_main():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def check_device(name, flag="--device"):
+    """A device string torch understands and this machine has: 'cpu', 'cuda' or 'cuda:N'."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's answer to an unknown device string
+        raise InputError(f"{flag} {name!r} is not a device, expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{flag} {name!r}: no CUDA GPU is visible to PyTorch, use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"{flag} {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
+
+
+def check_output_path(path, flag, folder=True):
+    """An output folder (or, folder=False, a file) that can be created: neither it nor a parent is a file."""
+    path = os.path.abspath(path)
+    if folder and os.path.isfile(path):
+        raise InputError(f"{flag} {path} is a file, expected a folder (or a path to create one at)")
+    if not folder and os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a folder, expected a file name")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise InputError(f"{flag} {path} lies under {parent}, which is a file, expected a folder")
+
+
+# Arguments build_model reads from a checkpoint: one without them was not written by train.py.
+MODEL_ARGS = ("dataset", "backbone", "hidden_dim", "dim_feedforward", "enc_layers", "dec_layers", "nheads",
+              "num_queries", "num_feature_levels", "enc_n_points", "dec_n_points", "dropout", "with_box_refine",
+              "two_stage", "attn_impl", "device")
+
+
+def load_checkpoint(path, flag="--resume", keys=("model", "args")):
+    """A checkpoint as a dict on the CPU holding `keys`; anything else is an InputError naming `flag` and path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: checkpoint {path!r} does not exist")
+    ckpt = read_torch_file(path, f"{flag}: checkpoint", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{flag}: checkpoint {path} holds a {type(ckpt).__name__}, expected the dict train.py "
+                         "writes")
+    missing = [key for key in keys if key not in ckpt]
+    if "args" in keys and isinstance(ckpt.get("args"), dict):
+        missing += [f"args.{key}" for key in MODEL_ARGS if key not in ckpt["args"]]
+    if missing:
+        raise InputError(f"{flag}: checkpoint {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         "expected a checkpoint written by train.py")
+    for key in ("model", "args"):
+        if key in keys and not isinstance(ckpt[key], dict):
+            raise InputError(f"{flag}: checkpoint {path} has a {type(ckpt[key]).__name__} as '{key}', expected a "
+                             "dict")
+    if "model" in keys and not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise InputError(f"{flag}: checkpoint {path}: 'model' holds non-tensors, expected a state_dict")
+    return ckpt
+
+
+def load_model_state(model, state_dict, source):
+    """Strict load; a CLIP-DETR checkpoint into a baseline model may only miss alignnet.*/dynql.* keys."""
+    own = model.state_dict()
+    module_key = lambda k: k.startswith(("alignnet.", "dynql."))  # noqa: E731
+    missing = [k for k in own if k not in state_dict and not module_key(k)]
+    unexpected = [k for k in state_dict if k not in own and not module_key(k)]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        show = lambda keys: f"{keys[:3]}{'...' if len(keys) > 3 else ''} ({len(keys)})"  # noqa: E731
+        raise InputError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
+                         f"unexpected {show(unexpected)}, shape mismatch {show(mismatched)}")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    skipped = [k for k in list(own) + list(state_dict) if module_key(k) and (k not in own or k not in state_dict)]
+    if skipped and is_main():
+        print(f"loaded {source}: {len(skipped)} training-module keys (alignnet.*/dynql.*) not used")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,9 +298,9 @@ def ov_coco_ap50(coco_gt, results, base_names, novel_names, image_ids=None):
     ids_of = {cat["name"]: cat_id for cat_id, cat in coco_gt.cats.items()}
     unknown = sorted((set(base_names) | set(novel_names)) - set(ids_of))
     if unknown:
-        raise ValueError(f"OV-COCO categories {unknown} are not in the ground truth; expected COCO 2017 names")
+        raise InputError(f"OV-COCO categories {unknown} are not in the ground truth; expected COCO 2017 names")
     if set(base_names) & set(novel_names):
-        raise ValueError(f"categories {sorted(set(base_names) & set(novel_names))} are both base and novel")
+        raise InputError(f"categories {sorted(set(base_names) & set(novel_names))} are both base and novel")
     groups = {"novel": novel_names, "base": base_names, "all": list(base_names) + list(novel_names)}
     return {group: coco_stats(coco_gt, results, image_ids, [ids_of[n] for n in names])[1]
             for group, names in groups.items()}
@@ -179,7 +315,7 @@ def lvis_api():
     try:
         from lvis import LVIS, LVISEval
     except ImportError:
-        raise ValueError("--dataset lvis needs the optional 'lvis' package: pip install lvis (with NumPy >= 1.24 "
+        raise InputError("--dataset lvis needs the optional 'lvis' package: pip install lvis (with NumPy >= 1.24 "
                          "the PyPI release 0.5.3 fails on np.float; then use pip install "
                          "git+https://github.com/lvis-dataset/lvis-api.git)") from None
     return LVIS, LVISEval
@@ -303,7 +439,6 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, s
     detectors: (label, model) pairs, drawn top to bottom; each panel has the original image's size.
     Returns the paths written.
     """
-    import data
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index in indices:
@@ -312,8 +447,7 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, s
         images, mask = images.to(device), mask.to(device)
         image_id = int(target["image_id"])
         file_path = dataset.image_path(image_id)
-        with Image.open(file_path) as f:
-            original = TF.pil_to_tensor(f.convert("RGB"))  # (3, H, W) uint8
+        original = TF.pil_to_tensor(data.load_rgb(file_path))  # (3, H, W) uint8
         size = target["orig_size"].tolist()
         rows = []
         for label, model in detectors:
@@ -336,19 +470,23 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, s
 # A folder of images
 # ----------------------------------------------------------------------------------------------------------
 def list_images(folder):
-    """(names PIL can open, names it cannot) of the files in `folder`, each sorted; subfolders are ignored."""
+    """(names PIL can decode, names it cannot, subfolder names) of the entries of `folder`, each sorted.
+
+    Every file is decoded once here (verify() passes truncated JPEGs); beside a detector's forward pass that
+    costs little. Subfolders are not searched.
+    """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images: folder {folder} not found (expected a folder of images)")
-    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    entries = sorted(os.listdir(folder))
+    subfolders = [n for n in entries if os.path.isdir(os.path.join(folder, n))]
     good, bad = [], []
-    for name in names:
+    for name in (n for n in entries if os.path.isfile(os.path.join(folder, n))):
         try:
-            with Image.open(os.path.join(folder, name)) as f:
-                f.verify()
+            data.load_rgb(os.path.join(folder, name))
             good.append(name)
-        except OSError:  # PIL's UnidentifiedImageError and truncated files are both OSErrors
+        except InputError:
             bad.append(name)
-    return good, bad
+    return good, bad, subfolders
 
 
 class ImageFolder(Dataset):
@@ -362,8 +500,8 @@ class ImageFolder(Dataset):
         return len(self.names)
 
     def __getitem__(self, index):
-        with Image.open(os.path.join(self.folder, self.names[index])) as f:
-            image = f.convert("RGB")
+        # Photos are shown as their EXIF orientation says; a folder has no annotations tied to stored pixels.
+        image = data.load_rgb(os.path.join(self.folder, self.names[index]), exif_transpose=True)
         target = {"image_id": torch.tensor(index), "orig_size": torch.tensor([image.height, image.width])}
         image, _ = self.transforms(image, None)
         return image, target
@@ -379,17 +517,20 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
                   batch_size=1, score_threshold=0.3):
     """Detections on every image of `folder`: (COCO results list with 'file_name', PNG paths).
 
-    Unreadable files are named in one warning line on stderr and skipped. The results keep every detection
+    Unreadable files, and subfolders, are named in one warning line each on stderr and skipped; photos are
+    turned as their EXIF orientation says (boxes refer to the turned image). The results keep every detection
     of the post-processing (a results file is scored later at any threshold); the PNGs draw those scoring
     at least `score_threshold`.
     """
-    import data
-    names, skipped = list_images(folder)
+    names, skipped, subfolders = list_images(folder)
     if skipped:
-        print(f"warning: skipped {len(skipped)} file(s) in {folder} that are not images: {', '.join(skipped)}",
+        print(f"warning: skipped {len(skipped)} file(s) in {folder} that are not readable images: "
+              f"{', '.join(skipped)}", file=sys.stderr)
+    if subfolders:
+        print(f"warning: skipped {len(subfolders)} subfolder(s) of {folder} (not searched): {', '.join(subfolders)}",
               file=sys.stderr)
     if not names:
-        raise ValueError(f"--images: no image in {folder} (found {len(skipped)} other file(s))")
+        raise InputError(f"--images: no image in {folder} (found {len(skipped)} other file(s))")
     loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn)
     final, _ = predict(model, postprocess, loader, device)
     results = to_coco_results(final, cat_ids)
@@ -398,8 +539,7 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index, (name, out_name) in enumerate(zip(names, png_names(names))):
-        with Image.open(os.path.join(folder, name)) as f:
-            image = TF.pil_to_tensor(f.convert("RGB"))  # (3, H, W) uint8
+        image = TF.pil_to_tensor(data.load_rgb(os.path.join(folder, name), exif_transpose=True))  # (3, H, W) uint8
         paths.append(os.path.join(output_dir, out_name))
         save_png(draw_detections(image, final[index], class_names, score_threshold), paths[-1])
     return results, paths
@@ -426,12 +566,10 @@ def checkpoint_args(ckpt, overrides, num_workers=0):
 
 def build_detector(ckpt, args, class_names, source):
     """(model in eval mode on args.device, postprocess) with the checkpoint's weights."""
-    import train
-    from model import PostProcess
     # An open-vocabulary head carries its label dictionary: evaluating it needs neither CLIP nor its cache.
-    model, _, postprocess = train.build_model(args, class_names,
-                                              label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
-    train.load_model_state(model, ckpt["model"], source)
+    model, _, postprocess = build_model(args, class_names,
+                                        label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
+    load_model_state(model, ckpt["model"], source)
     if args.dataset == "lvis":
         postprocess = PostProcess(num_select=LVIS_DETECTIONS_PER_IMAGE)
     return model.to(torch.device(args.device)).eval(), postprocess
@@ -439,7 +577,6 @@ def build_detector(ckpt, args, class_names, source):
 
 def checkpoint_classes(ckpt, args):
     """(cat_ids, cat_names) the checkpoint was trained with: stored in it, else read from its val dataset."""
-    import data
     if "classes" in ckpt:
         return list(ckpt["classes"]["ids"]), list(ckpt["classes"]["names"])
     try:
@@ -486,33 +623,40 @@ def get_parser():
 def check_cli(cli):
     """Reject flag combinations that mean nothing, before any work is done."""
     if cli.compare and cli.visualize is None:
-        raise ValueError("--compare CKPT2 needs --visualize N (it adds a second row to the score-map PNGs)")
+        raise InputError("--compare CKPT2 needs --visualize N (it adds a second row to the score-map PNGs)")
     if cli.visualize is not None and cli.visualize < 1:
-        raise ValueError(f"--visualize {cli.visualize}: expected a number of images >= 1")
+        raise InputError(f"--visualize {cli.visualize}: expected a number of images >= 1")
     if cli.images and (cli.visualize is not None or cli.per_layer):
-        raise ValueError("--images runs alone: drop --visualize and --per-layer (they need the val set)")
+        raise InputError("--images runs alone: drop --visualize and --per-layer (they need the val set)")
     if cli.visualize is not None and cli.per_layer:
-        raise ValueError("--visualize computes no AP: run --per-layer separately")
+        raise InputError("--visualize computes no AP: run --per-layer separately")
+    if cli.batch_size is not None and cli.batch_size < 1:
+        raise InputError(f"--batch-size {cli.batch_size}: expected a number >= 1")
+    if cli.num_workers < 0:
+        raise InputError(f"--num-workers {cli.num_workers}: expected a number >= 0")
     if not 0 <= cli.score_threshold <= 1:
-        raise ValueError(f"--score-threshold {cli.score_threshold}: expected a score in [0, 1]")
+        raise InputError(f"--score-threshold {cli.score_threshold}: expected a score in [0, 1]")
 
 
 def main(argv=None):
     """Run one mode (see the module docstring); returns the dict that --log appends."""
-    import data
-    import train
     cli = get_parser().parse_args(argv)
     check_cli(cli)
-    ckpt = train.load_checkpoint(cli.resume)
+    ckpt = load_checkpoint(cli.resume)
+    if cli.images or cli.visualize is not None:
+        check_output_path(cli.output_dir, "--output-dir")
+    for path, flag in ((cli.output, "--output"), (cli.log, "--log")):
+        if path:
+            check_output_path(path, flag, folder=False)
     overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
     args = checkpoint_args(ckpt, overrides, cli.num_workers)
     method = ckpt["args"].get("method", "baseline")
     log = {"checkpoint": cli.resume, "method": method, "dataset": args.dataset}
     if args.dataset == "lvis":
         if cli.per_layer:
-            raise ValueError("--per-layer reports COCO AP (Table 9); LVIS is scored with its own protocol")
+            raise InputError("--per-layer reports COCO AP (Table 9); LVIS is scored with its own protocol")
         lvis_api()  # a missing package must fail before a whole inference run, not after
-    device = torch.device(args.device)
+    device = check_device(args.device, "--device" if cli.device else "--device (the checkpoint's; override it)")
 
     if cli.images:
         cat_ids, cat_names = checkpoint_classes(ckpt, args)
@@ -534,8 +678,10 @@ def main(argv=None):
     if cli.visualize is not None:
         detectors = [(method, model)]
         if cli.compare:
-            ckpt2 = train.load_checkpoint(cli.compare)
-            args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k in ("device", "attn_impl")})
+            ckpt2 = load_checkpoint(cli.compare, "--compare")
+            # The second detector runs where the first does (its checkpoint may name a device this machine lacks).
+            args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k == "attn_impl"}
+                                    | {"device": str(device)})
             detectors.append((ckpt2["args"].get("method", "baseline"),
                               build_detector(ckpt2, args2, dataset.cat_names, cli.compare)[0].to(device)))
         paths = visualize(detectors, dataset, postprocess, range(min(cli.visualize, len(dataset))), cli.output_dir,
@@ -572,9 +718,14 @@ def main(argv=None):
     return log
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with bad input reported as one line on stderr and exit status 2; bugs keep their traceback."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return main(argv)
+    except (InputError, FileNotFoundError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

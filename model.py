@@ -64,6 +64,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torchvision.ops import FrozenBatchNorm2d
 
+from errors import InputError
+
 
 def inverse_sigmoid(x, eps=1e-5):
     """log(x / (1 - x)), clamped so that boxes at 0 or 1 stay finite."""
@@ -91,12 +93,12 @@ def load_imagenet_resnet(name):
     weights = getattr(torchvision.models, weights_name).IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", weights.url.rsplit("/", 1)[-1])
     if not os.path.exists(cached) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ValueError(f"cannot load ImageNet weights for {name}: offline (HF_HUB_OFFLINE=1) and not cached "
+        raise InputError(f"cannot load ImageNet weights for {name}: offline (HF_HUB_OFFLINE=1) and not cached "
                          f"at {cached}; drop --pretrained-backbone or copy the file there")
     try:
         return getattr(torchvision.models, fn_name)(weights=weights, norm_layer=FrozenBatchNorm2d)
     except (urllib.error.URLError, OSError) as err:
-        raise ValueError(f"cannot download ImageNet weights for {name} ({err}); drop --pretrained-backbone "
+        raise InputError(f"cannot download ImageNet weights for {name} ({err}); drop --pretrained-backbone "
                          f"or place {weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints") from None
 
 
@@ -106,7 +108,7 @@ class Backbone(nn.Module):
     def __init__(self, name="resnet50", pretrained=False):
         super().__init__()
         if name not in _RESNETS:
-            raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
+            raise InputError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
         fn_name, _, self.num_channels = _RESNETS[name]
         if pretrained:
             resnet = load_imagenet_resnet(name)
@@ -487,12 +489,12 @@ _announced = set()
 def resolve_attn_impl(impl, device):
     """'auto' -> Triton for CUDA tensors when importable, else PyTorch; 'triton' where it cannot run -> error."""
     if impl not in _ATTN_IMPLS:
-        raise ValueError(f"--attn-impl {impl!r}: expected one of {_ATTN_IMPLS}")
+        raise InputError(f"--attn-impl {impl!r}: expected one of {_ATTN_IMPLS}")
     cuda = torch.device(device).type == "cuda"
     if impl == "auto":
         impl = "triton" if cuda and triton_available() else "pytorch"
     elif impl == "triton" and not (cuda and triton_available()):
-        raise ValueError("--attn-impl triton needs a CUDA device and an importable triton "
+        raise InputError("--attn-impl triton needs a CUDA device and an importable triton "
                          f"(device={device}, triton importable={triton_available()}); use --attn-impl pytorch")
     if impl not in _announced:
         _announced.add(impl)
@@ -507,7 +509,7 @@ class MSDeformAttn(nn.Module):
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+            raise InputError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.attn_impl = attn_impl
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
@@ -865,12 +867,12 @@ class DeformableDETR(nn.Module):
             for box_embed in self.bbox_embed:
                 nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
         if two_stage and not with_box_refine:
-            raise ValueError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
+            raise InputError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
                              "head, as in the official code)")
         if dynql is not None and not two_stage:
-            raise ValueError("DynQL needs two-stage queries (4-D reference boxes): use --two-stage with DynQL")
+            raise InputError("DynQL needs two-stage queries (4-D reference boxes): use --two-stage with DynQL")
         if dynql is not None and alignnet is None:
-            raise ValueError("DynQL needs the AlignNet projection for z_attr (Eq. 3); pass alignnet too")
+            raise InputError("DynQL needs the AlignNet projection for z_attr (Eq. 3); pass alignnet too")
         self.alignnet = alignnet
         self.dynql = dynql
         # DynQL alone still needs AlignNet's Eq. 3 projection, but not its loss.

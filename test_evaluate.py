@@ -268,7 +268,7 @@ def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatc
     args = train.finalize_args(train.get_parser().parse_args(
         ["--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY, "--backbone", "resnet18", "--method", "baseline",
          "--device", "cpu", "--label-embeddings", str(table)]))
-    model, _, _ = train.build_model(args, COCO_80)
+    model, _, _ = evaluate.build_model(args, COCO_80)
     assert isinstance(model.class_embed[0], LabelEmbeddingClassifier)
     ckpt = str(tmp_path / "ov.pth")
     torch.save({"model": model.state_dict(), "args": vars(args)}, ckpt)
@@ -438,7 +438,8 @@ def test_images_folder_reports_non_images_and_processes_the_rest(checkpoint, cac
     out = tmp_path / "out"
     log = evaluate.main(["--resume", checkpoint, "--images", str(folder), "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"warning: skipped 1 file(s) in {folder} that are not images: notes.txt"]
+    assert err == [f"warning: skipped 1 file(s) in {folder} that are not readable images: notes.txt",
+                   f"warning: skipped 1 subfolder(s) of {folder} (not searched): nested"]
     results = json.load(open(out / "results.json"))
     assert {(d["image_id"], d["file_name"]) for d in results} == {(0, "a.jpg"), (1, "b.png")}
     assert {"category_id", "bbox", "score"} <= set(results[0]) and log["num_images"] == 2

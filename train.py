@@ -39,9 +39,11 @@ from tqdm import tqdm
 
 import alignnet
 import data
-from dynql import DynQL, dynql_loss, dynql_set_losses
-from matcher import SetCriterion, global_num_boxes, weight_dict
-from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
+import evaluate
+from dynql import dynql_loss, dynql_set_losses
+from errors import InputError, error_line
+from evaluate import build_model, is_main, load_checkpoint, load_model_state
+from matcher import global_num_boxes, weight_dict
 
 METHODS = ("baseline", "alignnet", "dynql", "clip-detr")
 
@@ -127,69 +129,63 @@ def get_parser():
     return p
 
 
+# Lowest sensible value of numeric flags: below it a run cannot train (0 queries, 0 epochs, ...).
+FLAG_MINIMUM = dict(hidden_dim=1, dim_feedforward=1, enc_layers=0, dec_layers=1, nheads=1, num_queries=1,
+                    num_feature_levels=1, enc_n_points=1, dec_n_points=1, batch_size=1, epochs=1, num_workers=0,
+                    max_steps=1, eval_every=0, lr=0, lr_backbone=0, weight_decay=0, clip_max_norm=0,
+                    align_loss_coef=0)
+
+
 def finalize_args(args):
     """Fill dataset-dependent defaults; reject combinations that cannot run."""
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key, low in FLAG_MINIMUM.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            raise InputError(f"--{key.replace('_', '-')} {value}: expected a number >= {low}")
+    if any(epoch < 0 for epoch in args.lr_drop):
+        raise InputError(f"--lr-drop {' '.join(map(str, args.lr_drop))}: expected epochs >= 0")
+    if args.hidden_dim % (2 * args.nheads):
+        raise InputError(f"--hidden-dim {args.hidden_dim}: expected a multiple of 2 x --nheads ({2 * args.nheads}); "
+                         "the sine position embedding takes half the channels for x and half for y")
+    evaluate.check_device(args.device)
+    evaluate.check_output_path(args.output_dir, "--output-dir")
     if args.amp != "off" and not str(args.device).startswith("cuda"):
-        raise ValueError(f"--amp {args.amp} needs a CUDA device (got --device {args.device})")
+        raise InputError(f"--amp {args.amp} needs a CUDA device (got --device {args.device})")
     if args.two_stage and not args.with_box_refine:
-        raise ValueError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
+        raise InputError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
                          "head, as in the official code); add --no-two-stage for single-stage Deformable DETR")
     if args.method in ("dynql", "clip-detr") and not args.two_stage:
-        raise ValueError(f"--method {args.method} needs --two-stage (DynQueries carry 4-D reference boxes)")
+        raise InputError(f"--method {args.method} needs --two-stage (DynQueries carry 4-D reference boxes)")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------------------
-def build_model(args, class_names, label_table=None):
-    """The one place that maps arguments to modules: (model, criterion, postprocess).
-
-    `label_table` (K, D) replaces the CLIP label dictionary, e.g. the one an open-vocabulary checkpoint carries.
-    """
-    backbone = Joiner(Backbone(args.backbone, pretrained=args.pretrained_backbone),
-                      PositionEmbeddingSine(args.hidden_dim // 2))
-    transformer = DeformableTransformer(
-        d_model=args.hidden_dim, n_heads=args.nheads, num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers, d_ffn=args.dim_feedforward, dropout=args.dropout,
-        n_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
-        two_stage=args.two_stage, two_stage_num_proposals=args.num_queries, attn_impl=args.attn_impl)
-    open_vocabulary = args.dataset == "ov-coco"
-    table = align = dyn = class_head = None
-    if args.method != "baseline" or open_vocabulary:
-        # Rank 0 builds (or downloads) the label dictionary into the disk cache; the others then read it.
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed and dist.get_rank() != 0:
-            dist.barrier()
-        table = alignnet.build_label_embeddings(args, class_names) if label_table is None else label_table
-        if distributed and dist.get_rank() == 0:
-            dist.barrier()
-    if args.method != "baseline":
-        align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
-    if open_vocabulary:
-        # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
-        # training annotations (§4.2). The decoder layers score with it; the two-stage encoder keeps a
-        # class-agnostic objectness head (DeformableDETR), so proposals are not ranked by one class's CLIP row.
-        base = set(data.OV_COCO_BASE)
-        class_head = alignnet.LabelEmbeddingClassifier(
-            label_embeddings=table, d_model=args.hidden_dim,
-            train_classes=[k for k, name in enumerate(class_names) if name in base])
-    if args.method == "dynql":
-        align.logit_beta.requires_grad_(False)  # no alignment loss: beta would be an unused parameter
-    if args.method in ("dynql", "clip-detr"):
-        dyn = DynQL(d_model=args.hidden_dim, betas=args.dynql_betas, rho=args.dynql_rho)
-    model = DeformableDETR(backbone, transformer, num_classes=len(class_names), num_queries=args.num_queries,
-                           num_feature_levels=args.num_feature_levels, with_box_refine=args.with_box_refine,
-                           two_stage=args.two_stage, alignnet=align, dynql=dyn,
-                           align_loss=args.method in ("alignnet", "clip-detr"), class_head=class_head)
-    return model, SetCriterion(len(class_names)), PostProcess()
+def check_finite_predictions(outputs):
+    """Name the predictions holding NaN/Inf (a diverged run) before the Hungarian matcher, whose own error
+    ('matrix contains invalid numeric entries') would name nothing; one host sync for all of them."""
+    n = len(outputs.get("aux_outputs", [])) + 1
+    heads = {f"decoder layer {i + 1}": head for i, head in enumerate(outputs.get("aux_outputs", []))}
+    heads[f"decoder layer {n}"] = outputs
+    if "enc_outputs" in outputs:
+        heads["encoder proposals"] = outputs["enc_outputs"]
+    for i, head in enumerate(outputs.get("dynql_outputs", [])):
+        heads[f"DynQueries of decoder layer {i + 1}"] = head
+    names = [(where, key) for where, head in heads.items() for key in ("pred_logits", "pred_boxes")]
+    finite = torch.stack([torch.isfinite(heads[where][key]).all() for where, key in names]).tolist()
+    bad = [f"{key} of {where}" for (where, key), ok in zip(names, finite) if not ok]
+    if bad:
+        raise FloatingPointError(f"non-finite predictions: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} "
+                                 "(the run diverged: lower --lr or check the data)")
 
 
 def compute_losses(criterion, outputs, targets):
     """Set-prediction losses (§3.1), plus AlignNet's Eq. 5 and DynQL's Eq. 10 when the model made them."""
+    check_finite_predictions(outputs)
     # One all-reduce of the box count per step serves both the conventional and the DynQL normalizer.
     n = global_num_boxes(targets, outputs["pred_logits"].device)
     losses = criterion(outputs, targets, num_boxes=n)
@@ -244,10 +240,6 @@ def init_distributed(args):
     return dist.get_rank(), world
 
 
-def is_main():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -290,13 +282,70 @@ def check_resume_args(saved, args, source):
     diff = [f"--{k.replace('_', '-')} {saved[k]!r} in the checkpoint, {getattr(args, k)!r} now"
             for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
     if diff:
-        raise ValueError(f"--resume {source}: the checkpoint was trained with other settings: {'; '.join(diff)}")
+        raise InputError(f"--resume {source}: the checkpoint was trained with other settings: {'; '.join(diff)}")
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+RESUME_KEYS = ("model", "args", "optimizer", "scheduler", "epoch", "rng")
+
+
+def check_resume_classes(ckpt, train_set, source):
+    """The class head's rows are the checkpoint's categories: a dataset whose names changed would silently
+    train row k under another name."""
+    saved = list(ckpt.get("classes", {}).get("names", train_set.cat_names))
+    if saved != list(train_set.cat_names):
+        changed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in enumerate(zip(saved, train_set.cat_names)) if a != b]
+        raise InputError(f"--resume {source}: the checkpoint was trained on {len(saved)} classes, the dataset now "
+                         f"has {len(train_set.cat_names)}{' (' + '; '.join(changed[:3]) + ')' if changed else ''}; "
+                         "expected the same category names in the same order")
+
+
+def check_datasets(train_set, val_set, args, world):
+    """Sets a run cannot learn from or would finish without a step on, which would otherwise exit 0."""
+    if train_set.num_boxes == 0:
+        raise InputError(f"train set {train_set.ann_file} has no boxes ({len(train_set)} images, no non-crowd "
+                         "annotation of a training category), expected at least one to learn from")
+    if len(train_set) < args.batch_size * world:
+        raise InputError(f"train set {train_set.ann_file} has {len(train_set)} images, fewer than --batch-size "
+                         f"{args.batch_size} x {world} process(es): an epoch would have no step")
+    if len(val_set) == 0:
+        raise InputError(f"val set {val_set.ann_file} has no images, expected at least one to evaluate on")
+
+
+def evaluation_due(epoch, args):
+    return epoch == args.epochs - 1 or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0)
+
+
+def merge_log(path, history, last_epoch):
+    """The records of epochs up to `last_epoch`: log.jsonl's line where it has one (only it can hold an AP
+    measured after the checkpoint was written), else the checkpoint's record."""
+    records = {record["epoch"]: record for record in history}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill while appending (older versions appended)
+                    continue
+                if record.get("epoch", last_epoch + 1) <= last_epoch:
+                    records[record["epoch"]] = record
+    return [records[epoch] for epoch in sorted(records)]
+
+
+def write_log(path, history):
+    """Rewrite log.jsonl whole, via a temporary file: a kill leaves the old or the new file, never half."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in history)
+    os.replace(tmp, path)
+
+
+def remove_stale_temporaries(output_dir):
+    """A kill during a write leaves checkpoint.pth.tmp / log.jsonl.tmp behind; the real files are intact."""
+    for name in ("checkpoint.pth.tmp", "log.jsonl.tmp"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            print(f"removed {path}, left by an interrupted write")
 
 
 def resolve_resume(resume, output_dir):
@@ -307,30 +356,14 @@ def resolve_resume(resume, output_dir):
     return resume
 
 
-def load_model_state(model, state_dict, source):
-    """Strict load; a CLIP-DETR checkpoint into a baseline model may only miss alignnet.*/dynql.* keys."""
-    own = model.state_dict()
-    module_key = lambda k: k.startswith(("alignnet.", "dynql."))  # noqa: E731
-    missing = [k for k in own if k not in state_dict and not module_key(k)]
-    unexpected = [k for k in state_dict if k not in own and not module_key(k)]
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-                  if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        show = lambda keys: f"{keys[:3]}{'...' if len(keys) > 3 else ''} ({len(keys)})"  # noqa: E731
-        raise ValueError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
-                         f"unexpected {show(unexpected)}, shape mismatch {show(mismatched)}")
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
-    skipped = [k for k in list(own) + list(state_dict) if module_key(k) and (k not in own or k not in state_dict)]
-    if skipped and is_main():
-        print(f"loaded {source}: {len(skipped)} training-module keys (alignnet.*/dynql.*) not used")
-
-
 def load_official_checkpoint(model, path, cat_ids):
     """An official Deformable DETR checkpoint: strict load; its 91-row COCO head keeps the rows of cat_ids."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, "--pretrained", keys=())
     state = state.get("model", state)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise InputError(f"--pretrained {path} holds no state_dict (expected a dict of tensors, or one under 'model')")
     if isinstance(unwrap(model).class_embed[0], alignnet.LabelEmbeddingClassifier):
-        raise ValueError(f"--pretrained {path}: an official checkpoint's linear class head cannot initialise the "
+        raise InputError(f"--pretrained {path}: an official checkpoint's linear class head cannot initialise the "
                          "open-vocabulary head of --dataset ov-coco; train ov-coco without --pretrained")
     K = len(cat_ids)
     for key in list(state):
@@ -422,7 +455,6 @@ def make_loaders(args, train_set, val_set, rank, world):
 
 
 def main(args):
-    import evaluate
     rank, world = init_distributed(args)
     device = torch.device(args.device)
     seed = args.seed + rank
@@ -430,16 +462,20 @@ def main(args):
     np.random.seed(seed)
     random.seed(seed)
     os.makedirs(args.output_dir, exist_ok=True)
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    if is_main():
+        remove_stale_temporaries(args.output_dir)
     resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
     ckpt = None
     if resume:
-        if not os.path.isfile(resume):
-            raise FileNotFoundError(f"--resume: checkpoint {resume!r} does not exist")
-        ckpt = load_checkpoint(resume)
+        ckpt = load_checkpoint(resume, keys=RESUME_KEYS)
         check_resume_args(ckpt["args"], args, resume)
 
     train_set = data.build_dataset("train", args)
     val_set = data.build_dataset("val", args)
+    check_datasets(train_set, val_set, args, world)
+    if ckpt is not None:
+        check_resume_classes(ckpt, train_set, resume)
     model, criterion, postprocess = build_model(args, train_set.cat_names)
     model.to(device)
     if args.pretrained:
@@ -464,6 +500,15 @@ def main(args):
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if is_main():
             print(f"resumed from {resume} at epoch {start_epoch}")
+        history = merge_log(log_path, ckpt.get("log", []), ckpt["epoch"])
+        last = history[-1] if history and history[-1]["epoch"] == ckpt["epoch"] else None
+        if last is not None and "coco_stats" not in last and evaluation_due(ckpt["epoch"], args):
+            # Killed between the checkpoint and its evaluation: evaluate that epoch now (no RNG is drawn).
+            last["coco_stats"] = evaluate.evaluate(model_without_ddp, postprocess, val_loader, val_set, device)
+        if is_main():
+            write_log(log_path, history)
+    else:
+        history = []
 
     n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     if is_main() and args.dataset != "shapes" and not (args.pretrained_backbone or args.pretrained):
@@ -482,7 +527,9 @@ def main(args):
         log = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "time_s": round(time.time() - t0, 1),
                **{f"train_{k}": round(v, 5) for k, v in train_stats.items()}}
         scheduler.step()
-        # Checkpoint before evaluating: a kill during a long COCO evaluation must not lose the epoch.
+        history.append(log)
+        # Checkpoint before evaluating: a kill during a long COCO evaluation must not lose the epoch. The
+        # checkpoint carries the log records, so a resumed run rewrites what a kill kept out of log.jsonl.
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -492,14 +539,12 @@ def main(args):
             save_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), model=model_without_ddp.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
                             args=vars(args), rng=rngs, scaler=scaler.state_dict() if scaler else None,
-                            classes={"ids": train_set.cat_ids, "names": train_set.cat_names})
-        last = epoch == args.epochs - 1
-        if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
+                            classes={"ids": train_set.cat_ids, "names": train_set.cat_names}, log=history)
+        if evaluation_due(epoch, args):
             stats = evaluate.evaluate(model_without_ddp, postprocess, val_loader, val_set, device)
             log["coco_stats"] = stats
         if is_main():
-            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(log) + "\n")
+            write_log(log_path, history)
             # The console shows the last decoder layer's terms; log.jsonl has every layer's and the proposals'.
             loss_line = " ".join(f"{k[6:]}={v:.3f}" for k, v in log.items()
                                  if k.startswith("train_loss") and not re.search(r"_(\d+|enc)$", k))
@@ -518,9 +563,9 @@ def cli(argv=None):
     args = get_parser().parse_args(argv)
     try:
         main(finalize_args(args))
-    except (ValueError, FileNotFoundError) as err:
-        # Bad input is reported as one line; a genuine bug still shows its traceback.
-        print(f"error: {err}", file=sys.stderr)
+    except (InputError, FileNotFoundError, FloatingPointError) as err:
+        # Bad input (and a diverged run, named by its loss terms) is one line; a genuine bug keeps its traceback.
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,47 @@
+"""Errors: the one exception class for bad input, and the one line the command lines print for it.
+
+A bad data file, flag, checkpoint or embedding table raises `InputError` (a ValueError) with a message that
+names the bad thing and says what was expected; train.py and evaluate.py print that message as one line and
+exit 2. Every other exception is a bug and keeps its traceback. This module sits below every other one, so
+any of them can raise it.
+
+`read_torch_file` is torch.load for files a user names (checkpoints, embedding tables), where a damaged
+file is bad input, not a bug.
+
+No equations, no tensors (no shape legend). Deviations from the paper: none (the paper has no CLI).
+"""
+import pickle
+
+import torch
+
+
+class InputError(ValueError):
+    """Bad input (a data file, a flag, a checkpoint, an embedding table): the message names it and says what
+    was expected; the command lines print it as one line. Any other exception is a bug and keeps its traceback."""
+
+
+def error_line(err):
+    """The one line to show for an error: a DataLoader worker's error arrives as 'Caught X in DataLoader worker
+    process N' plus the worker's traceback, whose last line is the original 'module.X: message'."""
+    text = str(err).strip()
+    if "\nOriginal Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def read_torch_file(path, what, *, weights_only):
+    """torch.load of a file the user named, on the CPU; one torch.save did not write (text, empty, truncated,
+    random bytes) is an InputError naming `what` and the path."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; files of torch < 1.6 are a pickle, which opens with the PROTO byte 0x80.
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise InputError(f"{what} {path} is {'not a file written by torch.save' if magic else 'empty'}, expected "
+                         "a .pt/.pth file written by torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        # A truncated zip is a RuntimeError, a truncated pickle an EOFError or UnpicklingError.
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{what} {path} is damaged or incomplete ({reason}), expected a file written by "
+                         "torch.save") from None
