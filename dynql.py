@@ -113,9 +113,10 @@ class DynQL(nn.Module):
         device = z_attr.device
         valid = torch.arange(G, device=device)[None] < torch.as_tensor(sizes, device=device)[:, None]  # (B, G)
         gt_boxes = torch.cat([t["boxes"] for t in targets])  # (N, 4)
-        # Padding gets a harmless box in the image centre; it is masked out everywhere.
+        # Padding gets a harmless box in the image centre; it is masked out everywhere. The boxes keep the GT's
+        # dtype: under autocast z_attr is bf16/fp16, while the decoder's reference boxes stay float32.
         content = z_attr.new_zeros(B, S, G, C)
-        reference = z_attr.new_tensor([0.5, 0.5, 0.1, 0.1]).repeat(B, S, G, 1)  # (B, S, G, 4)
+        reference = gt_boxes.new_tensor([0.5, 0.5, 0.1, 0.1]).repeat(B, S, G, 1)  # (B, S, G, 4)
         for s, beta in enumerate(self.betas):
             content[:, s][valid] = self.content(z_attr, beta)
             reference[:, s][valid] = self.position(gt_boxes)
