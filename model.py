@@ -44,6 +44,9 @@ Deviations from the paper / official code:
   - The Triton kernel computes in float32. fp16/bf16 inputs are cast up to float32 and the output is cast back
     to the dtype of `value` (the official extension has no half-precision path either); float64 inputs are
     computed in float32 too, where the official extension has a float64 kernel.
+  - Under autocast (--amp) the deformable attention samples in float32 on every device (softmax weights,
+    locations, bilinear sum); the linear projections around it follow autocast. The official code has no
+    mixed precision.
   - Gradients of `value` are summed with float32 atomics, so their last bits depend on the order in which
     programs run: the backward pass is not bit-for-bit deterministic.
   - The kernels do not check that S_all equals sum_l H_l * W_l (that would cost a device-to-host copy per
@@ -516,7 +519,10 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(B, value.shape[1], M, self.d_model // M)  # (B, S_all, M, C/M)
         offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # (B, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1)  # (B, Lq, M, L*P)
+        logits = self.attention_weights(query).view(B, Lq, M, L * P)  # (B, Lq, M, L*P)
+        # At least float32, so that the sampling below runs in float32 under autocast on every device: CUDA
+        # autocast computes softmax in float32, CPU autocast would keep it in bf16.
+        weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         weights = weights.view(B, Lq, M, L, P)  # (B, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalize by (W_l, H_l), in that order.

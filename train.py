@@ -112,7 +112,8 @@ def get_parser():
     o.add_argument("--batch-size", type=int, default=None, help="per process")
     o.add_argument("--epochs", type=int, default=None)
     o.add_argument("--lr-drop", type=int, nargs="+", default=None, help="epochs where lr is multiplied by 0.1")
-    o.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="CUDA only")
+    o.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="autocast on the training device: bf16 on CPU or CUDA, fp16 on CUDA only")
     o.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke runs)")
 
     r = p.add_argument_group("run")
@@ -130,8 +131,9 @@ def finalize_args(args):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.amp != "off" and not str(args.device).startswith("cuda"):
-        raise ValueError(f"--amp {args.amp} needs a CUDA device (got --device {args.device})")
+    if args.amp == "fp16" and not str(args.device).startswith("cuda"):
+        raise ValueError(f"--amp fp16 needs a CUDA device (its gradient scaler is CUDA-only; got --device "
+                         f"{args.device}); use --amp bf16 on the CPU")
     if args.two_stage and not args.with_box_refine:
         raise ValueError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
                          "head, as in the official code); add --no-two-stage for single-stage Deformable DETR")
@@ -342,7 +344,7 @@ def train_step(model, criterion, batch, optimizer, device, *, clip_max_norm=0.1,
     """
     images, mask, targets = batch
     images, mask, targets = images.to(device), mask.to(device), to_device(targets, device)
-    with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
         losses = compute_losses(criterion, model(images, mask, targets), targets)
         weights = weight_dict(losses, align=align_loss_coef)
         loss = sum(weights[k] * v for k, v in losses.items())
