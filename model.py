@@ -35,8 +35,8 @@ strict=True, including the official aliases transformer.decoder.{class,bbox}_emb
 
 Deviations from the paper / official code:
   - The backbone trains every layer when it starts from random weights (the official code freezes the stem
-    and layer1, which only makes sense for ImageNet weights); with `pretrained=True` it freezes them as
-    the official code does.
+    and layer1, which only makes sense for ImageNet weights); with `pretrained=True`, or once a checkpoint's
+    weights are loaded (`freeze_stem_and_layer1`), it freezes them as the official code does.
   - The decoder self-attention accepts an attention mask (the official decoder has none): DynQL needs it.
   - The official code ships a CUDA C++ extension that must be compiled; the GPU kernel here is Triton
     (`ms_deform_attn_triton`), compiled on first use on CUDA tensors, with no build step. With
@@ -114,13 +114,18 @@ class Backbone(nn.Module):
             resnet = load_imagenet_resnet(name)
         else:
             resnet = getattr(torchvision.models, fn_name)(weights=None, norm_layer=FrozenBatchNorm2d)
-        for pname, p in resnet.named_parameters():
-            # ImageNet stem and layer1 stay frozen (official); random ones must learn.
-            if pretrained and not pname.startswith(("layer2", "layer3", "layer4")):
-                p.requires_grad_(False)
         self.body = torchvision.models._utils.IntermediateLayerGetter(
             resnet, return_layers={"layer2": "0", "layer3": "1", "layer4": "2"})
         self.strides = (8, 16, 32)
+        if pretrained:
+            self.freeze_stem_and_layer1()
+
+    def freeze_stem_and_layer1(self):
+        """Trained weights (ImageNet, or a detector checkpoint's) keep stem and layer1 frozen, as the official
+        code does for a pretrained ResNet; random ones must learn."""
+        for name, p in self.body.named_parameters():
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
 
     def forward(self, images, mask):
         """Feature maps (B, C_l, H_l, W_l) and their padding masks (B, H_l, W_l), True on padding."""

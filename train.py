@@ -316,17 +316,31 @@ def load_model_state(model, state_dict, source):
 
 
 def load_official_checkpoint(model, path, cat_ids):
-    """An official Deformable DETR checkpoint: strict load; its 91-row COCO head keeps the rows of cat_ids."""
+    """An official Deformable DETR checkpoint: strict load. Its 91-row COCO class heads keep the rows of cat_ids
+    (class k gets row cat_ids[k]); the two-stage encoder head keeps its objectness row 0 in column 0. The
+    checkpoint's ResNet stem and layer1 are then frozen, as the official code freezes a pretrained ResNet's."""
     state = load_checkpoint(path)
     state = state.get("model", state)
-    if isinstance(unwrap(model).class_embed[0], alignnet.LabelEmbeddingClassifier):
+    detr = unwrap(model)
+    if isinstance(detr.class_embed[0], alignnet.LabelEmbeddingClassifier):
         raise ValueError(f"--pretrained {path}: an official checkpoint's linear class head cannot initialise the "
                          "open-vocabulary head of --dataset ov-coco; train ov-coco without --pretrained")
-    K = len(cat_ids)
+    # The encoder head (class_embed.{n_dec}, alias transformer.decoder.class_embed.{n_dec}) is class-agnostic:
+    # every target is class 0 and proposals are ranked by that logit; its other rows only ever saw negatives.
+    encoder_head = f"class_embed.{detr.transformer.decoder.num_layers}." if detr.two_stage else None
     for key in list(state):
-        if "class_embed" in key and state[key].shape[0] == 91 and K != 91:
+        if "class_embed" not in key or state[key].shape[0] != 91:
+            continue
+        if encoder_head and key.removeprefix("transformer.decoder.").startswith(encoder_head):
+            state[key] = state[key][:len(cat_ids)]
+        elif all(0 <= c < 91 for c in cat_ids):
             state[key] = state[key][torch.as_tensor(cat_ids)]
+        else:
+            bad = [c for c in cat_ids if not 0 <= c < 91]
+            raise ValueError(f"--pretrained {path}: its class heads have one row per COCO category id 0-90; the "
+                             f"dataset's category ids {bad[:3]}{'...' if len(bad) > 3 else ''} are not among them")
     load_model_state(model, state, path)
+    detr.backbone[0].freeze_stem_and_layer1()
 
 
 # ----------------------------------------------------------------------------------------------------------
