@@ -180,6 +180,29 @@ def test_official_coco_checkpoint_through_pretrained(coco_dir, tmp_path):
         train.load_official_checkpoint(model, args.pretrained, [*train_set.cat_ids[:-1], 200])
 
 
+@pytest.mark.parametrize("refine", [False, True], ids=["plain", "box-refine"])
+def test_official_single_stage_checkpoints_through_pretrained(coco_dir, tmp_path, refine):
+    """The released single-stage variants (one shared head, or one per layer with box refinement) load with
+    --no-two-stage: every head's class k is official row cat_id[k]."""
+    flags = ["--no-two-stage", "--method", "baseline"] + ([] if refine else ["--no-with-box-refine"])
+    args = coco_args(coco_dir, tmp_path, *SMALL_R18, *flags, "--pretrained", str(tmp_path / "official.pth"))
+    shapes = official_state_shapes(
+        backbone_state=train.Backbone("resnet18").body.state_dict(), backbone_channels=(128, 256, 512),
+        num_classes=91, d_model=32, n_heads=4, d_ffn=64, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
+        n_levels=4, n_points=4, num_queries=args.num_queries, two_stage=False, with_box_refine=refine)
+    state = official_checkpoint(shapes, shared_heads=not refine)
+    torch.save({"model": state}, args.pretrained)
+    train_set = data.build_dataset("train", args)
+    model, _, _ = train.build_model(args, train_set.cat_names)
+    train.load_official_checkpoint(model, args.pretrained, train_set.cat_ids)
+    rows = torch.as_tensor(train_set.cat_ids)
+    assert len(model.class_embed) == args.dec_layers
+    for layer, head in enumerate(model.class_embed):
+        assert torch.equal(head.weight, state[f"class_embed.{layer}.weight"][rows])
+        assert torch.equal(head.bias, state[f"class_embed.{layer}.bias"][rows])
+    assert not model.backbone[0].body.conv1.weight.requires_grad
+
+
 def small_images(monkeypatch):
     """COCO's transforms at the generated images' own scale (shorter side 64 px instead of 480-800 px)."""
     native = data.make_transforms
