@@ -15,6 +15,8 @@ Deviations from the paper / official code:
   - The official criterion also logs a class error and cardinality error; they are not losses and are left
     out here.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
@@ -58,8 +60,10 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def cost_matrix(self, logits, boxes, tgt_labels, tgt_boxes):
         """Cost of assigning each of Q predictions to each of n GT boxes: (Q, n)."""
-        # float32: under fp16 autocast 1 - p + 1e-8 rounds to 0 and the log gives -inf costs.
-        logits, boxes = logits.float(), boxes.float()
+        # At least float32: under fp16 autocast 1 - p + 1e-8 rounds to 0 and the log gives -inf costs. One dtype
+        # for predictions and targets: torch.cdist refuses to mix them (e.g. float64 targets).
+        dtype = functools.reduce(torch.promote_types, (logits.dtype, boxes.dtype, tgt_boxes.dtype), torch.float32)
+        logits, boxes, tgt_boxes = logits.to(dtype), boxes.to(dtype), tgt_boxes.to(dtype)
         prob = logits.sigmoid()
         # Focal cost: the focal loss of predicting the GT class minus that of predicting "not this class".
         neg = (1 - self.alpha) * prob ** self.gamma * -(1 - prob + 1e-8).log()
@@ -81,7 +85,7 @@ class HungarianMatcher(nn.Module):
         # (B*Q, K) and (B*Q, 4) predictions against all N GT boxes of the batch.
         C = self.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1),
                              torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
-        C = C.view(B, Q, -1).float().cpu()  # (B, Q, N)
+        C = C.view(B, Q, -1).cpu()  # (B, Q, N)
         indices = []
         for b, c in enumerate(C.split(sizes, -1)):
             rows, cols = linear_sum_assignment(c[b].numpy())

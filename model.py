@@ -36,8 +36,8 @@ strict=True, including the official aliases transformer.decoder.{class,bbox}_emb
 
 Deviations from the paper / official code:
   - The backbone trains every layer when it starts from random weights (the official code freezes the stem
-    and layer1, which only makes sense for ImageNet weights); with `pretrained=True` it freezes them as
-    the official code does.
+    and layer1, which only makes sense for ImageNet weights); with `pretrained=True`, or once a checkpoint's
+    weights are loaded (`freeze_stem_and_layer1`), it freezes them as the official code does.
   - The decoder self-attention accepts an attention mask (the official decoder has none): DynQL needs it.
   - The official code ships a CUDA C++ extension that must be compiled; the GPU kernel here is Triton
     (`ms_deform_attn_triton`), compiled on first use on CUDA tensors, with no build step. With
@@ -45,6 +45,9 @@ Deviations from the paper / official code:
   - The Triton kernel computes in float32. fp16/bf16 inputs are cast up to float32 and the output is cast back
     to the dtype of `value` (the official extension has no half-precision path either); float64 inputs are
     computed in float32 too, where the official extension has a float64 kernel.
+  - Under autocast (--amp) the deformable attention samples in float32 on every device (softmax weights,
+    locations, bilinear sum); the linear projections around it follow autocast. The official code has no
+    mixed precision.
   - Gradients of `value` are summed with float32 atomics, so their last bits depend on the order in which
     programs run: the backward pass is not bit-for-bit deterministic.
   - The kernels do not check that S_all equals sum_l H_l * W_l (that would cost a device-to-host copy per
@@ -114,13 +117,18 @@ class Backbone(nn.Module):
             resnet = load_imagenet_resnet(name)
         else:
             resnet = getattr(torchvision.models, fn_name)(weights=None, norm_layer=FrozenBatchNorm2d)
-        for pname, p in resnet.named_parameters():
-            # ImageNet stem and layer1 stay frozen (official); random ones must learn.
-            if pretrained and not pname.startswith(("layer2", "layer3", "layer4")):
-                p.requires_grad_(False)
         self.body = torchvision.models._utils.IntermediateLayerGetter(
             resnet, return_layers={"layer2": "0", "layer3": "1", "layer4": "2"})
         self.strides = (8, 16, 32)
+        if pretrained:
+            self.freeze_stem_and_layer1()
+
+    def freeze_stem_and_layer1(self):
+        """Trained weights (ImageNet, or a detector checkpoint's) keep stem and layer1 frozen, as the official
+        code does for a pretrained ResNet; random ones must learn."""
+        for name, p in self.body.named_parameters():
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
 
     def forward(self, images, mask):
         """Feature maps (B, C_l, H_l, W_l) and their padding masks (B, H_l, W_l), True on padding."""
@@ -543,7 +551,10 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(B, value.shape[1], M, self.d_model // M)  # (B, S_all, M, C/M)
         offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # (B, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1)  # (B, Lq, M, L*P)
+        logits = self.attention_weights(query).view(B, Lq, M, L * P)  # (B, Lq, M, L*P)
+        # At least float32, so that the sampling below runs in float32 under autocast on every device: CUDA
+        # autocast computes softmax in float32, CPU autocast would keep it in bf16.
+        weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         weights = weights.view(B, Lq, M, L, P)  # (B, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalize by (W_l, H_l), in that order.

@@ -474,3 +474,19 @@ def test_model_batch_without_gt_trains(align_loss):
     total.backward()
     for name in ('transformer.pos_trans.weight', 'alignnet.attr_proj.weight', 'alignnet.attr_proj.bias'):
         assert detr.get_parameter(name).grad is not None, name
+
+
+def test_forward_under_bf16_autocast_keeps_float32_reference_boxes():
+    """--amp: z_attr arrives in bf16 (AlignNet's Linear under autocast) while the GT boxes are float32; the
+    DynQuery reference boxes stay float32 and exact (rho = 0: the GT boxes themselves)."""
+    torch.manual_seed(0)
+    targets = targets_of_sizes([2, 1])
+    dynql = DynQL(d_model=8, betas=(0.5, 0.9), rho=0.0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        dyn = dynql(torch.randn(3, 8, dtype=torch.bfloat16), targets, num_queries=4,
+                    proposal_queries=lambda p: (p.new_zeros(*p.shape[:-1], 8),) * 2)
+    assert dyn.reference.dtype == torch.float32
+    reference = dyn.reference.view(2, 2, 2, 4)  # (B, S, G, 4)
+    for s in range(2):  # bf16 would be off by ~1e-3
+        torch.testing.assert_close(reference[0, s], targets[0]['boxes'], rtol=0, atol=1e-6)
+        torch.testing.assert_close(reference[1, s, :1], targets[1]['boxes'], rtol=0, atol=1e-6)

@@ -184,3 +184,21 @@ def test_cost_matrix_is_finite_for_half_precision_logits():
     cost = matcher.cost_matrix(logits, boxes, torch.tensor([1, 0]), torch.tensor([[0.5, 0.5, 0.2, 0.2],
                                                                                   [0.3, 0.3, 0.1, 0.1]]))
     assert cost.dtype == torch.float32 and torch.isfinite(cost).all()
+
+
+@pytest.mark.parametrize('pred_dtype', [torch.float32, torch.float64])
+def test_float64_targets_match_and_lose_like_float32_ones(pred_dtype):
+    """float64 GT boxes (a float64 run, or a user's pipeline) with float32 or float64 predictions: same matching
+    and losses as float32 targets, the costs computed in the wider dtype."""
+    outputs, targets = random_batch([3, 2], Q=6, seed=5)
+    outputs = {k: v.to(pred_dtype) for k, v in outputs.items()}
+    wide = [dict(t, boxes=t['boxes'].double()) for t in targets]
+    matcher = HungarianMatcher()
+    cost = matcher.cost_matrix(outputs['pred_logits'][0], outputs['pred_boxes'][0], wide[0]['labels'],
+                               wide[0]['boxes'])
+    assert cost.dtype == torch.float64
+    for (src, tgt), (src32, tgt32) in zip(matcher(outputs, wide), matcher(outputs, targets)):
+        assert src.tolist() == src32.tolist() and tgt.tolist() == tgt32.tolist()
+    losses, losses32 = SetCriterion(num_classes=4)(outputs, wide), SetCriterion(num_classes=4)(outputs, targets)
+    for k in losses32:
+        torch.testing.assert_close(losses[k].float(), losses32[k].float())

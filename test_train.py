@@ -1,5 +1,6 @@
 """End-to-end tests of train.py / evaluate.py on a handful of tiny `shapes` images (CPU, seconds each)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -244,3 +245,40 @@ def test_torchrun_two_processes_gloo(tmp_path, cache):
     assert "2 process(es)" in result.stdout
     assert result.stdout.count("epoch 0:") == 1  # only rank 0 prints
     assert os.path.isfile(tmp_path / "ddp" / "checkpoint.pth")
+
+
+def test_amp_bf16_is_allowed_on_the_cpu_and_fp16_is_not(tmp_path, cache):
+    assert tiny_args(tmp_path, cache, "--amp", "bf16", "--device", "cpu").amp == "bf16"
+    with pytest.raises(ValueError, match=r"^--amp fp16 needs a CUDA device .*--device cpu\); use --amp bf16"):
+        tiny_args(tmp_path, cache, "--amp", "fp16", "--device", "cpu")
+
+
+def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float32(tmp_path, cache, monkeypatch):
+    """train_step autocasts on the device it runs on; under bf16 the heads run in bf16 while the deformable
+    attention samples and sums in float32 (locations, softmax weights, output), on the CPU as on CUDA."""
+    import data
+    import model as model_lib
+    args = tiny_args(tmp_path, cache, "--method", "clip-detr", "--amp", "bf16", "--device", "cpu")
+    ds = data.build_dataset("train", args)
+    torch.manual_seed(0)
+    model, criterion, _ = train.build_model(args, ds.cat_names)
+    seen = {"attn": set()}
+    real_losses, real_attn = train.compute_losses, model_lib.ms_deform_attn_pytorch
+
+    def losses_spy(criterion, outputs, targets):
+        seen["logits"] = outputs["pred_logits"].dtype
+        return real_losses(criterion, outputs, targets)
+
+    def attn_spy(value, spatial_shapes, loc, weights):
+        out = real_attn(value, spatial_shapes, loc, weights)
+        seen["attn"].add((value.dtype, loc.dtype, weights.dtype, out.dtype))
+        return out
+    monkeypatch.setattr(train, "compute_losses", losses_spy)
+    monkeypatch.setattr(model_lib, "ms_deform_attn_pytorch", attn_spy)
+    optimizer = torch.optim.AdamW(train.param_groups(model, args), lr=1e-4)
+    loss, values = train.train_step(model, criterion, data.collate_fn([ds[0], ds[1]]), optimizer,
+                                    torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert math.isfinite(loss) and "loss_dynql_ce" in values and "loss_align" in values
+    assert seen["logits"] == torch.bfloat16
+    assert seen["attn"] == {(torch.bfloat16, torch.float32, torch.float32, torch.float32)}
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -116,7 +116,8 @@ def get_parser():
     o.add_argument("--batch-size", type=int, default=None, help="per process")
     o.add_argument("--epochs", type=int, default=None)
     o.add_argument("--lr-drop", type=int, nargs="+", default=None, help="epochs where lr is multiplied by 0.1")
-    o.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="CUDA only")
+    o.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="autocast on the training device: bf16 on CPU or CUDA, fp16 on CUDA only")
     o.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke runs)")
 
     r = p.add_argument_group("run")
@@ -152,8 +153,9 @@ def finalize_args(args):
                          "the sine position embedding takes half the channels for x and half for y")
     evaluate.check_device(args.device)
     evaluate.check_output_path(args.output_dir, "--output-dir")
-    if args.amp != "off" and not str(args.device).startswith("cuda"):
-        raise InputError(f"--amp {args.amp} needs a CUDA device (got --device {args.device})")
+    if args.amp == "fp16" and not str(args.device).startswith("cuda"):
+        raise InputError(f"--amp fp16 needs a CUDA device (its gradient scaler is CUDA-only; got --device "
+                         f"{args.device}); use --amp bf16 on the CPU")
     if args.two_stage and not args.with_box_refine:
         raise InputError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
                          "head, as in the official code); add --no-two-stage for single-stage Deformable DETR")
@@ -357,19 +359,33 @@ def resolve_resume(resume, output_dir):
 
 
 def load_official_checkpoint(model, path, cat_ids):
-    """An official Deformable DETR checkpoint: strict load; its 91-row COCO head keeps the rows of cat_ids."""
+    """An official Deformable DETR checkpoint: strict load. Its 91-row COCO class heads keep the rows of cat_ids
+    (class k gets row cat_ids[k]); the two-stage encoder head keeps its objectness row 0 in column 0. The
+    checkpoint's ResNet stem and layer1 are then frozen, as the official code freezes a pretrained ResNet's."""
     state = load_checkpoint(path, "--pretrained", keys=())
     state = state.get("model", state)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise InputError(f"--pretrained {path} holds no state_dict (expected a dict of tensors, or one under 'model')")
-    if isinstance(unwrap(model).class_embed[0], alignnet.LabelEmbeddingClassifier):
+    detr = unwrap(model)
+    if isinstance(detr.class_embed[0], alignnet.LabelEmbeddingClassifier):
         raise InputError(f"--pretrained {path}: an official checkpoint's linear class head cannot initialise the "
                          "open-vocabulary head of --dataset ov-coco; train ov-coco without --pretrained")
-    K = len(cat_ids)
+    # The encoder head (class_embed.{n_dec}, alias transformer.decoder.class_embed.{n_dec}) is class-agnostic:
+    # every target is class 0 and proposals are ranked by that logit; its other rows only ever saw negatives.
+    encoder_head = f"class_embed.{detr.transformer.decoder.num_layers}." if detr.two_stage else None
     for key in list(state):
-        if "class_embed" in key and state[key].shape[0] == 91 and K != 91:
+        if "class_embed" not in key or state[key].shape[0] != 91:
+            continue
+        if encoder_head and key.removeprefix("transformer.decoder.").startswith(encoder_head):
+            state[key] = state[key][:len(cat_ids)]
+        elif all(0 <= c < 91 for c in cat_ids):
             state[key] = state[key][torch.as_tensor(cat_ids)]
+        else:
+            bad = [c for c in cat_ids if not 0 <= c < 91]
+            raise InputError(f"--pretrained {path}: its class heads have one row per COCO category id 0-90; the "
+                             f"dataset's category ids {bad[:3]}{'...' if len(bad) > 3 else ''} are not among them")
     load_model_state(model, state, path)
+    detr.backbone[0].freeze_stem_and_layer1()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,7 +403,7 @@ def train_step(model, criterion, batch, optimizer, device, *, clip_max_norm=0.1,
     """
     images, mask, targets = batch
     images, mask, targets = images.to(device), mask.to(device), to_device(targets, device)
-    with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
         outputs = model(images, mask, targets)
         losses = compute_losses(criterion, outputs, targets)
         weights = weight_dict(losses, align=align_loss_coef)
