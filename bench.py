@@ -17,9 +17,11 @@ fresh process per configuration (so numbers include the Python/torch baseline of
 Deviations from the paper: none (the paper reports no timings).
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -183,6 +185,110 @@ def bench_coco_step(args):
           f"{t:.2f} s per training step (median of {args.steps})")
 
 
+# ----------------------------------------------------------------------------------------------------------
+def _hf_model(num_classes):
+    """transformers' DeformableDetrForObjectDetection at the paper's configuration, random ResNet-50 weights.
+
+    transformers freezes its whole native ResNet (its freezing rule looks for names that its ResNet does not
+    use), so layer2-4 are unfrozen here: both detectors then train the same parameters as the paper (stem and
+    layer1 frozen, as the official code does for ImageNet weights).
+    """
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+    cfg = DeformableDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_classes,
+        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]), two_stage=True,
+        with_box_refine=True, num_queries=300, two_stage_num_proposals=300, auxiliary_loss=True)
+    hf = DeformableDetrForObjectDetection(cfg)
+    for name, p in hf.model.backbone.model.named_parameters():
+        p.requires_grad_(name.startswith(("encoder.stages.1.", "encoder.stages.2.", "encoder.stages.3.")))
+    return hf
+
+
+def _freeze_stem_layer1(model):
+    """The paper's trainable set (the official rule for ImageNet weights), the same as transformers trains."""
+    for name, p in model.backbone[0].body.named_parameters():
+        p.requires_grad_(name.startswith(("layer2", "layer3", "layer4")))
+
+
+def bench_hf(args):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("bench.py hf compares against HuggingFace transformers, which is not installed: "
+              "pip install transformers", file=sys.stderr)
+        sys.exit(1)
+    import train
+    torch.manual_seed(0)
+    names = [f"class {i}" for i in range(80)]
+    B, S = 2, args.size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, S, S, generator=g)
+    mask = torch.zeros(B, S, S, dtype=torch.bool)
+    targets = [{"boxes": torch.rand(7, 4, generator=g) * 0.4 + 0.1, "labels": torch.randint(0, 80, (7,), generator=g)}
+               for _ in range(B)]
+    hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+    steps, infers = {}, {}
+    for method in args.methods:
+        targs = train.finalize_args(train.get_parser().parse_args(
+            ["--dataset", "coco", "--device", "cpu", "--method", method, "--clip-pretrained", "none",
+             "--clip-model", "RN50"]))
+        model, criterion, _ = train.build_model(targs, names)
+        _freeze_stem_layer1(model)
+        optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr, weight_decay=targs.weight_decay)
+
+        def step(model=model, criterion=criterion, optimizer=optimizer, targs=targs):
+            model.train()
+            train.train_step(model, criterion, (images, mask, targets), optimizer, torch.device("cpu"),
+                             clip_max_norm=targs.clip_max_norm)
+
+        def infer(model=model):
+            model.eval()
+            with torch.no_grad():
+                model(images, mask)
+
+        steps[method], infers[method] = step, infer
+    hf = _hf_model(len(names))
+    hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4, weight_decay=1e-4)
+
+    def hf_step():
+        hf.train()
+        loss = hf(pixel_values=images, pixel_mask=(~mask).long(), labels=hf_labels).loss
+        hf_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
+        hf_opt.step()
+
+    def hf_infer():
+        hf.eval()
+        with torch.no_grad():
+            hf(pixel_values=images, pixel_mask=(~mask).long())
+
+    steps["transformers"], infers["transformers"] = hf_step, hf_infer
+    precisions = {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast("cpu", torch.bfloat16)}
+    cases = [(kind, name, prec, fn) for prec in args.precision for kind, fns in (("train", steps), ("infer", infers))
+             for name, fn in fns.items()]
+    times = {case[:3]: [] for case in cases}
+    print(f"batch {B} at {S}x{S}, ResNet-50 (random, stem+layer1 frozen), 6+6 layers, 300 queries, two-stage + "
+          f"refine; {torch.get_num_threads()} threads; {args.rounds} alternating rounds after one warm-up",
+          flush=True)
+    for r in range(args.rounds + 1):
+        for kind, name, prec, fn in cases:
+            with precisions[prec]():
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+            if r > 0:  # round 0 warms up every path
+                times[(kind, name, prec)].append(dt)
+    stat = {k: (min(v), statistics.median(v)) for k, v in times.items()}
+    print(f"{'':>6} {'precision':>9} {'model':>12} {'min s':>7} {'median s':>9} {'vs transformers min':>20} "
+          f"{'median':>7}")
+    for kind, name, prec in times:
+        ref = stat[(kind, "transformers", prec)]
+        mn, md = stat[(kind, name, prec)]
+        print(f"{kind:>6} {prec:>9} {name:>12} {mn:7.2f} {md:9.2f} {mn / ref[0]:19.2f}x {md / ref[1]:6.2f}x")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser("bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -198,6 +304,12 @@ def main(argv=None):
     c.add_argument("--device", default="cpu")
     c.add_argument("--steps", type=int, default=3)
     c.add_argument("--method", default="baseline")
+    h = sub.add_parser("hf", help="training step and inference against HuggingFace transformers")
+    h.add_argument("--rounds", type=int, default=5)
+    h.add_argument("--size", type=int, default=640, help="square image side, pixels")
+    h.add_argument("--methods", nargs="+", default=["baseline", "clip-detr"], choices=["baseline", "clip-detr"])
+    h.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="bf16: CPU autocast around every model's step")
     w = sub.add_parser("_worker")
     w.add_argument("--steps", type=int)
     w.add_argument("argv", nargs="*")
@@ -208,6 +320,8 @@ def main(argv=None):
         bench_train(args)
     elif args.what == "coco-step":
         bench_coco_step(args)
+    elif args.what == "hf":
+        bench_hf(args)
     else:
         _train_worker(args.argv, args.steps, os.path.join(HERE, ".bench_tmp.json"))
 
