@@ -114,7 +114,7 @@ def _train_worker(argv, steps, out_path):
     ds = data.build_dataset("train", args)
     model, criterion, _ = train.build_model(args, ds.cat_names)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(train.param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = train.build_optimizer(model, args)
     batches = [data.collate_fn([ds[(i * args.batch_size + j) % len(ds)] for j in range(args.batch_size)])
                for i in range(steps + 2)]
 
@@ -168,7 +168,7 @@ def bench_coco_step(args):
     model, criterion, _ = train.build_model(targs, names)
     device = torch.device(args.device)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr)
+    optimizer = train.build_optimizer(model, targs)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(1, 3, 800, 1333, generator=g).to(device)
     mask = torch.zeros(1, 800, 1333, dtype=torch.bool, device=device)
@@ -189,15 +189,18 @@ def bench_coco_step(args):
 def _hf_model(num_classes):
     """transformers' DeformableDetrForObjectDetection at the paper's configuration, random ResNet-50 weights.
 
-    transformers freezes its whole native ResNet (its freezing rule looks for names that its ResNet does not
-    use), so layer2-4 are unfrozen here: both detectors then train the same parameters as the paper (stem and
-    layer1 frozen, as the official code does for ImageNet weights).
+    Two settings differ from transformers' defaults so that both detectors do the same work: dropout 0.1 also
+    after the FFN activation and on the decoder self-attention weights (official Deformable DETR; transformers
+    defaults them to 0), and layer2-4 of the ResNet train: transformers freezes its whole native ResNet (its
+    freezing rule looks for parameter names its own ResNet does not use). Both then train the paper's parameters
+    (stem and layer1 frozen, as the official code does for ImageNet weights).
     """
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
     cfg = DeformableDetrConfig(
         use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_classes,
         backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]), two_stage=True,
-        with_box_refine=True, num_queries=300, two_stage_num_proposals=300, auxiliary_loss=True)
+        with_box_refine=True, num_queries=300, two_stage_num_proposals=300, auxiliary_loss=True,
+        activation_dropout=0.1, attention_dropout=0.1)
     hf = DeformableDetrForObjectDetection(cfg)
     for name, p in hf.model.backbone.model.named_parameters():
         p.requires_grad_(name.startswith(("encoder.stages.1.", "encoder.stages.2.", "encoder.stages.3.")))
@@ -235,7 +238,7 @@ def bench_hf(args):
              "--clip-model", "RN50"]))
         model, criterion, _ = train.build_model(targs, names)
         _freeze_stem_layer1(model)
-        optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr, weight_decay=targs.weight_decay)
+        optimizer = train.build_optimizer(model, targs)
 
         def step(model=model, criterion=criterion, optimizer=optimizer, targs=targs):
             model.train()

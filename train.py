@@ -244,6 +244,12 @@ def compute_losses(criterion, outputs, targets):
     return losses
 
 
+def build_optimizer(model, args):
+    """AdamW over `param_groups`; fused (one kernel over all parameters, CPU and CUDA) instead of a Python loop
+    over ~350 tensors, which is the same update up to float rounding."""
+    return torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+
+
 def param_groups(model, args):
     """Backbone at --lr-backbone; sampling offsets and reference points at 0.1x lr (official); rest at --lr."""
     groups = {"backbone": [], "linear_proj": [], "rest": []}
@@ -484,7 +490,7 @@ def main(args):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model_without_ddp, args)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_drop, gamma=0.1)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     train_loader, train_sampler, val_loader = make_loaders(args, train_set, val_set, rank, world)
