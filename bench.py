@@ -7,6 +7,13 @@
                                             CLIP-DETR method, same seed, same batches (training-only cost)
   python bench.py coco-step [--steps 3]     seconds per training step of the default COCO model (R50, 6+6 layers,
                                             300 queries, two-stage + refine) on one 800x1333 image
+  python bench.py hf [--rounds 5] [--precision fp32 bf16]
+                                            baseline and clip-detr against HuggingFace transformers'
+                                            DeformableDetrForObjectDetection at the same configuration (R50 random
+                                            weights, 6+6, 300 queries, two-stage + refine, batch 2 at 640x640):
+                                            training step (forward, loss, backward, clipping, AdamW) and inference,
+                                            alternating rounds in one process, min and median seconds and ratios;
+                                            bf16 is CPU autocast around every model. Needs `pip install transformers`
 
 Shape legend (attention): value (B, S_all, M, C/M), sampling locations (B, Lq, M, L, P, 2), B batch, Lq
 queries, M heads, L levels, P points, S_all = sum_l H_l*W_l.

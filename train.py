@@ -46,8 +46,8 @@ METHODS = ("baseline", "alignnet", "dynql", "clip-detr")
 # Flags whose default depends on the dataset: the demo must run in minutes on 2 CPU cores, COCO as in the paper.
 DATASET_DEFAULTS = {
     "shapes": dict(backbone="resnet18", hidden_dim=64, dim_feedforward=256, enc_layers=2, dec_layers=3,
-                   nheads=4, num_queries=30, enc_n_points=4, dec_n_points=4, batch_size=8, epochs=3,
-                   lr_drop=[2], lr=1e-3, lr_backbone=1e-3, dropout=0.0, clip_model="RN50", clip_pretrained="none",
+                   nheads=4, num_queries=30, enc_n_points=4, dec_n_points=4, batch_size=8, epochs=5,
+                   lr_drop=[4], lr=1e-3, lr_backbone=1e-3, dropout=0.0, clip_model="RN50", clip_pretrained="none",
                    device="cpu", num_workers=1, min_size=128, max_size=192),
     "coco": dict(backbone="resnet50", hidden_dim=256, dim_feedforward=1024, enc_layers=6, dec_layers=6, nheads=8,
                  num_queries=300, enc_n_points=4, dec_n_points=4, batch_size=2, epochs=12, lr_drop=[10],
