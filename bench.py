@@ -7,6 +7,13 @@
                                             CLIP-DETR method, same seed, same batches (training-only cost)
   python bench.py coco-step [--steps 3]     seconds per training step of the default COCO model (R50, 6+6 layers,
                                             300 queries, two-stage + refine) on one 800x1333 image
+  python bench.py hf [--rounds 5] [--precision fp32 bf16]
+                                            baseline and clip-detr against HuggingFace transformers'
+                                            DeformableDetrForObjectDetection at the same configuration (R50 random
+                                            weights, 6+6, 300 queries, two-stage + refine, batch 2 at 640x640):
+                                            training step (forward, loss, backward, clipping, AdamW) and inference,
+                                            alternating rounds in one process, min and median seconds and ratios;
+                                            bf16 is CPU autocast around every model. Needs `pip install transformers`
 
 Shape legend (attention): value (B, S_all, M, C/M), sampling locations (B, Lq, M, L, P, 2), B batch, Lq
 queries, M heads, L levels, P points, S_all = sum_l H_l*W_l.
@@ -17,9 +24,11 @@ fresh process per configuration (so numbers include the Python/torch baseline of
 Deviations from the paper: none (the paper reports no timings).
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -113,7 +122,7 @@ def _train_worker(argv, steps, out_path):
     ds = data.build_dataset("train", args)
     model, criterion, _ = evaluate.build_model(args, ds.cat_names)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(train.param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = train.build_optimizer(model, args)
     batches = [data.collate_fn([ds[(i * args.batch_size + j) % len(ds)] for j in range(args.batch_size)])
                for i in range(steps + 2)]
 
@@ -168,7 +177,7 @@ def bench_coco_step(args):
     model, criterion, _ = evaluate.build_model(targs, names)
     device = torch.device(args.device)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr)
+    optimizer = train.build_optimizer(model, targs)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(1, 3, 800, 1333, generator=g).to(device)
     mask = torch.zeros(1, 800, 1333, dtype=torch.bool, device=device)
@@ -288,6 +297,106 @@ def bench_gpu(args):
         sys.exit(f"bench.py gpu: {', '.join(failed)} failed (output above)")
 
 
+def _hf_model(num_classes):
+    """transformers' DeformableDetrForObjectDetection at the paper's configuration, random ResNet-50 weights.
+
+    Two settings differ from transformers' defaults so that both detectors do the same work: dropout 0.1 also
+    after the FFN activation and on the decoder self-attention weights (official Deformable DETR; transformers
+    defaults them to 0), and layer2-4 of the ResNet train: transformers freezes its whole native ResNet (its
+    freezing rule looks for parameter names its own ResNet does not use). Both then train the paper's parameters
+    (stem and layer1 frozen, as the official code does for ImageNet weights).
+    """
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+    cfg = DeformableDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_classes,
+        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]), two_stage=True,
+        with_box_refine=True, num_queries=300, two_stage_num_proposals=300, auxiliary_loss=True,
+        activation_dropout=0.1, attention_dropout=0.1)
+    hf = DeformableDetrForObjectDetection(cfg)
+    for name, p in hf.model.backbone.model.named_parameters():
+        p.requires_grad_(name.startswith(("encoder.stages.1.", "encoder.stages.2.", "encoder.stages.3.")))
+    return hf
+
+
+def bench_hf(args):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("bench.py hf compares against HuggingFace transformers, which is not installed: "
+              "pip install transformers", file=sys.stderr)
+        sys.exit(1)
+    import train
+    torch.manual_seed(0)
+    names = [f"class {i}" for i in range(80)]
+    B, S = 2, args.size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, S, S, generator=g)
+    mask = torch.zeros(B, S, S, dtype=torch.bool)
+    targets = [{"boxes": torch.rand(7, 4, generator=g) * 0.4 + 0.1, "labels": torch.randint(0, 80, (7,), generator=g)}
+               for _ in range(B)]
+    hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+    steps, infers = {}, {}
+    for method in args.methods:
+        targs = train.finalize_args(train.get_parser().parse_args(
+            ["--dataset", "coco", "--device", "cpu", "--method", method, "--clip-pretrained", "none",
+             "--clip-model", "RN50"]))
+        model, criterion, _ = train.build_model(targs, names)
+        model.backbone[0].freeze_stem_and_layer1()  # the paper's trainable set, as transformers trains
+        optimizer = train.build_optimizer(model, targs)
+
+        def step(model=model, criterion=criterion, optimizer=optimizer, targs=targs):
+            model.train()
+            train.train_step(model, criterion, (images, mask, targets), optimizer, torch.device("cpu"),
+                             clip_max_norm=targs.clip_max_norm)
+
+        def infer(model=model):
+            model.eval()
+            with torch.no_grad():
+                model(images, mask)
+
+        steps[method], infers[method] = step, infer
+    hf = _hf_model(len(names))
+    hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4, weight_decay=1e-4)
+
+    def hf_step():
+        hf.train()
+        loss = hf(pixel_values=images, pixel_mask=(~mask).long(), labels=hf_labels).loss
+        hf_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
+        hf_opt.step()
+
+    def hf_infer():
+        hf.eval()
+        with torch.no_grad():
+            hf(pixel_values=images, pixel_mask=(~mask).long())
+
+    steps["transformers"], infers["transformers"] = hf_step, hf_infer
+    precisions = {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast("cpu", torch.bfloat16)}
+    cases = [(kind, name, prec, fn) for prec in args.precision for kind, fns in (("train", steps), ("infer", infers))
+             for name, fn in fns.items()]
+    times = {case[:3]: [] for case in cases}
+    print(f"batch {B} at {S}x{S}, ResNet-50 (random, stem+layer1 frozen), 6+6 layers, 300 queries, two-stage + "
+          f"refine; {torch.get_num_threads()} threads; {args.rounds} alternating rounds after one warm-up",
+          flush=True)
+    for r in range(args.rounds + 1):
+        for kind, name, prec, fn in cases:
+            with precisions[prec]():
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+            if r > 0:  # round 0 warms up every path
+                times[(kind, name, prec)].append(dt)
+    stat = {k: (min(v), statistics.median(v)) for k, v in times.items()}
+    print(f"{'':>6} {'precision':>9} {'model':>12} {'min s':>7} {'median s':>9} {'vs transformers min':>20} "
+          f"{'median':>7}")
+    for kind, name, prec in times:
+        ref = stat[(kind, "transformers", prec)]
+        mn, md = stat[(kind, name, prec)]
+        print(f"{kind:>6} {prec:>9} {name:>12} {mn:7.2f} {md:9.2f} {mn / ref[0]:19.2f}x {md / ref[1]:6.2f}x")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser("bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -306,6 +415,12 @@ def main(argv=None):
     gp = sub.add_parser("gpu", help="CUDA tests, attention benchmark and COCO training steps in one table")
     gp.add_argument("--steps", type=int, default=20)
     gp.add_argument("--repeats", type=int, default=10)
+    h = sub.add_parser("hf", help="training step and inference against HuggingFace transformers")
+    h.add_argument("--rounds", type=int, default=5)
+    h.add_argument("--size", type=int, default=640, help="square image side, pixels")
+    h.add_argument("--methods", nargs="+", default=["baseline", "clip-detr"], choices=["baseline", "clip-detr"])
+    h.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="bf16: CPU autocast around every model's step")
     w = sub.add_parser("_worker")
     w.add_argument("--steps", type=int)
     w.add_argument("argv", nargs="*")
@@ -318,6 +433,8 @@ def main(argv=None):
         bench_coco_step(args)
     elif args.what == "gpu":
         bench_gpu(args)
+    elif args.what == "hf":
+        bench_hf(args)
     else:
         _train_worker(args.argv, args.steps, os.path.join(HERE, ".bench_tmp.json"))
 

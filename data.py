@@ -8,8 +8,9 @@ Category names come from the JSON, because CLIP's label dictionary (AlignNet, Eq
 The transforms follow Deformable DETR (Zhu et al., 2021), which took them from DETR: random horizontal flip,
 then either a multi-scale resize (shorter side 480-800 step 32, longer side at most 1333) or a resize to
 400/500/600, a random crop of 384-600 px and the multi-scale resize; evaluation resizes to 800/1333; ImageNet
-mean/std. Inside the pipeline boxes are absolute xyxy pixels; the dataset turns them into the normalized
-cxcywh boxes that the matcher and the losses expect.
+mean/std. `--min-size`/`--max-size` (default 800/1333) scale all of these sizes by min_size / 800. Inside the
+pipeline boxes are absolute xyxy pixels; the dataset turns them into the normalized cxcywh boxes that the
+matcher and the losses expect.
 
 Paper content held here: the datasets of §4 and the OV-COCO base/novel split of §4.2. No equations.
 
@@ -261,6 +262,17 @@ class Normalize:
 
     def __call__(self, image, target):
         return TF.normalize(image, mean=self.mean, std=self.std), target
+
+
+def paper_sizes(min_size=800, max_size=1333):
+    """make_transforms arguments of Deformable DETR for a shorter side `min_size`: at 800 the paper's 11 training
+    scales 480..800 step 32, resize to 400/500/600 and crop 384-600 px, evaluation at 800; other sizes scale all
+    of these by min_size / 800."""
+    r = min_size / 800
+    scales = tuple(sorted({max(1, round(s * r)) for s in range(480, 801, 32)}))  # (11,) at 800
+    crop = (max(1, round(384 * r)), max(1, round(600 * r)))
+    crop_resize = tuple(max(1, round(s * r)) for s in (400, 500, 600))
+    return dict(scales=scales, max_size=max_size, crop=crop, crop_resize=crop_resize, eval_size=min_size)
 
 
 def make_transforms(image_set, scales=tuple(range(480, 801, 32)), max_size=1333, crop=(384, 600),
@@ -764,12 +776,34 @@ def _require(paths, dataset, layout):
             raise FileNotFoundError(f"{dataset}: {path} not found; expected the layout {layout}")
 
 
+def image_sizes(args):
+    """(min_size, max_size) of the transforms: args.min_size/max_size, else the dataset's default (shapes: the
+    generated images' shapes_min_size/shapes_max_size; the others: the paper's 800/1333)."""
+    shapes = getattr(args, "dataset", "shapes") == "shapes"
+    min_size = getattr(args, "min_size", None) or (getattr(args, "shapes_min_size", 128) if shapes else 800)
+    max_size = getattr(args, "max_size", None) or (getattr(args, "shapes_max_size", 192) if shapes else 1333)
+    if not 0 < min_size <= max_size:
+        raise ValueError(f"--min-size {min_size} / --max-size {max_size}: expected 0 < min-size <= max-size")
+    return min_size, max_size
+
+
+def dataset_transforms(image_set, args):
+    """The `image_set` pipeline of args.dataset at args.min_size/max_size (see `image_sizes`)."""
+    min_size, max_size = image_sizes(args)
+    if getattr(args, "dataset", "shapes") == "shapes":
+        # Multi-scale a little below min_size, no crop (the objects are already small), and evaluation at the
+        # top training scale: CPU time grows with pixels, and this is a CPU demo.
+        scales = tuple(range(min_size * 3 // 4, min_size + 1, 16))
+        return make_transforms(image_set, scales=scales, max_size=max_size, crop=None, eval_size=min_size)
+    return make_transforms(image_set, **paper_sizes(min_size, max_size))
+
+
 def build_dataset(image_set, args):
     """The `image_set` ('train' or 'val') split of `args.dataset` as a CocoDetection.
 
     Reads args.dataset ('shapes', 'coco', 'ov-coco', 'lvis', 'custom'), args.data_path, for 'custom'
-    args.{train,val}_{json,images}, and for 'shapes' the optional args.shapes_{num_train, num_val, seed,
-    min_size, max_size, max_objects}.
+    args.{train,val}_{json,images}, the optional args.min_size/max_size (`image_sizes`), and for 'shapes' the
+    optional args.shapes_{num_train, num_val, seed, min_size, max_size, max_objects}.
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
@@ -777,18 +811,14 @@ def build_dataset(image_set, args):
     data_path = getattr(args, "data_path", None)
 
     if dataset == "shapes":
-        min_size = getattr(args, "shapes_min_size", 128)
-        max_size = getattr(args, "shapes_max_size", 192)
         paths = make_shapes(data_path or shapes_cache_dir(),
                             num_train=getattr(args, "shapes_num_train", 2000),
                             num_val=getattr(args, "shapes_num_val", 200),
-                            seed=getattr(args, "shapes_seed", 0), min_size=min_size, max_size=max_size,
+                            seed=getattr(args, "shapes_seed", 0), min_size=getattr(args, "shapes_min_size", 128),
+                            max_size=getattr(args, "shapes_max_size", 192),
                             max_objects=getattr(args, "shapes_max_objects", 6))
-        # Multi-scale a little below the smallest image side, no crop (the objects are already small), and
-        # evaluation at the top training scale: CPU time grows with pixels, and this is a CPU demo.
-        scales = tuple(range(min_size * 3 // 4, min_size + 1, 16))
-        transforms = make_transforms(image_set, scales=scales, max_size=max_size, crop=None, eval_size=min_size)
-        return CocoDetection(paths[f"{image_set}_images"], paths[f"{image_set}_json"], transforms=transforms)
+        return CocoDetection(paths[f"{image_set}_images"], paths[f"{image_set}_json"],
+                             transforms=dataset_transforms(image_set, args))
 
     if dataset == "custom":
         fields = [f"{image_set}_json", f"{image_set}_images"]
@@ -797,7 +827,7 @@ def build_dataset(image_set, args):
             raise InputError(f"dataset 'custom' needs {missing} (--{image_set}-json, --{image_set}-images): "
                              "a COCO-format JSON and its image folder")
         return CocoDetection(getattr(args, fields[1]), getattr(args, fields[0]),
-                             transforms=make_transforms(image_set))
+                             transforms=dataset_transforms(image_set, args))
 
     if dataset not in ("coco", "ov-coco", "lvis"):
         raise InputError(f"unknown dataset {dataset!r}; expected one of 'shapes', 'coco', 'ov-coco', 'lvis', "
@@ -812,7 +842,7 @@ def build_dataset(image_set, args):
         folders = [os.path.join(data_path, "train2017"), os.path.join(data_path, "val2017")]
         ann_file = os.path.join(data_path, "annotations", f"lvis_v1_{image_set}.json")
         _require([*folders, ann_file], dataset, layout)
-        return CocoDetection(folders, ann_file, transforms=make_transforms(image_set))
+        return CocoDetection(folders, ann_file, transforms=dataset_transforms(image_set, args))
 
     img_folder = os.path.join(data_path, f"{image_set}2017")
     ann_file = os.path.join(data_path, "annotations", f"instances_{image_set}2017.json")
@@ -820,4 +850,4 @@ def build_dataset(image_set, args):
     keep = None
     if dataset == "ov-coco":
         keep = OV_COCO_BASE if image_set == "train" else OV_COCO_BASE + OV_COCO_NOVEL
-    return CocoDetection(img_folder, ann_file, transforms=make_transforms(image_set), keep_cat_names=keep)
+    return CocoDetection(img_folder, ann_file, transforms=dataset_transforms(image_set, args), keep_cat_names=keep)

@@ -549,7 +549,8 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 # Flags that override the checkpoint's own arguments.
-OVERRIDES = ("dataset", "data_path", "val_json", "val_images", "device", "batch_size", "attn_impl")
+OVERRIDES = ("dataset", "data_path", "val_json", "val_images", "device", "batch_size", "attn_impl", "min_size",
+             "max_size")
 
 
 def checkpoint_args(ckpt, overrides, num_workers=0):
@@ -606,6 +607,8 @@ def get_parser():
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--min-size", type=int, default=None, help="evaluation shorter side, pixels (default: the checkpoint's)")
+    p.add_argument("--max-size", type=int, default=None, help="longest image side, pixels (default: the checkpoint's)")
     p.add_argument("--attn-impl", default=None, choices=["auto", "pytorch", "triton"])
     p.add_argument("--output", default=None, metavar="JSON",
                    help="write the COCO results JSON here (with --images, default OUTPUT_DIR/results.json)")
@@ -661,8 +664,8 @@ def main(argv=None):
     if cli.images:
         cat_ids, cat_names = checkpoint_classes(ckpt, args)
         model, postprocess = build_detector(ckpt, args, cat_names, cli.resume)
-        # The val pipeline of the checkpoint's dataset: `shapes` runs at native size, the rest at 800/1333.
-        transforms = data.make_transforms("val", eval_size=None if args.dataset == "shapes" else 800)
+        # The val pipeline of the checkpoint's dataset, at its --min-size/--max-size.
+        transforms = data.dataset_transforms("val", args)
         results, paths = detect_folder(model, postprocess, cli.images, class_names=cat_names, cat_ids=cat_ids,
                                        device=device, transforms=transforms, output_dir=cli.output_dir,
                                        batch_size=args.batch_size, score_threshold=cli.score_threshold)

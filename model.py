@@ -5,7 +5,7 @@ This file is the whole inference-time network. CLIP-DETR adds nothing here at te
 `model.dynql` and run only when the model is in training mode and targets are given.
 
 Pieces, in the order data flows through them:
-  Backbone            torchvision ResNet, frozen BatchNorm, C3-C5 (strides 8/16/32)
+  Backbone            torchvision ResNet, frozen BatchNorm (folded into its convs), C3-C5 (strides 8/16/32)
   PositionEmbeddingSine   normalized 2*pi sine encoding of each padded feature map
   input_proj          1x1 conv + GroupNorm per level, plus a 3x3 stride-2 conv for the stride-64 level
   MSDeformAttn        multi-scale deformable attention; `ms_deform_attn_pytorch` is the readable reference,
@@ -105,6 +105,31 @@ def load_imagenet_resnet(name):
                          f"or place {weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints") from None
 
 
+def conv_frozen_bn(x, conv, bn):
+    """conv then FrozenBatchNorm2d as one convolution: the frozen statistics scale the kernel and give it a bias.
+
+    The same function as `bn(conv(x))` up to float rounding, with one pass over the activations instead of three
+    (the separate affine op reads and writes the whole map twice forward and once more backward).
+    """
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
+    return F.conv2d(x, conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
+                    conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def residual_block(x, block):
+    """A torchvision BasicBlock or Bottleneck with every conv-BN pair through `conv_frozen_bn`."""
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if hasattr(block, "conv3"):
+        pairs.append((block.conv3, block.bn3))
+    out = x
+    for i, (conv, bn) in enumerate(pairs):
+        out = conv_frozen_bn(out, conv, bn)
+        if i < len(pairs) - 1:
+            out = F.relu(out, inplace=True)
+    identity = x if block.downsample is None else conv_frozen_bn(x, block.downsample[0], block.downsample[1])
+    return F.relu(out + identity, inplace=True)
+
+
 class Backbone(nn.Module):
     """ResNet C3-C5 with frozen BatchNorm; `body` keeps the official parameter names."""
 
@@ -132,9 +157,16 @@ class Backbone(nn.Module):
 
     def forward(self, images, mask):
         """Feature maps (B, C_l, H_l, W_l) and their padding masks (B, H_l, W_l), True on padding."""
-        feats = self.body(images)
+        body = self.body
+        x = body.maxpool(F.relu(conv_frozen_bn(images, body.conv1, body.bn1)))
+        feats = []
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in getattr(body, name):
+                x = residual_block(x, block)
+            if name != "layer1":
+                feats.append(x)
         out = []
-        for x in feats.values():
+        for x in feats:
             m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]  # (B, H_l, W_l)
             out.append((x, m))
         return out

@@ -553,6 +553,32 @@ def test_build_custom_dataset(small_coco):
         data.build_dataset("val", args)
 
 
+def test_paper_sizes_at_800_and_scaled():
+    at_800 = data.paper_sizes(800, 1333)
+    assert at_800 == dict(scales=tuple(range(480, 801, 32)), max_size=1333, crop=(384, 600),
+                          crop_resize=(400, 500, 600), eval_size=800), "Deformable DETR's values at 800"
+    at_400 = data.paper_sizes(400, 666)
+    assert at_400["scales"] == tuple(range(240, 401, 16)) and at_400["crop"] == (192, 300)
+    assert at_400["crop_resize"] == (200, 250, 300) and (at_400["eval_size"], at_400["max_size"]) == (400, 666)
+
+
+def test_custom_dataset_min_size_max_size(small_coco):
+    """--min-size/--max-size reach the custom pipelines: evaluation at min_size, training never above it."""
+    folder, ann_file = small_coco
+    args = argparse.Namespace(dataset="custom", data_path=None, train_json=ann_file, train_images=folder,
+                              val_json=ann_file, val_images=folder, min_size=40, max_size=120)
+    image, _ = data.build_dataset("val", args)[0]
+    assert image.shape == (3, 40, 80), "50x100 image: shorter side 40"
+    train = data.build_dataset("train", args)
+    for seed in range(6):
+        random.seed(seed)
+        image, _ = train[0]
+        assert min(image.shape[1:]) <= 40 and max(image.shape[1:]) <= 120, image.shape
+    args.min_size, args.max_size = 80, 60
+    with pytest.raises(ValueError, match="--min-size 80"):
+        data.build_dataset("val", args)
+
+
 def test_build_shapes_dataset(tmp_path):
     args = argparse.Namespace(dataset="shapes", data_path=str(tmp_path), shapes_num_train=2, shapes_num_val=1,
                               shapes_min_size=48, shapes_max_size=64, shapes_max_objects=2)

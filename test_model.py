@@ -44,6 +44,33 @@ def level_start(spatial_shapes):
     return torch.tensor([0] + list(itertools.accumulate(sizes))[:-1])
 
 
+# Backbone ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_backbone_folded_frozen_bn_equals_torchvision_modules(name):
+    """Backbone.forward folds each FrozenBatchNorm2d into its conv: the same maps and weight gradients as
+    running torchvision's modules one after the other (float64, non-trivial BN statistics)."""
+    torch.manual_seed(0)
+    backbone = model.Backbone(name).double()
+    for m in backbone.modules():
+        if isinstance(m, model.FrozenBatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(2, 3, 40, 72, dtype=torch.float64)
+    weights = [backbone.body.conv1.weight, backbone.body.layer2[0].downsample[0].weight,
+               backbone.body.layer4[-1].conv2.weight]
+    reference = list(backbone.body(images).values())
+    folded = [x for x, _ in backbone(images, torch.zeros(2, 40, 72, dtype=torch.bool))]
+    for ref, out in zip(reference, folded):
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    probe = [torch.randn_like(x) for x in reference]
+    loss = lambda maps: sum((x * p).sum() for x, p in zip(maps, probe))  # noqa: E731
+    for g_ref, g_out in zip(torch.autograd.grad(loss(reference), weights), torch.autograd.grad(loss(folded), weights)):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-10, atol=1e-10)
+
+
 # ms_deform_attn_pytorch ---------------------------------------------------------------------------------
 
 def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):

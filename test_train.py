@@ -282,3 +282,37 @@ def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float3
     assert seen["logits"] == torch.bfloat16
     assert seen["attn"] == {(torch.bfloat16, torch.float32, torch.float32, torch.float32)}
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_help_shows_every_default_per_dataset_where_they_differ():
+    text = " ".join(train.get_parser().format_help().split())
+    assert "(default: coco: 0.0002, shapes: 0.001)" in text, "--lr differs per dataset"
+    assert "(default: coco: 800, shapes: 128)" in text, "--min-size differs per dataset"
+    assert "--enc-n-points ENC_N_POINTS (default: 4)" in text, "one value when the datasets agree"
+    assert "--weight-decay WEIGHT_DECAY (default: 0.0001)" in text
+    parser = train.get_parser()
+    undocumented = [a.option_strings[0] for a in parser._actions
+                    if a.option_strings and a.dest != "help" and "(default: " not in (a.help or "")]
+    assert not undocumented
+
+
+def test_config_line_names_what_differs_from_the_paper():
+    parse = lambda *argv: train.finalize_args(train.get_parser().parse_args(list(argv)))  # noqa: E731
+    line = train.config_line(parse())
+    assert line.startswith("configuration (where it differs from the paper's COCO setup): --dataset shapes, ")
+    assert "--backbone resnet18" in line and "--lr 0.001" in line and "no --pretrained-backbone" in line
+    assert "--two-stage" not in line and "--method" not in line
+    coco = train.config_line(parse("--dataset", "coco", "--pretrained-backbone"))
+    assert coco.endswith("setup): none"), coco
+    ablation = train.config_line(parse("--dataset", "coco", "--pretrained-backbone",
+                                       "--method", "baseline", "--no-two-stage", "--min-size", "600"))
+    assert ablation.endswith("setup): --min-size 600, --no-two-stage, --method baseline"), ablation
+
+
+def test_bench_hf_without_transformers_says_how_to_install(monkeypatch, capsys):
+    import bench
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as when it is not installed
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["hf"])
+    assert exit_info.value.code == 1
+    assert "pip install transformers" in capsys.readouterr().err
