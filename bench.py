@@ -7,7 +7,7 @@
                                             CLIP-DETR method, same seed, same batches (training-only cost)
   python bench.py coco-step [--steps 3]     seconds per training step of the default COCO model (R50, 6+6 layers,
                                             300 queries, two-stage + refine) on one 800x1333 image
-  python bench.py hf [--rounds 5] [--precision fp32 bf16]
+  python bench.py hf [--rounds 5] [--precision fp32 bf16] [--methods baseline clip-detr]
                                             baseline and clip-detr against HuggingFace transformers'
                                             DeformableDetrForObjectDetection at the same configuration (R50 random
                                             weights, 6+6, 300 queries, two-stage + refine, batch 2 at 640x640):
@@ -417,10 +417,11 @@ def main(argv=None):
     gp.add_argument("--repeats", type=int, default=10)
     h = sub.add_parser("hf", help="training step and inference against HuggingFace transformers")
     h.add_argument("--rounds", type=int, default=5)
-    h.add_argument("--size", type=int, default=640, help="square image side, pixels")
+    h.add_argument("--size", type=int, default=640,
+                   help="square image side, pixels (at least 160: transformers needs 300 encoder positions)")
     h.add_argument("--methods", nargs="+", default=["baseline", "clip-detr"], choices=["baseline", "clip-detr"])
-    h.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                   help="bf16: CPU autocast around every model's step")
+    h.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="bf16: CPU autocast around every model's step (clip-detr needs train_step's CPU amp fix)")
     w = sub.add_parser("_worker")
     w.add_argument("--steps", type=int)
     w.add_argument("argv", nargs="*")

@@ -607,7 +607,8 @@ def get_parser():
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--min-size", type=int, default=None, help="evaluation shorter side, pixels (default: the checkpoint's)")
+    p.add_argument("--min-size", type=int, default=None,
+                   help="evaluation shorter side, pixels (default: the checkpoint's)")
     p.add_argument("--max-size", type=int, default=None, help="longest image side, pixels (default: the checkpoint's)")
     p.add_argument("--attn-impl", default=None, choices=["auto", "pytorch", "triton"])
     p.add_argument("--output", default=None, metavar="JSON",
