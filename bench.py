@@ -14,6 +14,10 @@
                                             training step (forward, loss, backward, clipping, AdamW) and inference,
                                             alternating rounds in one process, min and median seconds and ratios;
                                             bf16 is CPU autocast around every model. Needs `pip install transformers`
+  python bench.py gpu [--steps 20]          on a CUDA machine: the CUDA tests, `attn` (Triton vs reference, fwd and
+                                            fwd+bwd, peak memory) and 20 training steps of the COCO model for
+                                            baseline and clip-detr with --amp bf16 --attn-impl triton, one table;
+                                            without CUDA it says so in one line and exits 0
 
 Shape legend (attention): value (B, S_all, M, C/M), sampling locations (B, Lq, M, L, P, 2), B batch, Lq
 queries, M heads, L levels, P points, S_all = sum_l H_l*W_l.
