@@ -149,6 +149,19 @@ def test_train_evaluate_resume_auto(tmp_path, cache):
         assert torch.equal(value, b["model"][key]), key
 
 
+def test_resume_refuses_a_run_whose_resnet_starts_from_other_weights(tmp_path, cache):
+    """Stem and layer1 are frozen for trained ResNet weights: a run started with --pretrained resumed without it
+    (or the reverse) has other parameter groups than its stored optimizer, so it is refused in one line."""
+    args = tiny_args(tmp_path, cache)
+    saved = dict(vars(args), pretrained="official.pth")
+    with pytest.raises(train.InputError, match=r"^--resume ckpt: .*ResNet started from trained weights"):
+        train.check_resume_args(saved, args, "ckpt")
+    with pytest.raises(train.InputError, match=r"did not start from trained weights .* does now"):
+        train.check_resume_args(vars(args), tiny_args(tmp_path, cache, "--pretrained-backbone"), "ckpt")
+    train.check_resume_args(dict(saved, pretrained=None, pretrained_backbone=True),
+                            tiny_args(tmp_path, cache, "--pretrained", "moved/official.pth"), "ckpt")
+
+
 def test_resume_restores_the_lr_scheduler_across_an_lr_drop(tmp_path, cache):
     """--lr-drop 1: epoch 0, then a resumed run for epoch 1. After it the scheduler has stepped twice and every
     group sits at 0.1x its base LR, as in a straight run; a fresh scheduler would drop the LR a second time."""

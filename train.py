@@ -336,6 +336,13 @@ def check_resume_args(saved, args, source):
     """A resumed run must train what the checkpoint trained; the stored scheduler would override --lr-drop."""
     diff = [f"--{k.replace('_', '-')} {saved[k]!r} in the checkpoint, {getattr(args, k)!r} now"
             for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+    # Trained ResNet weights (--pretrained-backbone or --pretrained) freeze the stem and layer1, so the optimizer's
+    # parameter groups stored in the checkpoint only fit a run that starts from trained weights too.
+    trained = [bool(a.get("pretrained") or a.get("pretrained_backbone")) for a in (saved, vars(args))]
+    if trained[0] != trained[1]:
+        diff.append(f"the ResNet {'started' if trained[0] else 'did not start'} from trained weights "
+                    "(--pretrained-backbone or --pretrained) in the checkpoint, "
+                    f"{'does' if trained[1] else 'does not'} now")
     if diff:
         raise InputError(f"--resume {source}: the checkpoint was trained with other settings: {'; '.join(diff)}")
 
