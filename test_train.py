@@ -149,6 +149,24 @@ def test_train_evaluate_resume_auto(tmp_path, cache):
         assert torch.equal(value, b["model"][key]), key
 
 
+def test_train_step_takes_float64_target_boxes_like_float32_ones(tmp_path, cache):
+    """A custom pipeline may hand float64 boxes: with AlignNet and DynQL on, the step gives the float32 step's loss."""
+    import data
+    args = tiny_args(tmp_path, cache, "--method", "clip-detr")
+    ds = data.build_dataset("train", args)
+    images, mask, targets = data.collate_fn([ds[0], ds[1]])
+    wide = [dict(t, boxes=t["boxes"].double()) for t in targets]
+    losses = []
+    for batch_targets in (targets, wide):
+        torch.manual_seed(0)
+        model, criterion, _ = train.build_model(args, ds.cat_names)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        torch.manual_seed(1)
+        losses.append(train.train_step(model.train(), criterion, (images, mask, batch_targets), optimizer,
+                                       torch.device("cpu"))[0])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
 def test_resume_refuses_a_run_whose_resnet_starts_from_other_weights(tmp_path, cache):
     """Stem and layer1 are frozen for trained ResNet weights: a run started with --pretrained resumed without it
     (or the reverse) has other parameter groups than its stored optimizer, so it is refused in one line."""

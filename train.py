@@ -452,7 +452,10 @@ def load_official_checkpoint(model, path, cat_ids):
 # The loop
 # ----------------------------------------------------------------------------------------------------------
 def to_device(targets, device):
-    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    """Targets on the training device; float boxes (a custom pipeline may make float64 ones) in float32, the
+    model's dtype, since AlignNet's ROI pooling and DynQL's reference boxes meet them in the model's own ops."""
+    return [{k: v.to(device, torch.float32 if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+             for k, v in t.items()} for t in targets]
 
 
 def train_step(model, criterion, batch, optimizer, device, *, clip_max_norm=0.1, align_loss_coef=1.0,
