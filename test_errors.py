@@ -243,6 +243,7 @@ FLAG_CASES = [
     (["--device", "gpu0"], "--device 'gpu0'"),
     (["--num-queries", "0"], "--num-queries 0"),
     (["--num-feature-levels", "0"], "--num-feature-levels 0"),
+    (["--num-feature-levels", "2"], "--num-feature-levels 2"),
     (["--dec-layers", "0"], "--dec-layers 0"),
     (["--epochs", "0"], "--epochs 0"),
     (["--epochs", "-1"], "--epochs -1"),

@@ -177,9 +177,10 @@ def config_line(args):
     return "configuration (where it differs from the paper's COCO setup): " + (", ".join(flags) or "none")
 
 
-# Lowest sensible value of numeric flags: below it a run cannot train (0 queries, 0 epochs, ...).
+# Lowest sensible value of numeric flags: below it a run cannot train (0 queries, 0 epochs, ...). The backbone
+# always gives C3-C5, so there are at least 3 feature levels (the official single-scale variant is not built here).
 FLAG_MINIMUM = dict(hidden_dim=1, dim_feedforward=1, enc_layers=0, dec_layers=1, nheads=1, num_queries=1,
-                    num_feature_levels=1, enc_n_points=1, dec_n_points=1, batch_size=1, epochs=1, num_workers=0,
+                    num_feature_levels=3, enc_n_points=1, dec_n_points=1, batch_size=1, epochs=1, num_workers=0,
                     max_steps=1, eval_every=0, lr=0, lr_backbone=0, weight_decay=0, clip_max_norm=0,
                     align_loss_coef=0)
 
