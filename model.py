@@ -807,7 +807,7 @@ class DeformableTransformer(nn.Module):
         DynQL's Eq. 8 takes the positional half, so a DynQuery's position is encoded as a conventional query's.
         """
         pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(boxes, self.d_model)))  # (..., 2C)
-        return torch.split(pos_tgt, self.d_model, dim=-1)
+        return torch.split(pos_tgt, self.d_model, dim=-1)  # (..., C) each
 
     def select_queries(self, enc, query_embed=None):
         """Conventional queries: (tgt, query_pos, reference boxes) and, two-stage, the encoder predictions."""
