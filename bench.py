@@ -10,7 +10,7 @@
   python bench.py hf [--rounds 5] [--precision fp32 bf16] [--methods baseline clip-detr]
                                             baseline and clip-detr against HuggingFace transformers'
                                             DeformableDetrForObjectDetection at the same configuration (R50 random
-                                            weights, 6+6, 300 queries, two-stage + refine, batch 2 at 640x640):
+                                            weights, 6+6, 300 queries, two-stage + refine, batch 2 at 640x640, --size):
                                             training step (forward, loss, backward, clipping, AdamW) and inference,
                                             alternating rounds in one process, min and median seconds and ratios;
                                             bf16 is CPU autocast around every model. Needs `pip install transformers`

@@ -33,7 +33,9 @@ Deviations from the paper:
     - Resizing under a max_size truncates the lowered shorter side where Deformable DETR rounds it, so the
       longer side never exceeds max_size (rounding can overshoot it by one pixel).
     - An image whose file size disagrees with the JSON's width/height is an error (DETR trusts the JSON), since
-      its boxes would not fit the pixels.
+      its boxes would not fit the pixels: checked in the headers of up to HEADER_CHECKS images when the dataset
+      is built, and for every image when it is loaded.
+    - 16-bit grey images are scaled to 8 bits; PIL's convert("RGB"), which DETR uses, clips them at 255.
 """
 
 import contextlib
