@@ -38,6 +38,8 @@ Deviations from the paper / official code:
   - The backbone trains every layer when it starts from random weights (the official code freezes the stem
     and layer1, which only makes sense for ImageNet weights); with `pretrained=True`, or once a checkpoint's
     weights are loaded (`freeze_stem_and_layer1`), it freezes them as the official code does.
+  - Each frozen BatchNorm is folded into the conv before it (`conv_frozen_bn`, one convolution where the official
+    code runs the conv, then FrozenBatchNorm2d): the same function up to float rounding.
   - The decoder self-attention accepts an attention mask (the official decoder has none): DynQL needs it.
   - The official code ships a CUDA C++ extension that must be compiled; the GPU kernel here is Triton
     (`ms_deform_attn_triton`), compiled on first use on CUDA tensors, with no build step. With
