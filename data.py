@@ -320,17 +320,19 @@ def _check_categories(categories, ann_file):
     names, seen = {}, set()
     for cat in categories:
         if "id" not in cat:
-            raise InputError(f"annotation file {ann_file}: category {cat!r} has no 'id'")
+            raise InputError(f"annotation file {ann_file}: category {cat!r} has no 'id', expected an 'id' and a "
+                             "'name' in every category")
         name = cat.get("name")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"annotation file {ann_file}: category id {cat['id']} has no name "
                              "(expected a non-empty 'name' string)")
         if name in seen:
-            raise InputError(f"annotation file {ann_file}: category name {name!r} is used by more than one id")
+            raise InputError(f"annotation file {ann_file}: category name {name!r} is used by more than one id, "
+                             "expected unique names (CLIP reads them)")
         names[cat["id"]] = name
         seen.add(name)
     if not names:
-        raise InputError(f"annotation file {ann_file} has no categories")
+        raise InputError(f"annotation file {ann_file} has no categories, expected at least one in 'categories'")
     cat_ids = sorted(names)
     return cat_ids, [names[c] for c in cat_ids]
 
@@ -348,7 +350,8 @@ def _check_images(images, ann_file):
         if not img.get("file_name") and not img.get("coco_url"):
             missing.append("file_name or coco_url")
         if missing:
-            raise InputError(f"annotation file {ann_file}: image {img.get('id', img)!r} lacks {missing}")
+            raise InputError(f"annotation file {ann_file}: image {img.get('id', img)!r} lacks {missing}, expected "
+                             "an id, width, height and a file_name (or coco_url) in every image")
         if not _is_int(img["id"]):
             raise InputError(f"annotation file {ann_file}: image id {img['id']!r} is a {type(img['id']).__name__}, "
                              "expected an integer")

@@ -530,7 +530,8 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
         print(f"warning: skipped {len(subfolders)} subfolder(s) of {folder} (not searched): {', '.join(subfolders)}",
               file=sys.stderr)
     if not names:
-        raise InputError(f"--images: no image in {folder} (found {len(skipped)} other file(s))")
+        raise InputError(f"--images: no image in {folder} (found {len(skipped)} other file(s)), expected at least "
+                         "one image PIL can read")
     loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn)
     final, _ = predict(model, postprocess, loader, device)
     results = to_coco_results(final, cat_ids)
