@@ -64,7 +64,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Per-instance fields of a target dict: a crop or a filter must index all of them together.
 INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd")
 
-# Image headers read when a dataset is built (all of them up to this many, else this many evenly spread): a
+# Image headers read when a dataset is built (all of them up to this many, else every k-th, at most this many): a
 # header is a few KB, so 1000 cost about a second even on slow disks, while all 118k of COCO train would cost
 # minutes. Every image's size is still checked when it is loaded.
 HEADER_CHECKS = 1000
@@ -486,7 +486,7 @@ class CocoDetection(Dataset):
         return paths
 
     def _check_headers(self):
-        """Compare the JSON's width x height with the file headers (PIL reads no pixels) of HEADER_CHECKS images
+        """Compare the JSON's width x height with the file headers (PIL reads no pixels) of at most HEADER_CHECKS images
         spread over the set, so a wrong or unreadable file is found before training rather than an epoch in."""
         step = max(1, -(-len(self.ids) // HEADER_CHECKS))
         for img_id in self.ids[::step]:
