@@ -133,7 +133,8 @@ def residual_block(x, block):
 
 
 class Backbone(nn.Module):
-    """ResNet C3-C5 with frozen BatchNorm; `body` keeps the official parameter names."""
+    """ResNet C3-C5 with frozen BatchNorm folded into each conv (`conv_frozen_bn`); `body` holds the weights
+    under the official parameter names, and `forward` walks its layers itself."""
 
     def __init__(self, name="resnet50", pretrained=False):
         super().__init__()
