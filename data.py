@@ -8,9 +8,9 @@ Category names come from the JSON, because CLIP's label dictionary (AlignNet, Eq
 The transforms follow Deformable DETR (Zhu et al., 2021), which took them from DETR: random horizontal flip,
 then either a multi-scale resize (shorter side 480-800 step 32, longer side at most 1333) or a resize to
 400/500/600, a random crop of 384-600 px and the multi-scale resize; evaluation resizes to 800/1333; ImageNet
-mean/std. `--min-size`/`--max-size` (default 800/1333) scale all of these sizes by min_size / 800. Inside the
-pipeline boxes are absolute xyxy pixels; the dataset turns them into the normalized cxcywh boxes that the
-matcher and the losses expect.
+mean/std. `--min-size`/`--max-size` (default 800/1333) scale all of these sizes by min_size / 800; `shapes` has
+its own small pipeline (`dataset_transforms`). Inside the pipeline boxes are absolute xyxy pixels; the dataset
+turns them into the normalized cxcywh boxes that the matcher and the losses expect.
 
 Paper content held here: the datasets of §4 and the OV-COCO base/novel split of §4.2. No equations.
 
