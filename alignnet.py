@@ -104,7 +104,7 @@ def _load_embeddings_file(path, num_classes):
     if table.shape[0] != num_classes:
         raise InputError(f"label embeddings file '{path}' has {table.shape[0]} rows, "
                          f"expected {num_classes} (one per class)")
-    bad_rows = (~torch.isfinite(table)).any(dim=1).nonzero().flatten().tolist()
+    bad_rows = (~torch.isfinite(table)).any(dim=1).nonzero().flatten().tolist()  # (rows with a NaN/Inf,)
     if bad_rows:
         raise InputError(f"label embeddings file '{path}' has NaN or Inf in rows {bad_rows[:10]}"
                          f"{' ...' if len(bad_rows) > 10 else ''}, expected finite numbers")

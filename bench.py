@@ -10,7 +10,7 @@
   python bench.py hf [--rounds 5] [--precision fp32 bf16] [--methods baseline clip-detr]
                                             baseline and clip-detr against HuggingFace transformers'
                                             DeformableDetrForObjectDetection at the same configuration (R50 random
-                                            weights, 6+6, 300 queries, two-stage + refine, batch 2 at 640x640):
+                                            weights, 6+6, 300 queries, two-stage + refine, batch 2 at 640x640, --size):
                                             training step (forward, loss, backward, clipping, AdamW) and inference,
                                             alternating rounds in one process, min and median seconds and ratios;
                                             bf16 is CPU autocast around every model. Needs `pip install transformers`
@@ -206,13 +206,14 @@ def _gpu_train_worker(method, steps):
     (its label-embedding width equals RN50x64's, and the step never runs CLIP), so no data or download is needed.
     Runs in a fresh process per method so that peak memory is this method's own.
     """
+    import evaluate
     import train
     targs = train.finalize_args(train.get_parser().parse_args(
         ["--dataset", "coco", "--device", "cuda", "--method", method, "--amp", "bf16", "--attn-impl", "triton",
          "--clip-pretrained", "none", "--clip-model", "RN50"]))
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model, criterion, _ = train.build_model(targs, [f"class {i}" for i in range(80)])
+    model, criterion, _ = evaluate.build_model(targs, [f"class {i}" for i in range(80)])
     model.to(device).train()
     optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr, weight_decay=targs.weight_decay)
     n = targs.batch_size
@@ -329,6 +330,7 @@ def bench_hf(args):
         print("bench.py hf compares against HuggingFace transformers, which is not installed: "
               "pip install transformers", file=sys.stderr)
         sys.exit(1)
+    import evaluate
     import train
     torch.manual_seed(0)
     names = [f"class {i}" for i in range(80)]
@@ -345,7 +347,7 @@ def bench_hf(args):
         targs = train.finalize_args(train.get_parser().parse_args(
             ["--dataset", "coco", "--device", "cpu", "--method", method, "--clip-pretrained", "none",
              "--clip-model", "RN50"]))
-        model, criterion, _ = train.build_model(targs, names)
+        model, criterion, _ = evaluate.build_model(targs, names)
         model.backbone[0].freeze_stem_and_layer1()  # the paper's trainable set, as transformers trains
         optimizer = train.build_optimizer(model, targs)
 

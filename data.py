@@ -8,9 +8,9 @@ Category names come from the JSON, because CLIP's label dictionary (AlignNet, Eq
 The transforms follow Deformable DETR (Zhu et al., 2021), which took them from DETR: random horizontal flip,
 then either a multi-scale resize (shorter side 480-800 step 32, longer side at most 1333) or a resize to
 400/500/600, a random crop of 384-600 px and the multi-scale resize; evaluation resizes to 800/1333; ImageNet
-mean/std. `--min-size`/`--max-size` (default 800/1333) scale all of these sizes by min_size / 800. Inside the
-pipeline boxes are absolute xyxy pixels; the dataset turns them into the normalized cxcywh boxes that the
-matcher and the losses expect.
+mean/std. `--min-size`/`--max-size` (default 800/1333) scale all of these sizes by min_size / 800; `shapes` has
+its own small pipeline (`dataset_transforms`). Inside the pipeline boxes are absolute xyxy pixels; the dataset
+turns them into the normalized cxcywh boxes that the matcher and the losses expect.
 
 Paper content held here: the datasets of §4 and the OV-COCO base/novel split of §4.2. No equations.
 
@@ -33,7 +33,9 @@ Deviations from the paper:
     - Resizing under a max_size truncates the lowered shorter side where Deformable DETR rounds it, so the
       longer side never exceeds max_size (rounding can overshoot it by one pixel).
     - An image whose file size disagrees with the JSON's width/height is an error (DETR trusts the JSON), since
-      its boxes would not fit the pixels.
+      its boxes would not fit the pixels: checked in the headers of up to HEADER_CHECKS images when the dataset
+      is built, and for every image when it is loaded.
+    - 16-bit grey images are scaled to 8 bits; PIL's convert("RGB"), which DETR uses, clips them at 255.
 """
 
 import contextlib
@@ -62,7 +64,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Per-instance fields of a target dict: a crop or a filter must index all of them together.
 INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd")
 
-# Image headers read when a dataset is built (all of them up to this many, else this many evenly spread): a
+# Image headers read when a dataset is built (all of them up to this many, else every k-th, at most this many): a
 # header is a few KB, so 1000 cost about a second even on slow disks, while all 118k of COCO train would cost
 # minutes. Every image's size is still checked when it is loaded.
 HEADER_CHECKS = 1000
@@ -318,17 +320,19 @@ def _check_categories(categories, ann_file):
     names, seen = {}, set()
     for cat in categories:
         if "id" not in cat:
-            raise InputError(f"annotation file {ann_file}: category {cat!r} has no 'id'")
+            raise InputError(f"annotation file {ann_file}: category {cat!r} has no 'id', expected an 'id' and a "
+                             "'name' in every category")
         name = cat.get("name")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"annotation file {ann_file}: category id {cat['id']} has no name "
                              "(expected a non-empty 'name' string)")
         if name in seen:
-            raise InputError(f"annotation file {ann_file}: category name {name!r} is used by more than one id")
+            raise InputError(f"annotation file {ann_file}: category name {name!r} is used by more than one id, "
+                             "expected unique names (CLIP reads them)")
         names[cat["id"]] = name
         seen.add(name)
     if not names:
-        raise InputError(f"annotation file {ann_file} has no categories")
+        raise InputError(f"annotation file {ann_file} has no categories, expected at least one in 'categories'")
     cat_ids = sorted(names)
     return cat_ids, [names[c] for c in cat_ids]
 
@@ -346,7 +350,8 @@ def _check_images(images, ann_file):
         if not img.get("file_name") and not img.get("coco_url"):
             missing.append("file_name or coco_url")
         if missing:
-            raise InputError(f"annotation file {ann_file}: image {img.get('id', img)!r} lacks {missing}")
+            raise InputError(f"annotation file {ann_file}: image {img.get('id', img)!r} lacks {missing}, expected "
+                             "an id, width, height and a file_name (or coco_url) in every image")
         if not _is_int(img["id"]):
             raise InputError(f"annotation file {ann_file}: image id {img['id']!r} is a {type(img['id']).__name__}, "
                              "expected an integer")
@@ -481,7 +486,7 @@ class CocoDetection(Dataset):
         return paths
 
     def _check_headers(self):
-        """Compare the JSON's width x height with the file headers (PIL reads no pixels) of HEADER_CHECKS images
+        """Compare the JSON's width x height with the file headers (PIL reads no pixels) of at most HEADER_CHECKS images
         spread over the set, so a wrong or unreadable file is found before training rather than an epoch in."""
         step = max(1, -(-len(self.ids) // HEADER_CHECKS))
         for img_id in self.ids[::step]:

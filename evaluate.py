@@ -3,9 +3,9 @@ on a folder of images (paper §4.1-4.2, Tables 1-4 and 9, Appendix A.1 and A.3, 
 
 `evaluate(...)` is what training calls after an epoch; `build_model` (the one place that maps arguments to
 modules) and the checkpoint readers live here too, so train.py imports this module and never the reverse.
-`python evaluate.py --resume CKPT` rebuilds the detector
-from the checkpoint's own arguments as a plain Deformable DETR (AlignNet and DynQL act during training only)
-and runs one of three modes:
+`python evaluate.py --resume CKPT` rebuilds the detector from the checkpoint's own arguments (--dataset,
+--data-path, --val-json/--val-images, --device, --batch-size, --attn-impl and --min-size/--max-size override
+them) as a plain Deformable DETR (AlignNet and DynQL act during training only) and runs one of three modes:
   default          AP of the val set with pycocotools: AP, AP50, AP75, APs, APm, APl (Tables 1, 4-8);
                    --per-layer: one row per decoder layer (Table 9, Appendix A.3);
                    --dataset ov-coco: AP50 on the novel, base and all categories too (Table 3);
@@ -530,7 +530,8 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
         print(f"warning: skipped {len(subfolders)} subfolder(s) of {folder} (not searched): {', '.join(subfolders)}",
               file=sys.stderr)
     if not names:
-        raise InputError(f"--images: no image in {folder} (found {len(skipped)} other file(s))")
+        raise InputError(f"--images: no image in {folder} (found {len(skipped)} other file(s)), expected at least "
+                         "one image PIL can read")
     loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn)
     final, _ = predict(model, postprocess, loader, device)
     results = to_coco_results(final, cat_ids)

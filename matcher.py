@@ -14,6 +14,8 @@ Boxes are normalized cxcywh unless a name says xyxy.
 Deviations from the paper / official code:
   - The official criterion also logs a class error and cardinality error; they are not losses and are left
     out here.
+  - Under autocast the matching cost is computed in at least float32, in one dtype for predictions and
+    targets (the official code has no mixed precision): in fp16 the focal cost's log(1 - p + 1e-8) is -inf.
 """
 import functools
 

@@ -38,6 +38,8 @@ Deviations from the paper / official code:
   - The backbone trains every layer when it starts from random weights (the official code freezes the stem
     and layer1, which only makes sense for ImageNet weights); with `pretrained=True`, or once a checkpoint's
     weights are loaded (`freeze_stem_and_layer1`), it freezes them as the official code does.
+  - Each frozen BatchNorm is folded into the conv before it (`conv_frozen_bn`, one convolution where the official
+    code runs the conv, then FrozenBatchNorm2d): the same function up to float rounding.
   - The decoder self-attention accepts an attention mask (the official decoder has none): DynQL needs it.
   - The official code ships a CUDA C++ extension that must be compiled; the GPU kernel here is Triton
     (`ms_deform_attn_triton`), compiled on first use on CUDA tensors, with no build step. With
@@ -131,7 +133,8 @@ def residual_block(x, block):
 
 
 class Backbone(nn.Module):
-    """ResNet C3-C5 with frozen BatchNorm; `body` keeps the official parameter names."""
+    """ResNet C3-C5 with frozen BatchNorm folded into each conv (`conv_frozen_bn`); `body` holds the weights
+    under the official parameter names, and `forward` walks its layers itself."""
 
     def __init__(self, name="resnet50", pretrained=False):
         super().__init__()
@@ -807,7 +810,7 @@ class DeformableTransformer(nn.Module):
         DynQL's Eq. 8 takes the positional half, so a DynQuery's position is encoded as a conventional query's.
         """
         pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(boxes, self.d_model)))  # (..., 2C)
-        return torch.split(pos_tgt, self.d_model, dim=-1)
+        return torch.split(pos_tgt, self.d_model, dim=-1)  # (..., C) each
 
     def select_queries(self, enc, query_embed=None):
         """Conventional queries: (tgt, query_pos, reference boxes) and, two-stage, the encoder predictions."""

@@ -3,6 +3,10 @@
 `python train.py` with no arguments trains the embedded `shapes` dataset on the CPU with CLIP-DETR (AlignNet +
 DynQL, a random-weight CLIP text encoder) and ends with its COCO AP table.
 `torchrun --nproc_per_node=G train.py --dataset coco --data-path DIR` trains COCO with the paper's setup.
+The model itself comes from `evaluate.build_model` and checkpoints are read by `evaluate.load_checkpoint`
+(train.py imports evaluate.py, never the reverse); this file writes checkpoints, resumes from them and loads
+an official Deformable DETR checkpoint with --pretrained. --amp bf16 autocasts on the CPU or CUDA, --amp fp16
+on CUDA only (it needs the gradient scaler); --min-size/--max-size set the image sizes (data.py).
 
 Paper ablations as flags:
   Table 4   --method {baseline,alignnet,dynql,clip-detr}
@@ -213,7 +217,7 @@ def finalize_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Building
+# Losses and optimizer (the model is built by evaluate.build_model)
 # ----------------------------------------------------------------------------------------------------------
 def check_finite_predictions(outputs):
     """Name the predictions holding NaN/Inf (a diverged run) before the Hungarian matcher, whose own error
