@@ -353,8 +353,10 @@ def bench_hf(args):
 
         def step(model=model, criterion=criterion, optimizer=optimizer, targs=targs):
             model.train()
+            # train_step opens its own autocast, which would switch off bench's: hand it bench's dtype instead.
+            amp_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
             train.train_step(model, criterion, (images, mask, targets), optimizer, torch.device("cpu"),
-                             clip_max_norm=targs.clip_max_norm)
+                             clip_max_norm=targs.clip_max_norm, amp_dtype=amp_dtype)
 
         def infer(model=model):
             model.eval()
@@ -427,7 +429,7 @@ def main(argv=None):
                    help="square image side, pixels (at least 160: transformers needs 300 encoder positions)")
     h.add_argument("--methods", nargs="+", default=["baseline", "clip-detr"], choices=["baseline", "clip-detr"])
     h.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                   help="bf16: CPU autocast around every model's step (clip-detr needs train_step's CPU amp fix)")
+                   help="bf16: CPU autocast around every model's step")
     w = sub.add_parser("_worker")
     w.add_argument("--steps", type=int)
     w.add_argument("argv", nargs="*")

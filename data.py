@@ -788,7 +788,7 @@ def image_sizes(args):
     min_size = getattr(args, "min_size", None) or (getattr(args, "shapes_min_size", 128) if shapes else 800)
     max_size = getattr(args, "max_size", None) or (getattr(args, "shapes_max_size", 192) if shapes else 1333)
     if not 0 < min_size <= max_size:
-        raise ValueError(f"--min-size {min_size} / --max-size {max_size}: expected 0 < min-size <= max-size")
+        raise InputError(f"--min-size {min_size} / --max-size {max_size}: expected 0 < min-size <= max-size")
     return min_size, max_size
 
 

@@ -327,6 +327,15 @@ def test_help_shows_every_default_per_dataset_where_they_differ():
     assert not undocumented
 
 
+def test_shapes_trains_at_its_generated_size_unless_min_size_is_given():
+    parse = lambda *argv: train.finalize_args(train.get_parser().parse_args(list(argv)))  # noqa: E731
+    args = parse("--shapes-min-size", "64", "--shapes-max-size", "96")
+    assert (args.min_size, args.max_size) == (64, 96)
+    args = parse("--shapes-min-size", "64", "--shapes-max-size", "96", "--min-size", "80")
+    assert (args.min_size, args.max_size) == (80, 96)
+    assert (parse().min_size, parse().max_size) == (128, 192)
+
+
 def test_config_line_names_what_differs_from_the_paper():
     parse = lambda *argv: train.finalize_args(train.get_parser().parse_args(list(argv)))  # noqa: E731
     line = train.config_line(parse())

@@ -185,12 +185,16 @@ def config_line(args):
 # always gives C3-C5, so there are at least 3 feature levels (the official single-scale variant is not built here).
 FLAG_MINIMUM = dict(hidden_dim=1, dim_feedforward=1, enc_layers=0, dec_layers=1, nheads=1, num_queries=1,
                     num_feature_levels=3, enc_n_points=1, dec_n_points=1, batch_size=1, epochs=1, num_workers=0,
-                    max_steps=1, eval_every=0, lr=0, lr_backbone=0, weight_decay=0, clip_max_norm=0,
-                    align_loss_coef=0)
+                    max_steps=1, eval_every=0, min_size=1, max_size=1, lr=0, lr_backbone=0, weight_decay=0,
+                    clip_max_norm=0, align_loss_coef=0)
 
 
 def finalize_args(args):
     """Fill dataset-dependent defaults; reject combinations that cannot run."""
+    if args.dataset == "shapes":
+        # shapes trains at the size it generates unless told otherwise (its defaults are those sizes' defaults).
+        args.min_size = args.min_size or args.shapes_min_size
+        args.max_size = args.max_size or args.shapes_max_size
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
