@@ -245,7 +245,7 @@ FLAG_CASES = [
     (["--num-feature-levels", "0"], "--num-feature-levels 0"),
     (["--num-feature-levels", "2"], "--num-feature-levels 2"),
     (["--min-size", "0"], "--min-size 0"),
-    (["--min-size", "300"], "--min-size 300"),
+    (["--min-size", "300", "--max-size", "200"], "--min-size 300 / --max-size 200"),
     (["--dec-layers", "0"], "--dec-layers 0"),
     (["--epochs", "0"], "--epochs 0"),
     (["--epochs", "-1"], "--epochs -1"),
