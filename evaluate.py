@@ -589,13 +589,25 @@ def checkpoint_classes(ckpt, args):
     return dataset.cat_ids, dataset.cat_names
 
 
-def write_json(path, obj):
-    """Write to a temporary file, then rename: a kill never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def write_atomically(path, write):
+    """`write(tmp)` to PATH.tmp, then rename it over `path`: a kill leaves the old file or the new one, never half
+    of one, and a failed write (disk full, ...) leaves no temporary file behind. Checkpoints, logs, results."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+    write_atomically(path, write)
 
 
 def get_parser():

@@ -327,14 +327,8 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, **state):
-    """Write to a temporary file, then rename: a kill leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # a failed write (disk full, ...) leaves nothing half-written behind
-            os.remove(tmp)
+    """A kill leaves the previous checkpoint intact (evaluate.write_atomically)."""
+    evaluate.write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 RESUME_MUST_MATCH = ("dataset", "method", "two_stage", "with_box_refine", "dynql_betas", "dynql_rho",
@@ -403,11 +397,11 @@ def merge_log(path, history, last_epoch):
 
 
 def write_log(path, history):
-    """Rewrite log.jsonl whole, via a temporary file: a kill leaves the old or the new file, never half."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in history)
-    os.replace(tmp, path)
+    """Rewrite log.jsonl whole (evaluate.write_atomically): a kill leaves the old or the new file, never half."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in history)
+    evaluate.write_atomically(path, write)
 
 
 def remove_stale_temporaries(output_dir):
