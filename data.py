@@ -75,6 +75,11 @@ WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 EXIF_TRANSPOSED = (5, 6, 7, 8)
 
 
+# What Pillow raises for a file it cannot decode: OSError (UnidentifiedImageError, truncated data), SyntaxError
+# (some broken PNG chunks), DecompressionBombError (absurd sizes).
+UNREADABLE_IMAGE = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
 def _unreadable(path, err):
     return InputError(f"image {path} cannot be read ({type(err).__name__}: {err}); expected a PNG/JPEG file")
 
@@ -96,9 +101,7 @@ def load_rgb(path, *, exif_transpose=False):
             return image.convert("RGB")
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        # Pillow reports broken files as OSError (UnidentifiedImageError, truncated data), some PNG chunk
-        # errors as SyntaxError.
+    except UNREADABLE_IMAGE as err:
         raise _unreadable(path, err) from None
 
 
@@ -494,7 +497,7 @@ class CocoDetection(Dataset):
             try:
                 with Image.open(path) as f:
                     size, orientation = f.size, f.getexif().get(0x0112)  # 0x0112: the EXIF Orientation tag
-            except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+            except UNREADABLE_IMAGE as err:
                 raise _unreadable(path, err) from None
             info = self.coco.imgs[img_id]
             if size != (info["width"], info["height"]):
