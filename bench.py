@@ -1,13 +1,13 @@
 """Speed and memory benchmarks (not tests): side-by-side numbers and ratios from one run.
 
-  python bench.py attn   [--device cuda]   ms_deform_attn_pytorch vs ms_deform_attn_triton at Deformable DETR
-                                            sizes (batch 2, 4 levels of an 800x1333 input, 8 heads, 4 points,
-                                            width 256; encoder Lq = S_all and decoder Lq = 300)
+  python bench.py attn   [--device cuda]   ms_deform_attn_pytorch vs ms_deform_attn_gather (and ms_deform_attn_triton
+                                            on CUDA) at Deformable DETR sizes (batch 2, 4 levels of an 800x1333
+                                            input, 8 heads, 4 points, width 256; encoder Lq = S_all, decoder Lq = 300)
   python bench.py train  [--steps 10]       training step time and peak memory on `shapes`: baseline vs each
                                             CLIP-DETR method, same seed, same batches (training-only cost)
   python bench.py coco-step [--steps 3]     seconds per training step of the default COCO model (R50, 6+6 layers,
                                             300 queries, two-stage + refine) on one 800x1333 image
-  python bench.py hf [--rounds 5] [--precision fp32 bf16] [--methods baseline clip-detr]
+  python bench.py hf [--rounds 5] [--precision fp32 bf16] [--methods baseline clip-detr] [--attn-impl gather]
                                             baseline and clip-detr against HuggingFace transformers'
                                             DeformableDetrForObjectDetection at the same configuration (R50 random
                                             weights, 6+6, 300 queries, two-stage + refine, batch 2 at 640x640, --size):
@@ -76,7 +76,8 @@ def attn_inputs(n_queries, device, batch=2, heads=8, head_dim=32, points=4):
 def bench_attn(args):
     import model
     device = torch.device(args.device)
-    impls = {"pytorch": lambda v, s, st, l, a: model.ms_deform_attn_pytorch(v, s, l, a)}
+    impls = {"pytorch": lambda v, s, st, l, a: model.ms_deform_attn_pytorch(v, s, l, a),
+             "gather": lambda v, s, st, l, a: model.ms_deform_attn_gather(v, s, l, a)}
     if device.type == "cuda" and model.triton_available():
         impls["triton"] = model.ms_deform_attn_triton
     else:
@@ -107,11 +108,10 @@ def bench_attn(args):
         print(f"{r['lq']:>8} {r['impl']:>8} {r['fwd_ms']:9.2f} {r['fwd_bwd_ms']:11.2f} {r['peak_mib']:9.1f}")
     for lq in ("encoder", "300"):
         ref = next(r for r in rows if r["lq"] == lq and r["impl"] == "pytorch")
-        tri = next((r for r in rows if r["lq"] == lq and r["impl"] == "triton"), None)
-        if tri:
-            print(f"Lq={lq}: triton speed-up fwd {ref['fwd_ms'] / tri['fwd_ms']:.2f}x, fwd+bwd "
-                  f"{ref['fwd_bwd_ms'] / tri['fwd_bwd_ms']:.2f}x, memory ratio "
-                  f"{tri['peak_mib'] / ref['peak_mib']:.2f}")
+        for other in (r for r in rows if r["lq"] == lq and r["impl"] != "pytorch"):
+            print(f"Lq={lq}: {other['impl']} speed-up over pytorch fwd {ref['fwd_ms'] / other['fwd_ms']:.2f}x, "
+                  f"fwd+bwd {ref['fwd_bwd_ms'] / other['fwd_bwd_ms']:.2f}x, memory ratio "
+                  f"{other['peak_mib'] / ref['peak_mib']:.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,8 +130,11 @@ def _train_worker(argv, steps, out_path):
     batches = [data.collate_fn([ds[(i * args.batch_size + j) % len(ds)] for j in range(args.batch_size)])
                for i in range(steps + 2)]
 
+    amp_dtype = {"bf16": torch.bfloat16}.get(args.amp)
+
     def step(batch):
-        train.train_step(model, criterion, batch, optimizer, device, clip_max_norm=args.clip_max_norm)
+        train.train_step(model, criterion, batch, optimizer, device, clip_max_norm=args.clip_max_norm,
+                         amp_dtype=amp_dtype)
 
     for b in batches[:2]:
         step(b)
@@ -343,10 +346,11 @@ def bench_hf(args):
     hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
 
     steps, infers = {}, {}
-    for method in args.methods:
+    for method, impl in ((m, i) for m in args.methods for i in args.attn_impl):
+        name = method if len(args.attn_impl) == 1 else f"{method}/{impl}"
         targs = train.finalize_args(train.get_parser().parse_args(
             ["--dataset", "coco", "--device", "cpu", "--method", method, "--clip-pretrained", "none",
-             "--clip-model", "RN50"]))
+             "--clip-model", "RN50", "--attn-impl", impl]))
         model, criterion, _ = evaluate.build_model(targs, names)
         model.backbone[0].freeze_stem_and_layer1()  # the paper's trainable set, as transformers trains
         optimizer = train.build_optimizer(model, targs)
@@ -363,7 +367,7 @@ def bench_hf(args):
             with torch.no_grad():
                 model(images, mask)
 
-        steps[method], infers[method] = step, infer
+        steps[name], infers[name] = step, infer
     hf = _hf_model(len(names))
     hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4, weight_decay=1e-4)
 
@@ -397,12 +401,12 @@ def bench_hf(args):
             if r > 0:  # round 0 warms up every path
                 times[(kind, name, prec)].append(dt)
     stat = {k: (min(v), statistics.median(v)) for k, v in times.items()}
-    print(f"{'':>6} {'precision':>9} {'model':>12} {'min s':>7} {'median s':>9} {'vs transformers min':>20} "
+    print(f"{'':>6} {'precision':>9} {'model':>17} {'min s':>7} {'median s':>9} {'vs transformers min':>20} "
           f"{'median':>7}")
     for kind, name, prec in times:
         ref = stat[(kind, "transformers", prec)]
         mn, md = stat[(kind, name, prec)]
-        print(f"{kind:>6} {prec:>9} {name:>12} {mn:7.2f} {md:9.2f} {mn / ref[0]:19.2f}x {md / ref[1]:6.2f}x")
+        print(f"{kind:>6} {prec:>9} {name:>17} {mn:7.2f} {md:9.2f} {mn / ref[0]:19.2f}x {md / ref[1]:6.2f}x")
 
 
 def main(argv=None):
@@ -428,6 +432,8 @@ def main(argv=None):
     h.add_argument("--size", type=int, default=640,
                    help="square image side, pixels (at least 160: transformers needs 300 encoder positions)")
     h.add_argument("--methods", nargs="+", default=["baseline", "clip-detr"], choices=["baseline", "clip-detr"])
+    h.add_argument("--attn-impl", nargs="+", default=["gather"], choices=["pytorch", "gather"],
+                   help="our deformable attention (several: one row each); gather is what --attn-impl auto runs here")
     h.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="bf16: CPU autocast around every model's step")
     w = sub.add_parser("_worker")

@@ -623,7 +623,7 @@ def get_parser():
     p.add_argument("--min-size", type=int, default=None,
                    help="evaluation shorter side, pixels (default: the checkpoint's)")
     p.add_argument("--max-size", type=int, default=None, help="longest image side, pixels (default: the checkpoint's)")
-    p.add_argument("--attn-impl", default=None, choices=["auto", "pytorch", "triton"])
+    p.add_argument("--attn-impl", default=None, choices=["auto", "pytorch", "gather", "triton"])
     p.add_argument("--output", default=None, metavar="JSON",
                    help="write the COCO results JSON here (with --images, default OUTPUT_DIR/results.json)")
     p.add_argument("--log", default=None, metavar="JSONL", help="append one JSON line with the numbers here")

@@ -9,6 +9,7 @@ Pieces, in the order data flows through them:
   PositionEmbeddingSine   normalized 2*pi sine encoding of each padded feature map
   input_proj          1x1 conv + GroupNorm per level, plus a 3x3 stride-2 conv for the stride-64 level
   MSDeformAttn        multi-scale deformable attention; `ms_deform_attn_pytorch` is the readable reference,
+                      `ms_deform_attn_gather` the CPU fast path (the same sum as embedding_bag rows),
                       `ms_deform_attn_triton` the optional GPU kernel
   DeformableTransformer   6 encoder layers, two-stage proposals, 6 decoder layers with box refinement;
                       the decoder's self-attention takes an attention mask (DynQL's Eq. 9 needs it)
@@ -50,8 +51,12 @@ Deviations from the paper / official code:
   - Under autocast (--amp) the deformable attention samples in float32 on every device (softmax weights,
     locations, bilinear sum); the linear projections around it follow autocast. The official code has no
     mixed precision.
-  - Gradients of `value` are summed with float32 atomics, so their last bits depend on the order in which
-    programs run: the backward pass is not bit-for-bit deterministic.
+  - On the CPU `--attn-impl auto` runs `ms_deform_attn_gather`, not the grid_sample reference: the same function
+    and gradients (equal to float64 rounding, and it rounds pixel coordinates as grid_sample does, so at the
+    kinks of bilinear sampling it takes the same one-sided gradient); in float32 its sums run in another order,
+    so results differ from the reference's in the last bits. `--attn-impl pytorch` runs the reference.
+  - The Triton backward sums gradients of `value` with float32 atomics, so their last bits depend on the order
+    in which programs run: that backward pass is not bit-for-bit deterministic.
   - The kernels do not check that S_all equals sum_l H_l * W_l (that would cost a device-to-host copy per
     call); the caller's shapes are trusted.
 """
@@ -60,6 +65,7 @@ import copy
 import math
 import os
 import urllib.error
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -244,6 +250,130 @@ def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_
     w = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)  # (B*M, 1, Lq, L*P)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)  # (B*M, Dh, Lq)
     return out.view(B, M * Dh, Lq).transpose(1, 2).contiguous()  # (B, Lq, C)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-scale deformable attention: the CPU fast path, bilinear taps gathered as rows
+# ----------------------------------------------------------------------------------------------------------
+# The same sum as the reference, written so that nothing of size (points x channels) is ever materialised. The
+# reference builds grid_sample's (B*M, C/M, Lq, L*P) samples, stacks, weights and sums them, and its backward
+# does the same again: at the COCO configuration that is 70 M floats per encoder layer, the bulk of a CPU
+# training step. Here every level's map gets a one-pixel ring of zeros, so the four bilinear taps of a point
+# are the rows key, key + M, key + W'M, key + (W'+1)M of one table (W' = W_l + 2, M heads interleaved) and a tap
+# outside the map reads the ring's zero. The output is then one `embedding_bag`: per (query, head), the sum of
+# L*P*4 table rows weighted by attention weight x bilinear weight. `_TapSum` supplies the backward:
+#   - d weight of a tap = <grad_out of its (query, head), table row of the tap>: `sampled_addmm`, a dot product
+#     per tap without gathering the rows;
+#   - d table = the transposed sum, an `embedding_bag` of grad_out rows into table rows over taps sorted by row.
+#     Where points outnumber table rows (the encoder), the points are sorted by key once: because the four taps
+#     of a point are key plus a per-level constant that keeps them inside their level's block, that one order
+#     also sorts every tap column, and each column is one `embedding_bag` (four passes over the rows instead of
+#     a sort of four times as many taps). Otherwise (decoder queries) the taps are sorted, one pass.
+# Gradients to locations and attention weights follow by autograd from the tap weights, as grid_sample's do
+# (the floor is piecewise constant). A point whose top-left tap lies beyond the ring has all four taps outside
+# the map: its attention weight is zeroed, as zero padding reads zeros there.
+class _TapSum(torch.autograd.Function):
+    """out[n] = sum_t w[n, t] * table[key[n, t // 4] + delta[level of t, t % 4]], with the backward above.
+
+    table (R, Dh); key (N, L*P) integer rows of each point's top-left tap, sorted within nothing; delta (L, 4)
+    row offsets of the four taps per level; w (N, L*P*4) tap weights. Returns (N, Dh).
+    """
+
+    @staticmethod
+    def forward(ctx, table, key, delta, w):
+        N, LP = key.shape
+        L = delta.shape[0]
+        rows = (key.view(N, L, LP // L, 1) + delta.view(1, L, 1, 4)).view(N, LP * 4)  # (N, L*P*4)
+        ctx.save_for_backward(table, key, delta, rows, w)
+        return F.embedding_bag(rows, table, per_sample_weights=w, mode="sum")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        table, key, delta, rows, w = ctx.saved_tensors
+        N, T = rows.shape
+        L, LP = delta.shape[0], key.shape[1]
+        grad_out = grad_out.contiguous()
+        grad_table = grad_w = None
+        if ctx.needs_input_grad[3]:
+            crow = torch.arange(0, N * T + 1, T, dtype=rows.dtype, device=rows.device)
+            with warnings.catch_warnings():  # sparse CSR is "beta"; these tensors are built valid by construction
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+                taps = torch.sparse_csr_tensor(crow, rows.view(-1), w.new_zeros(N * T), (N, table.shape[0]),
+                                               check_invariants=False)
+                grad_w = torch.sparse.sampled_addmm(taps, grad_out, table.t(), beta=0.0).values().view(N, T)
+        if ctx.needs_input_grad[0]:
+            if key.numel() < table.shape[0]:
+                # Fewer points than table rows (decoder queries): sort the taps themselves, one pass over the rows.
+                order = rows.view(-1).argsort()  # (N*T,)
+                counts = torch.bincount(rows.view(-1), minlength=table.shape[0])
+                offsets = (counts.cumsum(0) - counts).to(rows.dtype)
+                return (F.embedding_bag((order // T).to(rows.dtype), grad_out, offsets,
+                                        per_sample_weights=w.view(-1).index_select(0, order), mode="sum"),
+                        None, None, grad_w)
+            keys = key.view(-1)  # (N*L*P,) one per point
+            order = keys.argsort()  # points by the row of their top-left tap
+            bag = (order // LP).to(rows.dtype)  # the (query, head) of each sorted point
+            level = (order // (LP // L)) % L
+            # Sorted too, every tap column: see the comment above _TapSum.
+            tap_rows = keys.index_select(0, order)[None, :] + delta.t().index_select(1, level)  # (4, N*L*P)
+            tap_w = w.view(N * LP, 4).index_select(0, order).t().contiguous()  # (4, N*L*P)
+            grad_table = torch.zeros_like(table)
+            for rows_of_tap, w_of_tap in zip(tap_rows, tap_w):
+                counts = torch.bincount(rows_of_tap, minlength=table.shape[0])
+                offsets = (counts.cumsum(0) - counts).to(rows.dtype)
+                grad_table += F.embedding_bag(bag, grad_out, offsets, per_sample_weights=w_of_tap, mode="sum")
+        return grad_table, None, None, grad_w
+
+
+def ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights):
+    """Multi-scale deformable attention (Zhu et al., Eq. 3), the CPU fast path described above.
+
+    Same arguments and result as `ms_deform_attn_pytorch` (equal to float64 rounding, test_model.py). Computes in
+    float32 (float64 for float64 inputs) with autocast off; the output has `value`'s dtype.
+    """
+    B, _, M, Dh = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    shapes = spatial_shapes.tolist()
+    with torch.autocast(value.device.type, enabled=False):
+        # The table: each level's (H_l, W_l) map inside a ring of zeros, (B, sum_l (H_l+2)(W_l+2), M, Dh).
+        ringed = [(h + 2) * (w + 2) for h, w in shapes]
+        table = value.new_zeros((B, sum(ringed), M, Dh), dtype=dtype)
+        starts = [0]
+        for (h, w), level_value in zip(shapes, value.split([h * w for h, w in shapes], dim=1)):
+            level_table = table[:, starts[-1]:starts[-1] + (h + 2) * (w + 2)].view(B, h + 2, w + 2, M, Dh)
+            level_table[:, 1:-1, 1:-1] = level_value.view(B, h, w, M, Dh)  # (B, H_l, W_l, M, Dh)
+            starts.append(starts[-1] + (h + 2) * (w + 2))
+        index = torch.int32 if table.numel() // Dh < 2**31 else torch.int64
+        wh = spatial_shapes.flip(-1).to(dtype)  # (L, 2) as (W_l, H_l)
+        # Pixel coordinates x * W_l - 0.5, rounded as grid_sample's CPU kernel rounds them: it gets 2x - 1 and
+        # computes (g + 1) * W_l/2 - 0.5 with one fused multiply-add (emulated here in float64). At init most encoder
+        # points sit on pixel centres, where bilinear sampling has a kink, and a last-bit difference would pick the
+        # other one-sided gradient.
+        grid = 2 * sampling_locations.to(dtype) - 1
+        pix = ((grid + 1).double() * (wh[:, None, :] / 2).double() - 0.5).to(dtype)  # (B, Lq, M, L, P, 2)
+        corner = pix.detach().floor()
+        frac = pix - corner  # (B, Lq, M, L, P, 2), what the bilinear weights are made of
+        # A top-left tap in [-1, W_l - 1] x [-1, H_l - 1] keeps all four taps inside the ring; else (also NaN)
+        # the point is outside the map and reads zero.
+        inside = (corner >= -1) & (corner <= wh[:, None, :] - 1)  # (B, Lq, M, L, P, 2)
+        corner = torch.where(inside, corner, -1.0).to(index) + 1  # ringed coordinates
+        a = attention_weights.to(dtype) * inside.all(-1)  # (B, Lq, M, L, P)
+        ringed_w = (spatial_shapes[:, 1] + 2).to(index)  # (L,)
+        level_start = torch.tensor(starts[:-1], dtype=index, device=value.device)
+        row0 = level_start.view(L, 1) + corner[..., 1] * ringed_w.view(L, 1) + corner[..., 0]  # (B, Lq, M, L, P)
+        batch = torch.arange(B, dtype=index, device=value.device).view(B, 1, 1, 1, 1) * starts[-1]
+        head = torch.arange(M, dtype=index, device=value.device).view(1, 1, M, 1, 1)
+        key = ((batch + row0) * M + head).view(B * Lq * M, L * P)  # (B*Lq*M, L*P) table row of the top-left tap
+        delta = torch.stack([torch.zeros_like(ringed_w), torch.ones_like(ringed_w), ringed_w, ringed_w + 1], -1) * M
+        fx, fy = frac.unbind(-1)  # (B, Lq, M, L, P) each
+        a_x1 = a * fx
+        a_x0 = a - a_x1
+        w_x0y1, w_x1y1 = a_x0 * fy, a_x1 * fy
+        w = torch.stack([a_x0 - w_x0y1, a_x1 - w_x1y1, w_x0y1, w_x1y1], -1)  # (B, Lq, M, L, P, 4) in delta's order
+        out = _TapSum.apply(table.view(-1, Dh), key, delta, w.view(B * Lq * M, L * P * 4))  # (B*Lq*M, Dh)
+    return out.view(B, Lq, M * Dh).to(value.dtype)  # (B, Lq, C)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -525,17 +655,18 @@ def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_loc
     return out.to(value.dtype)
 
 
-_ATTN_IMPLS = ("auto", "pytorch", "triton")
+_ATTN_IMPLS = ("auto", "pytorch", "gather", "triton")
 _announced = set()
 
 
 def resolve_attn_impl(impl, device):
-    """'auto' -> Triton for CUDA tensors when importable, else PyTorch; 'triton' where it cannot run -> error."""
+    """'auto' -> Triton for CUDA tensors when importable, the gather path on the CPU, else the PyTorch reference;
+    'triton' where it cannot run -> error."""
     if impl not in _ATTN_IMPLS:
         raise InputError(f"--attn-impl {impl!r}: expected one of {_ATTN_IMPLS}")
     cuda = torch.device(device).type == "cuda"
     if impl == "auto":
-        impl = "triton" if cuda and triton_available() else "pytorch"
+        impl = "triton" if cuda and triton_available() else "pytorch" if cuda else "gather"
     elif impl == "triton" and not (cuda and triton_available()):
         raise InputError("--attn-impl triton needs a CUDA device and an importable triton "
                          f"(device={device}, triton importable={triton_available()}); use --attn-impl pytorch")
@@ -604,6 +735,8 @@ class MSDeformAttn(nn.Module):
         impl = resolve_attn_impl(self.attn_impl, value.device)
         if impl == "triton":
             out = ms_deform_attn_triton(value, spatial_shapes, level_start_index, loc, weights)
+        elif impl == "gather":
+            out = ms_deform_attn_gather(value, spatial_shapes, loc, weights)
         else:
             out = ms_deform_attn_pytorch(value, spatial_shapes, loc, weights)
         return self.output_proj(out)

@@ -132,6 +132,110 @@ def test_ms_deform_attn_gradcheck():
         lambda v, loc, w: ms_deform_attn_pytorch(v, spatial_shapes, loc, w), (value, locations, weights))
 
 
+# ms_deform_attn_gather, the CPU fast path --------------------------------------------------------------
+
+def attention_inputs(spatial_shapes, B, Lq, M, Dh, P, *, spread=1.6, seed=0, dtype=torch.float64):
+    """Random inputs with points inside, on the border, partly and wholly outside, and far outside the maps."""
+    g = torch.Generator().manual_seed(seed)
+    L = len(spatial_shapes)
+    value = torch.randn(B, int(spatial_shapes.prod(1).sum()), M, Dh, generator=g, dtype=dtype)
+    locations = torch.rand(B, Lq, M, L, P, 2, generator=g, dtype=dtype) * spread + (1 - spread) / 2
+    locations[0, 0, 0, :, 0] = 0.0
+    locations[0, 0, -1, :, -1] = 1.0
+    locations[-1, -1, 0, :, 0] = torch.tensor([-40.0, 0.5], dtype=dtype)  # far left of every map
+    locations[-1, -1, -1, :, -1] = torch.tensor([0.5, 75.0], dtype=dtype)  # far below
+    weights = torch.rand(B, Lq, M, L, P, generator=g, dtype=dtype)
+    return value, locations, weights
+
+
+def forward_backward(fn, spatial_shapes, value, locations, weights, grad_out=None):
+    value, locations, weights = (t.detach().clone().requires_grad_() for t in (value, locations, weights))
+    out = fn(value, spatial_shapes, locations, weights)
+    grad_out = torch.randn_like(out, generator=torch.Generator().manual_seed(1)) if grad_out is None else grad_out
+    return (out, *torch.autograd.grad(out, (value, locations, weights), grad_out)), grad_out
+
+
+@pytest.mark.parametrize("spatial_shapes, B, Lq, M, Dh, P", [
+    ([[4, 5], [2, 3], [1, 1]], 2, 3, 2, 3, 2),
+    ([[7, 3], [4, 2], [2, 1], [1, 1]], 3, 5, 4, 2, 3),  # taller than wide, 4 levels
+    ([[1, 6]], 1, 4, 1, 5, 1),  # one row, one head, one point
+    ([[3, 4], [2, 2]], 2, 30, 2, 3, 2),  # more points than table rows: the encoder's backward
+])
+def test_gather_attention_equals_reference_with_gradients(spatial_shapes, B, Lq, M, Dh, P):
+    """ms_deform_attn_gather gives the reference's output and all three gradients to float64 rounding, through
+    both backward paths (fewer points than table rows, as decoder queries; more, as the encoder)."""
+    spatial_shapes = torch.tensor(spatial_shapes)
+    inputs = attention_inputs(spatial_shapes, B, Lq, M, Dh, P)
+    want, grad_out = forward_backward(ms_deform_attn_pytorch, spatial_shapes, *inputs)
+    got, _ = forward_backward(model.ms_deform_attn_gather, spatial_shapes, *inputs, grad_out=grad_out)
+    for name, w, g in zip(("output", "grad value", "grad locations", "grad weights"), want, got):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12, msg=name)
+        assert w.abs().max() > 0.05, name  # nothing compared is trivially zero
+    # The far-outside points read nothing and get no gradient, as with zero padding.
+    assert got[2][-1, -1, 0, :, 0].abs().max() == 0 and got[3][-1, -1, -1, :, -1].abs().max() == 0
+
+
+def test_gather_attention_equals_naive_loop_on_exact_pixel_centres():
+    """Known answers: at pixel centres, borders and one pixel outside, against the one-sample-at-a-time loop."""
+    spatial_shapes = torch.tensor([[4, 5], [2, 3], [1, 1]])
+    value, locations, weights = attention_inputs(spatial_shapes, 2, 3, 2, 3, 2, spread=1.0)
+    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        locations[1, 1, 0, lvl, 0] = torch.tensor([0.5 / W, 0.5 / H])
+        locations[1, 1, 1, lvl, 1] = torch.tensor([1 + 0.5 / W, -0.5 / H])
+        locations[1, 2, 0, lvl, 1] = torch.tensor([1 - 0.5 / W, 1.0])
+    torch.testing.assert_close(model.ms_deform_attn_gather(value, spatial_shapes, locations, weights),
+                               naive_ms_deform_attn(value, spatial_shapes, locations, weights), rtol=0, atol=1e-12)
+
+
+def test_gather_attention_float32_and_bf16_autocast_compute_in_float32():
+    """float32 inputs match the reference to float32 rounding; under CPU bf16 autocast a bf16 value is sampled in
+    float32 and the output comes back in value's dtype, as the Triton path does."""
+    spatial_shapes = torch.tensor([[6, 8], [3, 4], [2, 2], [1, 1]])
+    value, locations, weights = attention_inputs(spatial_shapes, 2, 7, 4, 8, 4, dtype=torch.float32)
+    want = ms_deform_attn_pytorch(value, spatial_shapes, locations, weights)
+    torch.testing.assert_close(model.ms_deform_attn_gather(value, spatial_shapes, locations, weights), want,
+                               rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.ms_deform_attn_gather(value.bfloat16(), spatial_shapes, locations, weights)
+    assert got.dtype == torch.bfloat16
+    want_bf16 = ms_deform_attn_pytorch(value.bfloat16().float(), spatial_shapes, locations, weights)
+    torch.testing.assert_close(got.float(), want_bf16, rtol=1e-2, atol=1e-2)
+
+
+def test_gather_attention_without_value_gradient_and_without_queries():
+    """Gradients to locations and weights alone (a frozen value), and a call with no queries at all."""
+    spatial_shapes = torch.tensor([[3, 4], [2, 2]])
+    value, locations, weights = attention_inputs(spatial_shapes, 1, 4, 2, 3, 2)
+    locations.requires_grad_()
+    want = torch.autograd.grad(ms_deform_attn_pytorch(value, spatial_shapes, locations, weights).sum(), locations)
+    got = torch.autograd.grad(model.ms_deform_attn_gather(value, spatial_shapes, locations, weights).sum(), locations)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    empty = model.ms_deform_attn_gather(value, spatial_shapes, locations[:, :0], weights[:, :0])
+    assert empty.shape == (1, 0, 2 * 3)
+
+
+def test_model_trains_alike_with_gather_and_reference_attention():
+    """One tiny two-stage model, the same step with either attention: same losses and parameter gradients."""
+    images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 64, 80, dtype=torch.bool)
+    mask[1, :, 60:] = True
+    grads = {}
+    for impl in ("pytorch", "gather"):
+        detr = tiny_detr()
+        for m in detr.modules():
+            if isinstance(m, MSDeformAttn):
+                m.attn_impl = impl
+        out = detr(images, mask)
+        loss = out['pred_logits'].sigmoid().sum() + out['pred_boxes'].sum() + out['enc_outputs']['pred_boxes'].sum()
+        loss.backward()
+        grads[impl] = (loss.detach(), {n: p.grad.clone() for n, p in detr.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(grads['gather'][0], grads['pytorch'][0], rtol=1e-5, atol=1e-5)
+    assert grads['gather'][1].keys() == grads['pytorch'][1].keys()
+    for name, g in grads['pytorch'][1].items():
+        torch.testing.assert_close(grads['gather'][1][name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
 # MSDeformAttn ------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -624,8 +728,9 @@ def test_unknown_backbone_is_rejected():
 
 # Attention implementation choice -----------------------------------------------------------------------
 
-def test_attn_impl_auto_on_cpu_is_pytorch_and_unknown_is_rejected():
-    assert model.resolve_attn_impl('auto', 'cpu') == 'pytorch'
+def test_attn_impl_auto_on_cpu_is_gather_and_unknown_is_rejected():
+    assert model.resolve_attn_impl('auto', 'cpu') == 'gather'
+    assert model.resolve_attn_impl('pytorch', 'cpu') == 'pytorch'
     with pytest.raises(ValueError, match='cuda-kernel'):
         model.resolve_attn_impl('cuda-kernel', 'cpu')
 

@@ -284,17 +284,23 @@ def test_amp_bf16_is_allowed_on_the_cpu_and_fp16_is_not(tmp_path, cache):
         tiny_args(tmp_path, cache, "--amp", "fp16", "--device", "cpu")
 
 
-def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float32(tmp_path, cache, monkeypatch):
+@pytest.mark.parametrize("impl, function, out_dtype", [("pytorch", "ms_deform_attn_pytorch", torch.float32),
+                                                      ("gather", "ms_deform_attn_gather", torch.bfloat16)])
+def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float32(tmp_path, cache, monkeypatch,
+                                                                                  impl, function, out_dtype):
     """train_step autocasts on the device it runs on; under bf16 the heads run in bf16 while the deformable
-    attention samples and sums in float32 (locations, softmax weights, output), on the CPU as on CUDA."""
+    attention gets float32 locations and softmax weights, on the CPU as on CUDA. The reference samples and sums
+    in float32 (grid_sample autocasts to float32); the gather path computes in float32 inside and hands back
+    value's dtype, as the Triton path does."""
     import data
     import model as model_lib
-    args = tiny_args(tmp_path, cache, "--method", "clip-detr", "--amp", "bf16", "--device", "cpu")
+    args = tiny_args(tmp_path, cache, "--method", "clip-detr", "--amp", "bf16", "--device", "cpu",
+                      "--attn-impl", impl)
     ds = data.build_dataset("train", args)
     torch.manual_seed(0)
     model, criterion, _ = train.build_model(args, ds.cat_names)
     seen = {"attn": set()}
-    real_losses, real_attn = train.compute_losses, model_lib.ms_deform_attn_pytorch
+    real_losses, real_attn = train.compute_losses, getattr(model_lib, function)
 
     def losses_spy(criterion, outputs, targets):
         seen["logits"] = outputs["pred_logits"].dtype
@@ -305,13 +311,13 @@ def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float3
         seen["attn"].add((value.dtype, loc.dtype, weights.dtype, out.dtype))
         return out
     monkeypatch.setattr(train, "compute_losses", losses_spy)
-    monkeypatch.setattr(model_lib, "ms_deform_attn_pytorch", attn_spy)
+    monkeypatch.setattr(model_lib, function, attn_spy)
     optimizer = torch.optim.AdamW(train.param_groups(model, args), lr=1e-4)
     loss, values = train.train_step(model, criterion, data.collate_fn([ds[0], ds[1]]), optimizer,
                                     torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert math.isfinite(loss) and "loss_dynql_ce" in values and "loss_align" in values
     assert seen["logits"] == torch.bfloat16
-    assert seen["attn"] == {(torch.bfloat16, torch.float32, torch.float32, torch.float32)}
+    assert seen["attn"] == {(torch.bfloat16, torch.float32, torch.float32, out_dtype)}
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
