@@ -278,6 +278,24 @@ def test_torchrun_two_processes_gloo(tmp_path, cache):
     assert os.path.isfile(tmp_path / "ddp" / "checkpoint.pth")
 
 
+def test_amp_auto_is_bf16_only_where_the_device_multiplies_bf16(tmp_path, cache, monkeypatch):
+    """--amp auto (the shapes default) resolves once, in finalize_args: bf16 on a CPU with AVX512-BF16/AMX, off
+    elsewhere (emulated bf16 is slower than float32); COCO keeps the paper's float32 unless asked."""
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert tiny_args(tmp_path, cache).amp == "bf16"
+    assert tiny_args(tmp_path, cache, "--amp", "off").amp == "off"
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert tiny_args(tmp_path, cache).amp == "off"
+    assert tiny_args(tmp_path, cache, "--amp", "bf16").amp == "bf16"
+    coco = train.finalize_args(train.get_parser().parse_args(["--dataset", "coco", "--device", "cpu",
+                                                              "--output-dir", str(tmp_path / "coco")]))
+    assert coco.amp == "off"
+    monkeypatch.undo()
+    has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert train.native_bf16("cpu") == has_bf16
+    assert "(default: coco: off, shapes: auto)" in " ".join(train.get_parser().format_help().split())
+
+
 def test_amp_bf16_is_allowed_on_the_cpu_and_fp16_is_not(tmp_path, cache):
     assert tiny_args(tmp_path, cache, "--amp", "bf16", "--device", "cpu").amp == "bf16"
     with pytest.raises(ValueError, match=r"^--amp fp16 needs a CUDA device .*--device cpu\); use --amp bf16"):
