@@ -728,9 +728,12 @@ def test_unknown_backbone_is_rejected():
 
 # Attention implementation choice -----------------------------------------------------------------------
 
-def test_attn_impl_auto_on_cpu_is_gather_and_unknown_is_rejected():
-    assert model.resolve_attn_impl('auto', 'cpu') == 'gather'
-    assert model.resolve_attn_impl('pytorch', 'cpu') == 'pytorch'
+def test_attn_impl_auto_on_cpu_is_gather_for_large_calls_and_unknown_is_rejected():
+    assert model.resolve_attn_impl('auto', 'cpu', points=model.GATHER_MIN_POINTS) == 'gather'
+    assert model.resolve_attn_impl('auto', 'cpu', points=model.GATHER_MIN_POINTS - 1) == 'pytorch'
+    assert model.resolve_attn_impl('auto', 'cpu') == 'pytorch'
+    assert model.resolve_attn_impl('gather', 'cpu', points=1) == 'gather'
+    assert model.resolve_attn_impl('pytorch', 'cpu', points=2**30) == 'pytorch'
     with pytest.raises(ValueError, match='cuda-kernel'):
         model.resolve_attn_impl('cuda-kernel', 'cpu')
 

@@ -56,12 +56,12 @@ DATASET_DEFAULTS = {
     "shapes": dict(backbone="resnet18", hidden_dim=64, dim_feedforward=256, enc_layers=2, dec_layers=3,
                    nheads=4, num_queries=30, enc_n_points=4, dec_n_points=4, batch_size=8, epochs=5,
                    lr_drop=[4], lr=1e-3, lr_backbone=1e-3, dropout=0.0, clip_model="RN50", clip_pretrained="none",
-                   device="cpu", num_workers=1, min_size=128, max_size=192, amp="auto"),
+                   device="cpu", num_workers=1, min_size=128, max_size=192, amp="auto", eval_every=0),
     "coco": dict(backbone="resnet50", hidden_dim=256, dim_feedforward=1024, enc_layers=6, dec_layers=6, nheads=8,
                  num_queries=300, enc_n_points=4, dec_n_points=4, batch_size=2, epochs=12, lr_drop=[10],
                  lr=2e-4, lr_backbone=2e-5, dropout=0.1, clip_model="RN50x64", clip_pretrained="openai",
                  device="cuda" if torch.cuda.is_available() else "cpu", num_workers=2, min_size=800, max_size=1333,
-                 amp="off"),
+                 amp="off", eval_every=1),
 }
 for _name in ("custom", "ov-coco", "lvis"):
     DATASET_DEFAULTS[_name] = DATASET_DEFAULTS["coco"]
@@ -130,7 +130,8 @@ def get_parser():
     m.add_argument("--two-stage", action=argparse.BooleanOptionalAction, default=True)
     m.add_argument("--attn-impl", default="auto", choices=["auto", "pytorch", "gather", "triton"],
                    help="deformable attention: pytorch (the readable reference), gather (CPU fast path), triton (GPU); "
-                        "auto: triton on CUDA when importable, gather on the CPU")
+                        "auto: triton on CUDA when importable; on the CPU gather for calls sampling >= 2^20 points "
+                        "(COCO-sized encoders), pytorch below")
 
     c = p.add_argument_group("CLIP-DETR (training only)")
     c.add_argument("--method", default="clip-detr", choices=METHODS, help="Table 4")
@@ -162,7 +163,8 @@ def get_parser():
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--output-dir", default="outputs")
     r.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint to continue from")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    r.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate every N epochs, and after the last; 0: after the last only")
     r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return document_defaults(p)
 
