@@ -689,7 +689,7 @@ def _write_shapes_split(folder, split_code, *, num_images, seed, min_size, max_s
     return {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
 
 
-def make_shapes(root, *, num_train=2000, num_val=200, seed=0, min_size=160, max_size=256, max_objects=6):
+def make_shapes(root, *, num_train=1800, num_val=200, seed=0, min_size=160, max_size=256, max_objects=6):
     """Write the `shapes` set once under `root` in COCO layout and return its four paths.
 
     The set lives in root/<key>, the key naming every argument, so other arguments never reuse it; it is
@@ -820,7 +820,7 @@ def build_dataset(image_set, args):
 
     if dataset == "shapes":
         paths = make_shapes(data_path or shapes_cache_dir(),
-                            num_train=getattr(args, "shapes_num_train", 2000),
+                            num_train=getattr(args, "shapes_num_train", 1800),
                             num_val=getattr(args, "shapes_num_val", 200),
                             seed=getattr(args, "shapes_seed", 0), min_size=getattr(args, "shapes_min_size", 128),
                             max_size=getattr(args, "shapes_max_size", 192),

@@ -105,7 +105,7 @@ def get_parser():
                    help="evaluation shorter side, pixels; training draws shorter sides up to it (coco: 480..800 "
                         "step 32 at 800, scaled with it)")
     d.add_argument("--max-size", type=int, default=None, help="longest image side, pixels")
-    d.add_argument("--shapes-num-train", type=int, default=2000)
+    d.add_argument("--shapes-num-train", type=int, default=1800)
     d.add_argument("--shapes-num-val", type=int, default=200)
     d.add_argument("--shapes-min-size", type=int, default=128, help="shortest side of generated shapes images, pixels")
     d.add_argument("--shapes-max-size", type=int, default=192, help="longest side of generated shapes images, pixels")
