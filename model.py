@@ -276,8 +276,8 @@ def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_
 class _TapSum(torch.autograd.Function):
     """out[n] = sum_t w[n, t] * table[key[n, t // 4] + delta[level of t, t % 4]], with the backward above.
 
-    table (R, Dh); key (N, L*P) integer rows of each point's top-left tap, sorted within nothing; delta (L, 4)
-    row offsets of the four taps per level; w (N, L*P*4) tap weights. Returns (N, Dh).
+    table (R, Dh); key (N, L*P) the table row of each point's top-left tap, in any order; delta (L, 4) the
+    row offsets of the four taps on each level; w (N, L*P*4) tap weights. Returns (N, Dh).
     """
 
     @staticmethod
