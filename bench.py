@@ -433,7 +433,8 @@ def main(argv=None):
                    help="square image side, pixels (at least 160: transformers needs 300 encoder positions)")
     h.add_argument("--methods", nargs="+", default=["baseline", "clip-detr"], choices=["baseline", "clip-detr"])
     h.add_argument("--attn-impl", nargs="+", default=["gather"], choices=["pytorch", "gather"],
-                   help="our deformable attention (several: one row each); gather is what --attn-impl auto runs here")
+                   help="our deformable attention (several: one row each); gather in encoder and decoder, where "
+                        "--attn-impl auto would take the reference for the decoder's small calls")
     h.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="bf16: CPU autocast around every model's step")
     w = sub.add_parser("_worker")

@@ -273,6 +273,12 @@ def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_
 # Gradients to locations and attention weights follow by autograd from the tap weights, as grid_sample's do
 # (the floor is piecewise constant). A point whose top-left tap lies beyond the ring has all four taps outside
 # the map: its attention weight is zeroed, as zero padding reads zeros there.
+def _bag_offsets(tap_rows, table):
+    """Where each table row's taps start in the row-sorted order: the bag offsets of the transposed sum."""
+    counts = torch.bincount(tap_rows, minlength=table.shape[0])
+    return (counts.cumsum(0) - counts).to(tap_rows.dtype)
+
+
 class _TapSum(torch.autograd.Function):
     """out[n] = sum_t w[n, t] * table[key[n, t // 4] + delta[level of t, t % 4]], with the backward above.
 
@@ -307,9 +313,7 @@ class _TapSum(torch.autograd.Function):
             if key.numel() < table.shape[0]:
                 # Fewer points than table rows (decoder queries): sort the taps themselves, one pass over the rows.
                 order = rows.view(-1).argsort()  # (N*T,)
-                counts = torch.bincount(rows.view(-1), minlength=table.shape[0])
-                offsets = (counts.cumsum(0) - counts).to(rows.dtype)
-                return (F.embedding_bag((order // T).to(rows.dtype), grad_out, offsets,
+                return (F.embedding_bag((order // T).to(rows.dtype), grad_out, _bag_offsets(rows.view(-1), table),
                                         per_sample_weights=w.view(-1).index_select(0, order), mode="sum"),
                         None, None, grad_w)
             keys = key.view(-1)  # (N*L*P,) one per point
@@ -321,9 +325,8 @@ class _TapSum(torch.autograd.Function):
             tap_w = w.view(N * LP, 4).index_select(0, order).t().contiguous()  # (4, N*L*P)
             grad_table = torch.zeros_like(table)
             for rows_of_tap, w_of_tap in zip(tap_rows, tap_w):
-                counts = torch.bincount(rows_of_tap, minlength=table.shape[0])
-                offsets = (counts.cumsum(0) - counts).to(rows.dtype)
-                grad_table += F.embedding_bag(bag, grad_out, offsets, per_sample_weights=w_of_tap, mode="sum")
+                grad_table += F.embedding_bag(bag, grad_out, _bag_offsets(rows_of_tap, table),
+                                              per_sample_weights=w_of_tap, mode="sum")
         return grad_table, None, None, grad_w
 
 
@@ -342,10 +345,10 @@ def ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_w
         ringed = [(h + 2) * (w + 2) for h, w in shapes]
         table = value.new_zeros((B, sum(ringed), M, Dh), dtype=dtype)
         starts = [0]
-        for (h, w), level_value in zip(shapes, value.split([h * w for h, w in shapes], dim=1)):
-            level_table = table[:, starts[-1]:starts[-1] + (h + 2) * (w + 2)].view(B, h + 2, w + 2, M, Dh)
+        for (h, w), size, level_value in zip(shapes, ringed, value.split([h * w for h, w in shapes], dim=1)):
+            level_table = table[:, starts[-1]:starts[-1] + size].view(B, h + 2, w + 2, M, Dh)
             level_table[:, 1:-1, 1:-1] = level_value.view(B, h, w, M, Dh)  # (B, H_l, W_l, M, Dh)
-            starts.append(starts[-1] + (h + 2) * (w + 2))
+            starts.append(starts[-1] + size)
         index = torch.int32 if table.numel() // Dh < 2**31 else torch.int64
         wh = spatial_shapes.flip(-1).to(dtype)  # (L, 2) as (W_l, H_l)
         # Pixel coordinates x * W_l - 0.5, rounded as grid_sample's CPU kernel rounds them: it gets 2x - 1 and
