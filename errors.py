@@ -1,18 +1,24 @@
-"""Errors: the one exception class for bad input, and the one line the command lines print for it.
+"""Errors and files: the one exception class for bad input, the one line the command lines print for it, which
+process speaks under torchrun, and how files a user names are read and files a run owns are written.
 
 A bad data file, flag, checkpoint or embedding table raises `InputError` (a ValueError) with a message that
 names the bad thing and says what was expected; train.py and evaluate.py print that message as one line and
 exit 2. Every other exception is a bug and keeps its traceback. This module sits below every other one, so
-any of them can raise it.
+any of them can raise it, ask whether it is the main process, or write a file atomically.
 
 `read_torch_file` is torch.load for files a user names (checkpoints, embedding tables), where a damaged
-file is bad input, not a bug.
+file is bad input, not a bug. `write_atomically` is how every file a run owns is written (checkpoints, logs,
+results JSON, the label-dictionary cache): a kill or a full disk leaves the old file or the new one.
 
 No equations, no tensors (no shape legend). Deviations from the paper: none (the paper has no CLI).
 """
+import json
+import os
 import pickle
+import secrets
 
 import torch
+import torch.distributed as dist
 
 
 class InputError(ValueError):
@@ -27,6 +33,16 @@ def error_line(err):
     if "\nOriginal Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text
+
+
+def is_distributed():
+    """True inside a torchrun process group (DDP training, gathered evaluation)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main():
+    """True on the process that prints, logs and writes files: rank 0, or the only process."""
+    return not is_distributed() or dist.get_rank() == 0
 
 
 def read_torch_file(path, what, *, weights_only):
@@ -45,3 +61,35 @@ def read_torch_file(path, what, *, weights_only):
         reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{what} {path} is damaged or incomplete ({reason}), expected a file written by "
                          "torch.save") from None
+
+
+def cache_dir():
+    """Where generated data is kept between runs (the `shapes` set, label dictionaries): $CLIP_DETR_CACHE, else
+    ~/.cache/clip-detr."""
+    return os.environ.get("CLIP_DETR_CACHE", os.path.expanduser(os.path.join("~", ".cache", "clip-detr")))
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def write_atomically(path, write):
+    """`write(tmp)` to a temporary file beside `path` (PATH.<random>.tmp), then rename it over `path`: a kill
+    leaves the old file or the new one, never half of one, and a failed write (disk full, ...) leaves no
+    temporary file behind. The temporary name is unique, so two processes writing one path never share it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Created by `write` itself (not mkstemp, whose 0600 mode would stick to the renamed file).
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """One JSON document, written atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+    write_atomically(path, write)

@@ -25,6 +25,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
+from errors import is_distributed
+
 
 def cxcywh_to_xyxy(boxes):
     return box_convert(boxes, "cxcywh", "xyxy")
@@ -33,7 +35,7 @@ def cxcywh_to_xyxy(boxes):
 def global_num_boxes(targets, device):
     """GT boxes in the batch averaged over ranks, at least 1: the loss normalizer of every rank."""
     num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(num)
         num = num / dist.get_world_size()
     return num.clamp(min=1).item()

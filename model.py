@@ -4,17 +4,20 @@ This file is the whole inference-time network. CLIP-DETR adds nothing here at te
 (`alignnet.py`, Eq. 1-5) and DynQL (`dynql.py`, Eq. 6-10) are attached as `model.alignnet` and
 `model.dynql` and run only when the model is in training mode and targets are given.
 
-Pieces, in the order data flows through them:
+Pieces, in the order data flows through them (and in the order of this file):
   Backbone            torchvision ResNet, frozen BatchNorm (folded into its convs), C3-C5 (strides 8/16/32)
   PositionEmbeddingSine   normalized 2*pi sine encoding of each padded feature map
-  input_proj          1x1 conv + GroupNorm per level, plus a 3x3 stride-2 conv for the stride-64 level
-  MSDeformAttn        multi-scale deformable attention; `ms_deform_attn_pytorch` is the readable reference,
-                      `ms_deform_attn_gather` the CPU fast path (the same sum as embedding_bag rows),
-                      `ms_deform_attn_triton` the optional GPU kernel
+  ms_deform_attn_pytorch  the readable reference of multi-scale deformable attention, built on grid_sample
+  MSDeformAttn        multi-scale deformable attention with the official initialisation
   DeformableTransformer   6 encoder layers, two-stage proposals, 6 decoder layers with box refinement;
                       the decoder's self-attention takes an attention mask (DynQL's Eq. 9 needs it)
-  DeformableDETR      heads (focal-loss classifier, 3-layer box MLP), output contract below
+  DeformableDETR      input_proj (1x1 conv + GroupNorm per level, a 3x3 stride-2 conv for the stride-64 level),
+                      heads (focal-loss classifier, 3-layer box MLP), output contract below
   PostProcess         top-100 of the Q*K sigmoid scores, absolute xyxy boxes
+The paper's model ends there. The last part of the file, under its own title, holds the fast paths of the
+deformable attention, each equal to the reference (values and gradients, proven in the tests): the CPU gather
+path `ms_deform_attn_gather`, the optional Triton GPU kernel `ms_deform_attn_triton`, and `resolve_attn_impl`,
+which picks one. A reader of the paper can stop before it.
 
 Output contract of `DeformableDETR.forward(images, mask, targets=None)`:
   pred_logits  (B, Q, K)   class logits of the last decoder layer (sigmoid, no background class)
@@ -35,22 +38,22 @@ Parameter names follow the official Deformable-DETR module tree (backbone.0.body
 transformer..., class_embed.N, bbox_embed.N.layers.M, query_embed) so an official checkpoint loads with
 strict=True, including the official aliases transformer.decoder.{class,bbox}_embed of the heads.
 
-Deviations from the paper / official code:
+Deviations from the paper / official code, first those of the model itself:
   - The backbone trains every layer when it starts from random weights (the official code freezes the stem
     and layer1, which only makes sense for ImageNet weights); with `pretrained=True`, or once a checkpoint's
     weights are loaded (`freeze_stem_and_layer1`), it freezes them as the official code does.
   - Each frozen BatchNorm is folded into the conv before it (`conv_frozen_bn`, one convolution where the official
     code runs the conv, then FrozenBatchNorm2d): the same function up to float rounding.
   - The decoder self-attention accepts an attention mask (the official decoder has none): DynQL needs it.
-  - The official code ships a CUDA C++ extension that must be compiled; the GPU kernel here is Triton
-    (`ms_deform_attn_triton`), compiled on first use on CUDA tensors, with no build step. With
-    TRITON_INTERPRET=1 set before triton is first imported, the same kernels run on CPU tensors (tests).
-  - The Triton kernel computes in float32. fp16/bf16 inputs are cast up to float32 and the output is cast back
-    to the dtype of `value` (the official extension has no half-precision path either); float64 inputs are
-    computed in float32 too, where the official extension has a float64 kernel.
   - Under autocast (--amp) the deformable attention samples in float32 on every device (softmax weights,
     locations, bilinear sum); the linear projections around it follow autocast. The official code has no
     mixed precision.
+then those of the fast paths (the official code ships a compiled CUDA C++ extension instead):
+  - The GPU kernel is Triton (`ms_deform_attn_triton`), compiled on first use on CUDA tensors, with no build
+    step. With TRITON_INTERPRET=1 set before triton is first imported, the same kernels run on CPU tensors (tests).
+  - The Triton kernel computes in float32. fp16/bf16 inputs are cast up to float32 and the output is cast back
+    to the dtype of `value` (the official extension has no half-precision path either); float64 inputs are
+    computed in float32 too, where the official extension has a float64 kernel.
   - On the CPU `--attn-impl auto` runs `ms_deform_attn_gather` for calls that sample at least GATHER_MIN_POINTS
     points (the COCO-sized encoder), not the grid_sample reference: the same function
     and gradients (equal to float64 rounding, and it rounds pixel coordinates as grid_sample does, so at the
@@ -69,14 +72,13 @@ import urllib.error
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torchvision.ops import FrozenBatchNorm2d
 
-from errors import InputError
+from errors import InputError, is_main
 
 
 def inverse_sigmoid(x, eps=1e-5):
@@ -229,7 +231,7 @@ def box_sine_embed(boxes, d_model=256, temperature=10000):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Multi-scale deformable attention
+# Multi-scale deformable attention: the readable reference and the module
 # ----------------------------------------------------------------------------------------------------------
 def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights):
     """Readable reference of multi-scale deformable attention (Zhu et al., Eq. 3), built on grid_sample.
@@ -251,6 +253,540 @@ def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_
     w = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)  # (B*M, 1, Lq, L*P)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)  # (B*M, Dh, Lq)
     return out.view(B, M * Dh, Lq).transpose(1, 2).contiguous()  # (B, Lq, C)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module with the official initialisation."""
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
+        super().__init__()
+        if d_model % n_heads:
+            raise InputError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.attn_impl = attn_impl
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        # Head h starts sampling along direction 2*pi*h/M, point p at distance p+1: a spread-out grid.
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (M, 2)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)  # (M, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)  # (M, L, P, 2)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)  # (M, L, P, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())  # (M*L*P*2,)
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.constant_(lin.bias, 0.0)
+
+    def forward(self, query, reference_points, value_in, spatial_shapes, level_start_index, padding_mask=None):
+        """query (B, Lq, C); reference_points (B, Lq, L, 2 or 4) normalized; value_in (B, S_all, C)."""
+        B, Lq, _ = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_in)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(B, value.shape[1], M, self.d_model // M)  # (B, S_all, M, C/M)
+        offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # (B, Lq, M, L, P, 2)
+        logits = self.attention_weights(query).view(B, Lq, M, L * P)  # (B, Lq, M, L*P)
+        # At least float32, so that the sampling below runs in float32 under autocast on every device: CUDA
+        # autocast computes softmax in float32, CPU autocast would keep it in bf16.
+        weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        weights = weights.view(B, Lq, M, L, P)  # (B, Lq, M, L, P)
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalize by (W_l, H_l), in that order.
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+            loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            # Offsets are fractions of the reference box: half its size reached by the outermost point.
+            loc = (reference_points[:, :, None, :, None, :2]
+                   + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
+        impl = resolve_attn_impl(self.attn_impl, value.device, points=weights.numel())
+        if impl == "triton":
+            out = ms_deform_attn_triton(value, spatial_shapes, level_start_index, loc, weights)
+        elif impl == "gather":
+            out = ms_deform_attn_gather(value, spatial_shapes, loc, weights)
+        else:
+            out = ms_deform_attn_pytorch(value, spatial_shapes, loc, weights)
+        return self.output_proj(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder and decoder
+# ----------------------------------------------------------------------------------------------------------
+class DeformableEncoderLayer(nn.Module):
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_impl)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        src = self.norm1(src + self.dropout1(
+            self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class DeformableEncoder(nn.Module):
+    def __init__(self, layer_kwargs, num_layers=6):
+        super().__init__()
+        self.layers = nn.ModuleList([DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)])
+
+    @staticmethod
+    def reference_points(spatial_shapes, valid_ratios, device):
+        """Every pixel centre of every level, in the coordinates of each level: (B, S_all, L, 2)."""
+        refs = []
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, device=device),
+                                    torch.linspace(0.5, W - 0.5, W, device=device), indexing="ij")
+            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)  # (B, H*W)
+            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)  # (B, H*W)
+            refs.append(torch.stack((xs, ys), -1))  # (B, H*W, 2)
+        ref = torch.cat(refs, 1)  # (B, S_all, 2)
+        return ref[:, :, None] * valid_ratios[:, None]  # (B, S_all, L, 2)
+
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
+        ref = self.reference_points(spatial_shapes, valid_ratios, src.device)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
+        return src
+
+
+class DeformableDecoderLayer(nn.Module):
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
+        super().__init__()
+        self.n_heads = n_heads
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_impl)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                memory_padding_mask, self_attn_mask=None):
+        """self_attn_mask (B, Lq, Lq) bool, True = this query may NOT attend to that key."""
+        q = k = tgt + query_pos
+        mask = None
+        if self_attn_mask is not None:
+            mask = self_attn_mask.repeat_interleave(self.n_heads, dim=0)  # (B*M, Lq, Lq)
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=mask, need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask)))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class DeformableDecoder(nn.Module):
+    """Decoder layers with iterative box refinement; `bbox_embed`/`class_embed` alias the detector's heads."""
+
+    def __init__(self, layer_kwargs, num_layers=6):
+        super().__init__()
+        self.layers = nn.ModuleList([DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.bbox_embed = None
+        self.class_embed = None
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                valid_ratios, memory_padding_mask, self_attn_mask=None):
+        """Returns the hidden states of every layer (n, B, Lq, C) and the reference each layer started from."""
+        hs, refs = [], []
+        for lid, layer in enumerate(self.layers):
+            if reference_points.shape[-1] == 4:
+                ref_in = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+            else:
+                ref_in = reference_points[:, :, None] * valid_ratios[:, None]  # (B, Lq, L, 2)
+            refs.append(reference_points)
+            tgt = layer(tgt, query_pos, ref_in, memory, spatial_shapes, level_start_index,
+                        memory_padding_mask, self_attn_mask)
+            hs.append(tgt)
+            if self.bbox_embed is not None:
+                delta = self.bbox_embed[lid](tgt)
+                if reference_points.shape[-1] == 4:
+                    new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                else:
+                    new_ref = torch.cat([(delta[..., :2] + inverse_sigmoid(reference_points)).sigmoid(),
+                                         delta[..., 2:].sigmoid()], -1)
+                # Refined boxes are detached between layers: each layer learns its own correction.
+                reference_points = new_ref.detach()
+        return torch.stack(hs), refs
+
+
+class DeformableTransformer(nn.Module):
+    """Encoder, query selection (two-stage proposals or learned queries) and decoder."""
+
+    def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6, d_ffn=1024,
+                 dropout=0.1, n_levels=4, enc_n_points=4, dec_n_points=4, two_stage=True,
+                 two_stage_num_proposals=300, attn_impl="pytorch"):
+        super().__init__()
+        self.d_model, self.n_heads = d_model, n_heads
+        self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
+        common = dict(d_model=d_model, d_ffn=d_ffn, dropout=dropout, n_levels=n_levels, n_heads=n_heads,
+                      attn_impl=attn_impl)
+        self.encoder = DeformableEncoder(dict(common, n_points=enc_n_points), num_encoder_layers)
+        self.decoder = DeformableDecoder(dict(common, n_points=dec_n_points), num_decoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.constant_(self.reference_points.bias, 0.0)
+        nn.init.normal_(self.level_embed)
+
+    @staticmethod
+    def valid_ratio(mask):
+        """(w, h) fraction of a padded map that holds image: (B, 2)."""
+        _, H, W = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).float() / H
+        valid_w = (~mask[:, 0, :]).sum(1).float() / W
+        return torch.stack([valid_w, valid_h], -1)
+
+    def encode(self, srcs, masks, pos_embeds):
+        """Flatten the L levels, run the encoder. Returns a dict with memory (B, S_all, C) and its layout."""
+        src_flat, mask_flat, pos_flat, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append(src.shape[-2:])
+            src_flat.append(src.flatten(2).transpose(1, 2))  # (B, H_l*W_l, C)
+            mask_flat.append(mask.flatten(1))  # (B, H_l*W_l)
+            pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))  # (B, H_l*W_l, C)
+        src_flat, mask_flat, pos_flat = torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)  # (L, 2)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)  # (B, L, 2)
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)
+        return dict(memory=memory, mask=mask_flat, spatial_shapes=spatial_shapes,
+                    level_start_index=level_start_index, valid_ratios=valid_ratios)
+
+    def encoder_proposals(self, memory, memory_padding_mask, spatial_shapes):
+        """Two-stage: one proposal per memory location, a box of size 0.05*2^l centred on it (logit space)."""
+        B = memory.shape[0]
+        proposals, start = [], 0
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+            m = memory_padding_mask[:, start:start + H * W].view(B, H, W)  # (B, H_l, W_l)
+            valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
+            ys, xs = torch.meshgrid(torch.linspace(0, H - 1, H, device=memory.device),
+                                    torch.linspace(0, W - 1, W, device=memory.device), indexing="ij")
+            grid = torch.stack([xs, ys], -1)  # (H, W, 2)
+            scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)  # (B, 1, 1, 2)
+            grid = (grid[None] + 0.5) / scale  # (B, H, W, 2)
+            wh = torch.full_like(grid, 0.05 * (2.0 ** lvl))
+            proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))  # (B, H*W, 4)
+            start += H * W
+        proposals = torch.cat(proposals, 1)  # (B, S_all, 4)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals = torch.log(proposals / (1 - proposals))
+        invalid = memory_padding_mask[..., None] | ~valid
+        proposals = proposals.masked_fill(invalid, float("inf"))
+        out_memory = memory.masked_fill(invalid, 0.0)
+        return self.enc_output_norm(self.enc_output(out_memory)), proposals
+
+    def proposal_queries(self, boxes):
+        """Two-stage query of each box (official `pos_trans_norm(pos_trans(get_proposal_pos_embed(...)))`):
+        (query_pos, tgt), each (..., C), from boxes (..., 4) normalized cxcywh.
+
+        DynQL's Eq. 8 takes the positional half, so a DynQuery's position is encoded as a conventional query's.
+        """
+        pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(boxes, self.d_model)))  # (..., 2C)
+        return torch.split(pos_tgt, self.d_model, dim=-1)  # (..., C) each
+
+    def select_queries(self, enc, query_embed=None):
+        """Conventional queries: (tgt, query_pos, reference boxes) and, two-stage, the encoder predictions."""
+        memory = enc["memory"]
+        B, C = memory.shape[0], self.d_model
+        if self.two_stage:
+            out_memory, proposals = self.encoder_proposals(memory, enc["mask"], enc["spatial_shapes"])
+            head = self.decoder.num_layers
+            enc_logits = self.decoder.class_embed[head](out_memory)  # (B, S_all, K)
+            enc_coord_logit = self.decoder.bbox_embed[head](out_memory) + proposals  # (B, S_all, 4)
+            k = min(self.two_stage_num_proposals, enc_logits.shape[1])
+            # Class-agnostic: the encoder head is trained with every object as class 0.
+            topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]  # (B, Q)
+            coords = torch.gather(enc_coord_logit, 1, topk[..., None].repeat(1, 1, 4)).detach()  # (B, Q, 4)
+            reference = coords.sigmoid()
+            query_pos, tgt = self.proposal_queries(reference)
+            enc_out = {"pred_logits": enc_logits, "pred_boxes": enc_coord_logit.sigmoid()}
+            return tgt, query_pos, reference, enc_out
+        query_pos, tgt = torch.split(query_embed, C, dim=1)
+        query_pos = query_pos[None].expand(B, -1, -1)  # (B, Q, C)
+        tgt = tgt[None].expand(B, -1, -1)
+        return tgt, query_pos, self.reference_points(query_pos).sigmoid(), None
+
+    def decode(self, enc, tgt, query_pos, reference, self_attn_mask=None):
+        return self.decoder(tgt, query_pos, reference, enc["memory"], enc["spatial_shapes"],
+                            enc["level_start_index"], enc["valid_ratios"], enc["mask"], self_attn_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The detector
+# ----------------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Feed-forward network with ReLU between its layers (the 3-layer box head)."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def check_variant(*, two_stage, with_box_refine, dynql=False, alignnet=True):
+    """The Deformable DETR variants that can be built, checked before anything is: two-stage needs the extra
+    refinement head, DynQL needs two-stage (4-D reference boxes) and AlignNet's Eq. 3 projection."""
+    if two_stage and not with_box_refine:
+        raise InputError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
+                         "head, as in the official code); add --no-two-stage for single-stage Deformable DETR")
+    if dynql and not two_stage:
+        raise InputError("DynQL (--method dynql or clip-detr) needs --two-stage: DynQueries carry 4-D reference "
+                         "boxes")
+    if dynql and not alignnet:
+        raise InputError("DynQL needs the AlignNet projection for z_attr (Eq. 3); pass alignnet too")
+
+
+def input_projections(in_channels, d_model, num_feature_levels):
+    """`input_proj`: a 1x1 conv + GroupNorm to d_model per backbone level, then, for each extra level, a 3x3
+    stride-2 conv (on C5, then on the previous extra level) + GroupNorm, xavier-initialised as in the official code."""
+    proj = [nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(32, d_model)) for c in in_channels]
+    for i in range(num_feature_levels - len(in_channels)):
+        c_in = in_channels[-1] if i == 0 else d_model
+        proj.append(nn.Sequential(nn.Conv2d(c_in, d_model, kernel_size=3, stride=2, padding=1),
+                                  nn.GroupNorm(32, d_model)))
+    for p in proj:
+        nn.init.xavier_uniform_(p[0].weight, gain=1)
+        nn.init.constant_(p[0].bias, 0)
+    return nn.ModuleList(proj)
+
+
+def prediction_heads(d_model, num_classes, num_pred, *, with_box_refine, two_stage, class_head=None):
+    """(class_embed, bbox_embed): one class head and one 3-layer box MLP per prediction (decoder layers, + 1 for
+    the two-stage encoder proposals) with box refinement, else one pair shared by every layer, as in the official
+    code. `class_head` replaces the linear classifier (open vocabulary: scores against the CLIP dictionary)."""
+    bbox_embed = MLP(d_model, d_model, 4, 3)
+    if class_head is None:
+        class_embed = nn.Linear(d_model, num_classes)
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+    else:
+        class_embed = class_head
+    nn.init.constant_(bbox_embed.layers[-1].weight, 0)
+    nn.init.constant_(bbox_embed.layers[-1].bias, 0)
+    if with_box_refine:
+        class_embeds = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+        bbox_embeds = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+        nn.init.constant_(bbox_embeds[0].layers[-1].bias[2:], -2.0)
+    else:
+        nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+        class_embeds = nn.ModuleList(class_embed for _ in range(num_pred))
+        bbox_embeds = nn.ModuleList(bbox_embed for _ in range(num_pred))
+    if two_stage and class_head is not None:
+        # Proposals are ranked by column 0 of the encoder head, trained with every object as class 0. A class
+        # head that scores CLIP rows would make its column 0 (a real class) the objectness and push every
+        # other class down on every object: open-vocabulary DETRs keep a class-agnostic head here instead.
+        objectness = nn.Linear(d_model, 1)
+        nn.init.constant_(objectness.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+        class_embeds[-1] = objectness
+    if two_stage:
+        for box_embed in bbox_embeds:
+            nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
+    return class_embeds, bbox_embeds
+
+
+class DeformableDETR(nn.Module):
+    """Deformable DETR with optional training-only CLIP-DETR modules (`alignnet`, `dynql`)."""
+
+    def __init__(self, backbone, transformer, *, num_classes, num_queries=300, num_feature_levels=4,
+                 with_box_refine=True, two_stage=True, alignnet=None, dynql=None, align_loss=True,
+                 class_head=None):
+        super().__init__()
+        check_variant(two_stage=two_stage, with_box_refine=with_box_refine, dynql=dynql is not None,
+                      alignnet=alignnet is not None)
+        C = transformer.d_model
+        self.num_queries, self.num_classes = num_queries, num_classes
+        self.with_box_refine, self.two_stage = with_box_refine, two_stage
+        self.backbone = backbone
+        self.transformer = transformer
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, C * 2)
+        self.input_proj = input_projections(list(backbone[0].num_channels), C, num_feature_levels)
+        num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
+        self.class_embed, self.bbox_embed = prediction_heads(C, num_classes, num_pred, with_box_refine=with_box_refine,
+                                                             two_stage=two_stage, class_head=class_head)
+        # The official aliases: the decoder refines boxes with the detector's heads, and two-stage proposals are
+        # scored by its extra class head (state-dict keys transformer.decoder.{bbox,class}_embed.N).
+        if with_box_refine:
+            transformer.decoder.bbox_embed = self.bbox_embed
+        if two_stage:
+            transformer.decoder.class_embed = self.class_embed
+        self.alignnet = alignnet
+        self.dynql = dynql
+        # DynQL alone still needs AlignNet's Eq. 3 projection, but not its loss.
+        self.align_loss = align_loss and alignnet is not None
+
+    def features(self, images, mask):
+        """Backbone + input projections: L maps (B, C, H_l, W_l), their masks and position encodings."""
+        feats, pos = self.backbone(images, mask)
+        srcs = [proj(x) for proj, (x, _) in zip(self.input_proj, feats)]
+        masks = [m for _, m in feats]
+        for lvl in range(len(feats), len(self.input_proj)):
+            srcs.append(self.input_proj[lvl](feats[-1][0] if lvl == len(feats) else srcs[-1]))
+            masks.append(F.interpolate(mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0])
+            pos.append(self.backbone[1](masks[-1]).to(srcs[-1].dtype))
+        return srcs, masks, pos
+
+    def heads(self, hs, refs):
+        """Class logits and boxes of every decoder layer: lists of (B, Lq, K) and (B, Lq, 4)."""
+        logits, boxes = [], []
+        for lvl in range(hs.shape[0]):
+            ref = inverse_sigmoid(refs[lvl])
+            delta = self.bbox_embed[lvl](hs[lvl])
+            if ref.shape[-1] == 4:
+                delta = delta + ref
+            else:
+                delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
+            logits.append(self.class_embed[lvl](hs[lvl]))
+            boxes.append(delta.sigmoid())
+        return logits, boxes
+
+    @staticmethod
+    def memory_levels(enc):
+        """The flat encoder memory back as L maps (B, C, H_l, W_l) (AlignNet's F^l, the score maps)."""
+        memory = enc["memory"]
+        levels = []
+        for (H, W), start in zip(enc["spatial_shapes"].tolist(), enc["level_start_index"].tolist()):
+            levels.append(memory[:, start:start + H * W].transpose(1, 2).unflatten(2, (H, W)))  # (B, C, H, W)
+        return levels
+
+    def forward(self, images, mask, targets=None):
+        """images (B, 3, H, W), mask (B, H, W) True on padding; targets only drive the training modules."""
+        srcs, masks, pos = self.features(images, mask)
+        enc = self.transformer.encode(srcs, masks, pos)
+        query_embed = None if self.two_stage else self.query_embed.weight
+        tgt, query_pos, reference, enc_out = self.transformer.select_queries(enc, query_embed)
+        Q = tgt.shape[1]
+        out = {}
+        train_modules = self.training and targets is not None
+        dyn = None
+        if train_modules and self.dynql is not None:
+            z_attr = self.alignnet.object_attribute_feature(
+                torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
+            dyn = self.dynql(z_attr, targets, num_queries=Q, proposal_queries=self.transformer.proposal_queries)
+            tgt = torch.cat([tgt, dyn.content], 1)  # (B, Q + S*G, C)
+            query_pos = torch.cat([query_pos, dyn.query_pos], 1)
+            reference = torch.cat([reference, dyn.reference], 1)
+        hs, refs = self.transformer.decode(enc, tgt, query_pos, reference, None if dyn is None else dyn.attn_mask)
+        logits, boxes = self.heads(hs, refs)
+        layers = [{"pred_logits": lg[:, :Q], "pred_boxes": bx[:, :Q]} for lg, bx in zip(logits, boxes)]
+        out.update(layers[-1])
+        out["aux_outputs"] = layers[:-1]
+        if enc_out is not None:
+            out["enc_outputs"] = enc_out
+        if dyn is not None:
+            out["dynql_outputs"] = [{"pred_logits": lg[:, Q:], "pred_boxes": bx[:, Q:]}
+                                    for lg, bx in zip(logits, boxes)]
+            out["dynql_layout"] = dyn
+        if train_modules and self.align_loss:
+            out["loss_align"] = self.alignnet(self.memory_levels(enc), enc["valid_ratios"], targets)
+        return out
+
+
+class PostProcess(nn.Module):
+    """Top-k of the Q*K sigmoid scores, boxes in absolute xyxy of each original image."""
+
+    def __init__(self, num_select=100):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs, target_sizes):
+        """target_sizes (B, 2) as (h, w) of the original images. Returns a list of dicts per image."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        B, Q, K = logits.shape
+        k = min(self.num_select, Q * K)
+        scores, idx = torch.topk(logits.sigmoid().view(B, -1), k, dim=1)  # (B, k)
+        labels = idx % K
+        boxes = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
+        boxes = torch.gather(boxes, 1, (idx // K)[..., None].repeat(1, 1, 4))  # (B, k, 4)
+        h, w = target_sizes.unbind(1)
+        boxes = boxes * torch.stack([w, h, w, h], 1)[:, None].to(boxes.dtype)
+        return [{"scores": s, "labels": lb, "boxes": b} for s, lb, b in zip(scores, labels, boxes)]
+
+
+
+# ==========================================================================================================
+# FAST PATHS OF THE DEFORMABLE ATTENTION. The paper's model ends above: a reader can stop here.
+# Everything below computes exactly what `ms_deform_attn_pytorch` computes (test_model.py and test_triton.py
+# prove it, values and gradients), only faster: which one runs (`resolve_attn_impl`), the CPU gather path,
+# and the optional Triton GPU kernel.
+# ==========================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------
+# Which implementation runs
+# ----------------------------------------------------------------------------------------------------------
+_ATTN_IMPLS = ("auto", "pytorch", "gather", "triton")
+_announced = set()
+# On the CPU, 'auto' takes the gather path for calls that sample at least this many points (B*Lq*M*L*P). Below it
+# the gather path's few dozen small tensor operations cost more than grid_sample's samples: measured on 2 cores,
+# the demo's encoder (210 K points, C/M = 16) trains 7-10 % faster per step with the reference, while the 640x640
+# COCO encoder (2.2 M points, C/M = 32) is where the gather path halves a training step.
+GATHER_MIN_POINTS = 2**20
+
+
+def resolve_attn_impl(impl, device, points=None):
+    """'auto' -> Triton for CUDA tensors when importable; on the CPU the gather path for calls sampling at least
+    GATHER_MIN_POINTS points (`points`), else the PyTorch reference; 'triton' where it cannot run -> error."""
+    if impl not in _ATTN_IMPLS:
+        raise InputError(f"--attn-impl {impl!r}: expected one of {_ATTN_IMPLS}")
+    cuda = torch.device(device).type == "cuda"
+    if impl == "auto":
+        if cuda:
+            impl = "triton" if triton_available() else "pytorch"
+        else:
+            impl = "gather" if points is not None and points >= GATHER_MIN_POINTS else "pytorch"
+    elif impl == "triton" and not (cuda and triton_available()):
+        raise InputError("--attn-impl triton needs a CUDA device and an importable triton "
+                         f"(device={device}, triton importable={triton_available()}); use --attn-impl pytorch")
+    if impl not in _announced:
+        _announced.add(impl)
+        if is_main():
+            why = "" if cuda or points is None else f" (first call: {points} sampled points)"
+            print(f"multi-scale deformable attention: {impl}{why}")
+    return impl
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -657,503 +1193,3 @@ def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_loc
     out = MSDeformAttnFunction.apply(value.float(), spatial_shapes, level_start_index, sampling_locations.float(),
                                      attention_weights.float(), block_q)
     return out.to(value.dtype)
-
-
-_ATTN_IMPLS = ("auto", "pytorch", "gather", "triton")
-_announced = set()
-# On the CPU, 'auto' takes the gather path for calls that sample at least this many points (B*Lq*M*L*P). Below it
-# the gather path's few dozen small tensor operations cost more than grid_sample's samples: measured on 2 cores,
-# the demo's encoder (210 K points, C/M = 16) trains 7-10 % faster per step with the reference, while the 640x640
-# COCO encoder (2.2 M points, C/M = 32) is where the gather path halves a training step.
-GATHER_MIN_POINTS = 2**20
-
-
-def resolve_attn_impl(impl, device, points=None):
-    """'auto' -> Triton for CUDA tensors when importable; on the CPU the gather path for calls sampling at least
-    GATHER_MIN_POINTS points (`points`), else the PyTorch reference; 'triton' where it cannot run -> error."""
-    if impl not in _ATTN_IMPLS:
-        raise InputError(f"--attn-impl {impl!r}: expected one of {_ATTN_IMPLS}")
-    cuda = torch.device(device).type == "cuda"
-    if impl == "auto":
-        if cuda:
-            impl = "triton" if triton_available() else "pytorch"
-        else:
-            impl = "gather" if points is not None and points >= GATHER_MIN_POINTS else "pytorch"
-    elif impl == "triton" and not (cuda and triton_available()):
-        raise InputError("--attn-impl triton needs a CUDA device and an importable triton "
-                         f"(device={device}, triton importable={triton_available()}); use --attn-impl pytorch")
-    if impl not in _announced:
-        _announced.add(impl)
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-            why = "" if cuda or points is None else f" (first call: {points} sampled points)"
-            print(f"multi-scale deformable attention: {impl}{why}")
-    return impl
-
-
-class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention module with the official initialisation."""
-
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
-        super().__init__()
-        if d_model % n_heads:
-            raise InputError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.attn_impl = attn_impl
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        # Head h starts sampling along direction 2*pi*h/M, point p at distance p+1: a spread-out grid.
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (M, 2)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)  # (M, 1, 1, 2)
-        grid = grid.repeat(1, self.n_levels, self.n_points, 1)  # (M, L, P, 2)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)  # (M, L, P, 2)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.flatten())  # (M*L*P*2,)
-        nn.init.constant_(self.attention_weights.weight, 0.0)
-        nn.init.constant_(self.attention_weights.bias, 0.0)
-        for lin in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.constant_(lin.bias, 0.0)
-
-    def forward(self, query, reference_points, value_in, spatial_shapes, level_start_index, padding_mask=None):
-        """query (B, Lq, C); reference_points (B, Lq, L, 2 or 4) normalized; value_in (B, S_all, C)."""
-        B, Lq, _ = query.shape
-        M, L, P = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(value_in)
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(B, value.shape[1], M, self.d_model // M)  # (B, S_all, M, C/M)
-        offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # (B, Lq, M, L, P, 2)
-        logits = self.attention_weights(query).view(B, Lq, M, L * P)  # (B, Lq, M, L*P)
-        # At least float32, so that the sampling below runs in float32 under autocast on every device: CUDA
-        # autocast computes softmax in float32, CPU autocast would keep it in bf16.
-        weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        weights = weights.view(B, Lq, M, L, P)  # (B, Lq, M, L, P)
-        if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: normalize by (W_l, H_l), in that order.
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
-            loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        elif reference_points.shape[-1] == 4:
-            # Offsets are fractions of the reference box: half its size reached by the outermost point.
-            loc = (reference_points[:, :, None, :, None, :2]
-                   + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
-        else:
-            raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
-        impl = resolve_attn_impl(self.attn_impl, value.device, points=weights.numel())
-        if impl == "triton":
-            out = ms_deform_attn_triton(value, spatial_shapes, level_start_index, loc, weights)
-        elif impl == "gather":
-            out = ms_deform_attn_gather(value, spatial_shapes, loc, weights)
-        else:
-            out = ms_deform_attn_pytorch(value, spatial_shapes, loc, weights)
-        return self.output_proj(out)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Encoder and decoder
-# ----------------------------------------------------------------------------------------------------------
-class DeformableEncoderLayer(nn.Module):
-    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
-        super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_impl)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
-        src = self.norm1(src + self.dropout1(
-            self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
-
-
-class DeformableEncoder(nn.Module):
-    def __init__(self, layer_kwargs, num_layers=6):
-        super().__init__()
-        self.layers = nn.ModuleList([DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)])
-
-    @staticmethod
-    def reference_points(spatial_shapes, valid_ratios, device):
-        """Every pixel centre of every level, in the coordinates of each level: (B, S_all, L, 2)."""
-        refs = []
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            ys, xs = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, device=device),
-                                    torch.linspace(0.5, W - 0.5, W, device=device), indexing="ij")
-            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)  # (B, H*W)
-            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)  # (B, H*W)
-            refs.append(torch.stack((xs, ys), -1))  # (B, H*W, 2)
-        ref = torch.cat(refs, 1)  # (B, S_all, 2)
-        return ref[:, :, None] * valid_ratios[:, None]  # (B, S_all, L, 2)
-
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
-        ref = self.reference_points(spatial_shapes, valid_ratios, src.device)
-        for layer in self.layers:
-            src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
-        return src
-
-
-class DeformableDecoderLayer(nn.Module):
-    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, attn_impl="pytorch"):
-        super().__init__()
-        self.n_heads = n_heads
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_impl)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(d_model)
-
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                memory_padding_mask, self_attn_mask=None):
-        """self_attn_mask (B, Lq, Lq) bool, True = this query may NOT attend to that key."""
-        q = k = tgt + query_pos
-        mask = None
-        if self_attn_mask is not None:
-            mask = self_attn_mask.repeat_interleave(self.n_heads, dim=0)  # (B*M, Lq, Lq)
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=mask, need_weights=False)[0]))
-        tgt = self.norm1(tgt + self.dropout1(self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask)))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(ffn))
-
-
-class DeformableDecoder(nn.Module):
-    """Decoder layers with iterative box refinement; `bbox_embed`/`class_embed` alias the detector's heads."""
-
-    def __init__(self, layer_kwargs, num_layers=6):
-        super().__init__()
-        self.layers = nn.ModuleList([DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers)])
-        self.num_layers = num_layers
-        self.bbox_embed = None
-        self.class_embed = None
-
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                valid_ratios, memory_padding_mask, self_attn_mask=None):
-        """Returns the hidden states of every layer (n, B, Lq, C) and the reference each layer started from."""
-        hs, refs = [], []
-        for lid, layer in enumerate(self.layers):
-            if reference_points.shape[-1] == 4:
-                ref_in = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
-            else:
-                ref_in = reference_points[:, :, None] * valid_ratios[:, None]  # (B, Lq, L, 2)
-            refs.append(reference_points)
-            tgt = layer(tgt, query_pos, ref_in, memory, spatial_shapes, level_start_index,
-                        memory_padding_mask, self_attn_mask)
-            hs.append(tgt)
-            if self.bbox_embed is not None:
-                delta = self.bbox_embed[lid](tgt)
-                if reference_points.shape[-1] == 4:
-                    new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
-                else:
-                    new_ref = torch.cat([(delta[..., :2] + inverse_sigmoid(reference_points)).sigmoid(),
-                                         delta[..., 2:].sigmoid()], -1)
-                # Refined boxes are detached between layers: each layer learns its own correction.
-                reference_points = new_ref.detach()
-        return torch.stack(hs), refs
-
-
-class DeformableTransformer(nn.Module):
-    """Encoder, query selection (two-stage proposals or learned queries) and decoder."""
-
-    def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6, d_ffn=1024,
-                 dropout=0.1, n_levels=4, enc_n_points=4, dec_n_points=4, two_stage=True,
-                 two_stage_num_proposals=300, attn_impl="pytorch"):
-        super().__init__()
-        self.d_model, self.n_heads = d_model, n_heads
-        self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
-        common = dict(d_model=d_model, d_ffn=d_ffn, dropout=dropout, n_levels=n_levels, n_heads=n_heads,
-                      attn_impl=attn_impl)
-        self.encoder = DeformableEncoder(dict(common, n_points=enc_n_points), num_encoder_layers)
-        self.decoder = DeformableDecoder(dict(common, n_points=dec_n_points), num_decoder_layers)
-        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
-        if two_stage:
-            self.enc_output = nn.Linear(d_model, d_model)
-            self.enc_output_norm = nn.LayerNorm(d_model)
-            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
-            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
-        else:
-            self.reference_points = nn.Linear(d_model, 2)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
-        if not self.two_stage:
-            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
-            nn.init.constant_(self.reference_points.bias, 0.0)
-        nn.init.normal_(self.level_embed)
-
-    @staticmethod
-    def valid_ratio(mask):
-        """(w, h) fraction of a padded map that holds image: (B, 2)."""
-        _, H, W = mask.shape
-        valid_h = (~mask[:, :, 0]).sum(1).float() / H
-        valid_w = (~mask[:, 0, :]).sum(1).float() / W
-        return torch.stack([valid_w, valid_h], -1)
-
-    def encode(self, srcs, masks, pos_embeds):
-        """Flatten the L levels, run the encoder. Returns a dict with memory (B, S_all, C) and its layout."""
-        src_flat, mask_flat, pos_flat, shapes = [], [], [], []
-        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
-            src_flat.append(src.flatten(2).transpose(1, 2))  # (B, H_l*W_l, C)
-            mask_flat.append(mask.flatten(1))  # (B, H_l*W_l)
-            pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))  # (B, H_l*W_l, C)
-        src_flat, mask_flat, pos_flat = torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)  # (L, 2)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)  # (B, L, 2)
-        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)
-        return dict(memory=memory, mask=mask_flat, spatial_shapes=spatial_shapes,
-                    level_start_index=level_start_index, valid_ratios=valid_ratios)
-
-    def encoder_proposals(self, memory, memory_padding_mask, spatial_shapes):
-        """Two-stage: one proposal per memory location, a box of size 0.05*2^l centred on it (logit space)."""
-        B = memory.shape[0]
-        proposals, start = [], 0
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            m = memory_padding_mask[:, start:start + H * W].view(B, H, W)  # (B, H_l, W_l)
-            valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
-            ys, xs = torch.meshgrid(torch.linspace(0, H - 1, H, device=memory.device),
-                                    torch.linspace(0, W - 1, W, device=memory.device), indexing="ij")
-            grid = torch.stack([xs, ys], -1)  # (H, W, 2)
-            scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)  # (B, 1, 1, 2)
-            grid = (grid[None] + 0.5) / scale  # (B, H, W, 2)
-            wh = torch.full_like(grid, 0.05 * (2.0 ** lvl))
-            proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))  # (B, H*W, 4)
-            start += H * W
-        proposals = torch.cat(proposals, 1)  # (B, S_all, 4)
-        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-        proposals = torch.log(proposals / (1 - proposals))
-        invalid = memory_padding_mask[..., None] | ~valid
-        proposals = proposals.masked_fill(invalid, float("inf"))
-        out_memory = memory.masked_fill(invalid, 0.0)
-        return self.enc_output_norm(self.enc_output(out_memory)), proposals
-
-    def proposal_queries(self, boxes):
-        """Two-stage query of each box (official `pos_trans_norm(pos_trans(get_proposal_pos_embed(...)))`):
-        (query_pos, tgt), each (..., C), from boxes (..., 4) normalized cxcywh.
-
-        DynQL's Eq. 8 takes the positional half, so a DynQuery's position is encoded as a conventional query's.
-        """
-        pos_tgt = self.pos_trans_norm(self.pos_trans(box_sine_embed(boxes, self.d_model)))  # (..., 2C)
-        return torch.split(pos_tgt, self.d_model, dim=-1)  # (..., C) each
-
-    def select_queries(self, enc, query_embed=None):
-        """Conventional queries: (tgt, query_pos, reference boxes) and, two-stage, the encoder predictions."""
-        memory = enc["memory"]
-        B, C = memory.shape[0], self.d_model
-        if self.two_stage:
-            out_memory, proposals = self.encoder_proposals(memory, enc["mask"], enc["spatial_shapes"])
-            head = self.decoder.num_layers
-            enc_logits = self.decoder.class_embed[head](out_memory)  # (B, S_all, K)
-            enc_coord_logit = self.decoder.bbox_embed[head](out_memory) + proposals  # (B, S_all, 4)
-            k = min(self.two_stage_num_proposals, enc_logits.shape[1])
-            # Class-agnostic: the encoder head is trained with every object as class 0.
-            topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]  # (B, Q)
-            coords = torch.gather(enc_coord_logit, 1, topk[..., None].repeat(1, 1, 4)).detach()  # (B, Q, 4)
-            reference = coords.sigmoid()
-            query_pos, tgt = self.proposal_queries(reference)
-            enc_out = {"pred_logits": enc_logits, "pred_boxes": enc_coord_logit.sigmoid()}
-            return tgt, query_pos, reference, enc_out
-        query_pos, tgt = torch.split(query_embed, C, dim=1)
-        query_pos = query_pos[None].expand(B, -1, -1)  # (B, Q, C)
-        tgt = tgt[None].expand(B, -1, -1)
-        return tgt, query_pos, self.reference_points(query_pos).sigmoid(), None
-
-    def decode(self, enc, tgt, query_pos, reference, self_attn_mask=None):
-        return self.decoder(tgt, query_pos, reference, enc["memory"], enc["spatial_shapes"],
-                            enc["level_start_index"], enc["valid_ratios"], enc["mask"], self_attn_mask)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The detector
-# ----------------------------------------------------------------------------------------------------------
-class MLP(nn.Module):
-    """Feed-forward network with ReLU between its layers (the 3-layer box head)."""
-
-    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
-class DeformableDETR(nn.Module):
-    """Deformable DETR with optional training-only CLIP-DETR modules (`alignnet`, `dynql`)."""
-
-    def __init__(self, backbone, transformer, *, num_classes, num_queries=300, num_feature_levels=4,
-                 with_box_refine=True, two_stage=True, alignnet=None, dynql=None, align_loss=True,
-                 class_head=None):
-        super().__init__()
-        C = transformer.d_model
-        self.num_queries, self.num_classes = num_queries, num_classes
-        self.with_box_refine, self.two_stage = with_box_refine, two_stage
-        self.backbone = backbone
-        self.transformer = transformer
-        if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, C * 2)
-        in_channels = list(backbone[0].num_channels)
-        proj = [nn.Sequential(nn.Conv2d(c, C, kernel_size=1), nn.GroupNorm(32, C)) for c in in_channels]
-        for i in range(num_feature_levels - len(in_channels)):
-            # Extra levels: 3x3 stride-2 convs on C5 (then on the previous extra level).
-            c_in = in_channels[-1] if i == 0 else C
-            proj.append(nn.Sequential(nn.Conv2d(c_in, C, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, C)))
-        self.input_proj = nn.ModuleList(proj)
-        for p in self.input_proj:
-            nn.init.xavier_uniform_(p[0].weight, gain=1)
-            nn.init.constant_(p[0].bias, 0)
-
-        # One head per decoder layer (+1 for the two-stage encoder proposals) with box refinement,
-        # else one head shared by every layer, as in the official code.
-        num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
-        bbox_embed = MLP(C, C, 4, 3)
-        if class_head is None:
-            class_embed = nn.Linear(C, num_classes)
-            nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
-        else:
-            class_embed = class_head  # e.g. open-vocabulary scoring against the CLIP label dictionary
-        nn.init.constant_(bbox_embed.layers[-1].weight, 0)
-        nn.init.constant_(bbox_embed.layers[-1].bias, 0)
-        if with_box_refine:
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
-            transformer.decoder.bbox_embed = self.bbox_embed
-        else:
-            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
-            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
-        if two_stage and class_head is not None:
-            # Proposals are ranked by column 0 of the encoder head, trained with every object as class 0. A class
-            # head that scores CLIP rows would make its column 0 (a real class) the objectness and push every
-            # other class down on every object: open-vocabulary DETRs keep a class-agnostic head here instead.
-            objectness = nn.Linear(C, 1)
-            nn.init.constant_(objectness.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
-            self.class_embed[-1] = objectness
-        if two_stage:
-            transformer.decoder.class_embed = self.class_embed
-            for box_embed in self.bbox_embed:
-                nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
-        if two_stage and not with_box_refine:
-            raise InputError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
-                             "head, as in the official code)")
-        if dynql is not None and not two_stage:
-            raise InputError("DynQL needs two-stage queries (4-D reference boxes): use --two-stage with DynQL")
-        if dynql is not None and alignnet is None:
-            raise InputError("DynQL needs the AlignNet projection for z_attr (Eq. 3); pass alignnet too")
-        self.alignnet = alignnet
-        self.dynql = dynql
-        # DynQL alone still needs AlignNet's Eq. 3 projection, but not its loss.
-        self.align_loss = align_loss and alignnet is not None
-
-    def features(self, images, mask):
-        """Backbone + input projections: L maps (B, C, H_l, W_l), their masks and position encodings."""
-        feats, pos = self.backbone(images, mask)
-        srcs = [proj(x) for proj, (x, _) in zip(self.input_proj, feats)]
-        masks = [m for _, m in feats]
-        for lvl in range(len(feats), len(self.input_proj)):
-            srcs.append(self.input_proj[lvl](feats[-1][0] if lvl == len(feats) else srcs[-1]))
-            masks.append(F.interpolate(mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0])
-            pos.append(self.backbone[1](masks[-1]).to(srcs[-1].dtype))
-        return srcs, masks, pos
-
-    def heads(self, hs, refs):
-        """Class logits and boxes of every decoder layer: lists of (B, Lq, K) and (B, Lq, 4)."""
-        logits, boxes = [], []
-        for lvl in range(hs.shape[0]):
-            ref = inverse_sigmoid(refs[lvl])
-            delta = self.bbox_embed[lvl](hs[lvl])
-            if ref.shape[-1] == 4:
-                delta = delta + ref
-            else:
-                delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
-            logits.append(self.class_embed[lvl](hs[lvl]))
-            boxes.append(delta.sigmoid())
-        return logits, boxes
-
-    @staticmethod
-    def memory_levels(enc):
-        """The flat encoder memory back as L maps (B, C, H_l, W_l) (AlignNet's F^l, the score maps)."""
-        memory = enc["memory"]
-        levels = []
-        for (H, W), start in zip(enc["spatial_shapes"].tolist(), enc["level_start_index"].tolist()):
-            levels.append(memory[:, start:start + H * W].transpose(1, 2).unflatten(2, (H, W)))  # (B, C, H, W)
-        return levels
-
-    def forward(self, images, mask, targets=None):
-        """images (B, 3, H, W), mask (B, H, W) True on padding; targets only drive the training modules."""
-        srcs, masks, pos = self.features(images, mask)
-        enc = self.transformer.encode(srcs, masks, pos)
-        query_embed = None if self.two_stage else self.query_embed.weight
-        tgt, query_pos, reference, enc_out = self.transformer.select_queries(enc, query_embed)
-        Q = tgt.shape[1]
-        out = {}
-        train_modules = self.training and targets is not None
-        dyn = None
-        if train_modules and self.dynql is not None:
-            z_attr = self.alignnet.object_attribute_feature(
-                torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
-            dyn = self.dynql(z_attr, targets, num_queries=Q, proposal_queries=self.transformer.proposal_queries)
-            tgt = torch.cat([tgt, dyn.content], 1)  # (B, Q + S*G, C)
-            query_pos = torch.cat([query_pos, dyn.query_pos], 1)
-            reference = torch.cat([reference, dyn.reference], 1)
-        hs, refs = self.transformer.decode(enc, tgt, query_pos, reference, None if dyn is None else dyn.attn_mask)
-        logits, boxes = self.heads(hs, refs)
-        layers = [{"pred_logits": lg[:, :Q], "pred_boxes": bx[:, :Q]} for lg, bx in zip(logits, boxes)]
-        out.update(layers[-1])
-        out["aux_outputs"] = layers[:-1]
-        if enc_out is not None:
-            out["enc_outputs"] = enc_out
-        if dyn is not None:
-            out["dynql_outputs"] = [{"pred_logits": lg[:, Q:], "pred_boxes": bx[:, Q:]}
-                                    for lg, bx in zip(logits, boxes)]
-            out["dynql_layout"] = dyn
-        if train_modules and self.align_loss:
-            out["loss_align"] = self.alignnet(self.memory_levels(enc), enc["valid_ratios"], targets)
-        return out
-
-
-class PostProcess(nn.Module):
-    """Top-k of the Q*K sigmoid scores, boxes in absolute xyxy of each original image."""
-
-    def __init__(self, num_select=100):
-        super().__init__()
-        self.num_select = num_select
-
-    @torch.no_grad()
-    def forward(self, outputs, target_sizes):
-        """target_sizes (B, 2) as (h, w) of the original images. Returns a list of dicts per image."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        B, Q, K = logits.shape
-        k = min(self.num_select, Q * K)
-        scores, idx = torch.topk(logits.sigmoid().view(B, -1), k, dim=1)  # (B, k)
-        labels = idx % K
-        boxes = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
-        boxes = torch.gather(boxes, 1, (idx // K)[..., None].repeat(1, 1, 4))  # (B, k, 4)
-        h, w = target_sizes.unbind(1)
-        boxes = boxes * torch.stack([w, h, w, h], 1)[:, None].to(boxes.dtype)
-        return [{"scores": s, "labels": lb, "boxes": b} for s, lb, b in zip(scores, labels, boxes)]
