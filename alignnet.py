@@ -34,8 +34,6 @@ Deviations from the paper:
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, roi_align
 
-from errors import InputError, read_torch_file
+from errors import InputError, read_torch_file, write_atomically
+from errors import cache_dir as default_cache_dir
 
 ALIGN_FEATURES = ('label', 'label+bbox', 'label+scale')
 # Columns that Eq. 2 appends to f_cls, per Table 5 variant.
@@ -59,23 +58,10 @@ class ClipWeightsUnavailableError(InputError):
 def _cache_path(cache_dir, model_name, pretrained, prompt, class_names):
     """Cache file of one label dictionary, keyed by everything that changes its rows."""
     if cache_dir is None:
-        cache_dir = os.environ.get('CLIP_DETR_CACHE', os.path.join('~', '.cache', 'clip-detr'))
+        cache_dir = default_cache_dir()
     key = json.dumps([model_name, pretrained, prompt, list(class_names)])
     digest = hashlib.sha1(key.encode('utf-8')).hexdigest()
     return Path(cache_dir).expanduser() / 'label_embeddings' / f'{digest}.pt'
-
-
-def _save_atomically(table, path):
-    """Write the table next to its final name and rename it, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-    os.close(fd)
-    try:
-        torch.save(table, tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
 
 
 def _load_embeddings_file(path, num_classes):
@@ -180,17 +166,11 @@ def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', 
         else:
             table = _encode_with_clip(class_names, model_name=model_name, pretrained=pretrained, prompt=prompt,
                                       device=device)
-            _save_atomically(table, path)
+            write_atomically(path, lambda tmp: torch.save(table, tmp))
         if pretrained == 'none':
             print(f"label dictionary: RANDOM-weight CLIP text encoder '{model_name}' (--clip-pretrained none); "
                   f"for smoke runs only")
     return F.normalize(table.float(), dim=-1).to(device)
-
-
-def build_label_embeddings(args, class_names):
-    """Map the command-line flags to label_embeddings(); the only function here that reads `args`."""
-    return label_embeddings(class_names, model_name=args.clip_model, pretrained=args.clip_pretrained,
-                            embeddings_file=args.label_embeddings, device=args.device)
 
 
 class AlignNet(nn.Module):

@@ -73,6 +73,21 @@ def attn_inputs(n_queries, device, batch=2, heads=8, head_dim=32, points=4):
     return value, shapes, starts, loc, attn
 
 
+def attention_times(fn, inputs, device, repeats):
+    """(forward, forward + backward) median seconds of one attention implementation on `inputs` (attn_inputs)."""
+    v, s, st, l, a = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=device)  # (B, Lq, C)
+
+    def fwd():
+        with torch.no_grad():
+            fn(v, s, st, l, a)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(v, s, st, l, a), (v, l, a), grad)
+
+    return _time(fwd, device, repeats), _time(fwd_bwd, device, repeats)
+
+
 def bench_attn(args):
     import model
     device = torch.device(args.device)
@@ -86,20 +101,9 @@ def bench_attn(args):
     for lq in ("encoder", 300):
         inputs = attn_inputs(lq, device)
         for name, fn in impls.items():
-            v, s, st, l, a = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
-            grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=device)
-
-            def fwd():
-                with torch.no_grad():
-                    fn(v, s, st, l, a)
-
-            def fwd_bwd():
-                torch.autograd.grad(fn(v, s, st, l, a), (v, l, a), grad)
-
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            t_f = _time(fwd, device, args.repeats)
-            t_fb = _time(fwd_bwd, device, args.repeats)
+            t_f, t_fb = attention_times(fn, inputs, device, args.repeats)
             mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
             rows.append(dict(lq="encoder" if lq == "encoder" else str(lq), impl=name, fwd_ms=1e3 * t_f,
                              fwd_bwd_ms=1e3 * t_fb, peak_mib=mem))
@@ -117,16 +121,16 @@ def bench_attn(args):
 # ----------------------------------------------------------------------------------------------------------
 def _train_worker(argv, steps, out_path):
     """One configuration in this (fresh) process: median step time over `steps` steps on fixed batches."""
+    import build
     import data
-    import evaluate
     import train
     args = train.finalize_args(train.get_parser().parse_args(argv))
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    ds = data.build_dataset("train", args)
-    model, criterion, _ = evaluate.build_model(args, ds.cat_names)
+    ds = build.build_dataset("train", args)
+    model, criterion, _ = build.build_model(args, ds.cat_names)
     model.to(device).train()
-    optimizer = train.build_optimizer(model, args)
+    optimizer = build.build_optimizer(model, args)
     batches = [data.collate_fn([ds[(i * args.batch_size + j) % len(ds)] for j in range(args.batch_size)])
                for i in range(steps + 2)]
 
@@ -175,16 +179,16 @@ def bench_train(args):
 
 
 def bench_coco_step(args):
-    import evaluate
+    import build
     import train
     targs = train.finalize_args(train.get_parser().parse_args(
         ["--dataset", "coco", "--device", args.device, "--method", args.method, "--clip-pretrained", "none",
          "--clip-model", "RN50"]))
     names = [f"class {i}" for i in range(80)]
-    model, criterion, _ = evaluate.build_model(targs, names)
+    model, criterion, _ = build.build_model(targs, names)
     device = torch.device(args.device)
     model.to(device).train()
-    optimizer = train.build_optimizer(model, targs)
+    optimizer = build.build_optimizer(model, targs)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(1, 3, 800, 1333, generator=g).to(device)
     mask = torch.zeros(1, 800, 1333, dtype=torch.bool, device=device)
@@ -209,16 +213,16 @@ def _gpu_train_worker(method, steps):
     (its label-embedding width equals RN50x64's, and the step never runs CLIP), so no data or download is needed.
     Runs in a fresh process per method so that peak memory is this method's own.
     """
-    import evaluate
+    import build
     import train
     targs = train.finalize_args(train.get_parser().parse_args(
         ["--dataset", "coco", "--device", "cuda", "--method", method, "--amp", "bf16", "--attn-impl", "triton",
          "--clip-pretrained", "none", "--clip-model", "RN50"]))
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model, criterion, _ = evaluate.build_model(targs, [f"class {i}" for i in range(80)])
+    model, criterion, _ = build.build_model(targs, [f"class {i}" for i in range(80)])
     model.to(device).train()
-    optimizer = torch.optim.AdamW(train.param_groups(model, targs), lr=targs.lr, weight_decay=targs.weight_decay)
+    optimizer = torch.optim.AdamW(build.param_groups(model, targs), lr=targs.lr, weight_decay=targs.weight_decay)
     n = targs.batch_size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n, 3, 800, 1333, generator=g).to(device)  # (B, 3, H, W)
@@ -237,17 +241,8 @@ def _gpu_train_worker(method, steps):
                       "batch": n, "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "loss": loss}))
 
 
-def bench_gpu(args):
-    """One command for a CUDA machine: the CUDA tests, the attention benchmark and COCO-model training steps.
-
-    CUDA tests are the tests whose name contains "cuda" (they skip without a GPU). Without CUDA: one line, exit 0.
-    Prints one table; exits non-zero when a part failed.
-    """
-    if not torch.cuda.is_available():
-        print("bench.py gpu: no CUDA device (torch.cuda.is_available() is False); nothing run")
-        return
-    import model
-    rows, failed = [], []  # rows: (part, configuration, time, peak MiB, note)
+def _gpu_tests_row(failed):
+    """Run the CUDA tests (names containing "cuda"): one table row."""
     t0 = time.perf_counter()
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda"],
                            cwd=HERE, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -255,34 +250,34 @@ def bench_gpu(args):
     if tests.returncode:
         failed.append("CUDA tests")
         print(tests.stdout + tests.stderr)
-    rows.append(("tests", "pytest -k cuda", f"{time.perf_counter() - t0:.0f} s", "-", summary))
+    return ("tests", "pytest -k cuda", f"{time.perf_counter() - t0:.0f} s", "-", summary)
 
+
+def _gpu_attention_rows(repeats):
+    """Triton against the reference at Deformable DETR sizes, forward and forward + backward, peak memory."""
+    import model
     device = torch.device("cuda")
     impls = {"pytorch": lambda v, s, st, l, a: model.ms_deform_attn_pytorch(v, s, l, a),
              "triton": model.ms_deform_attn_triton}
+    rows = []
     for lq in ("encoder", 300):
         inputs = attn_inputs(lq, device)
         for name, fn in impls.items():
-            v, s, st, l, a = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
-            grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=device)  # (B, Lq, C)
-
-            def fwd():
-                with torch.no_grad():
-                    fn(v, s, st, l, a)
-
-            def fwd_bwd():
-                torch.autograd.grad(fn(v, s, st, l, a), (v, l, a), grad)
-
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            t_f, t_fb = _time(fwd, device, args.repeats), _time(fwd_bwd, device, args.repeats)
+            t_f, t_fb = attention_times(fn, inputs, device, repeats)
             extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-            rows.append(("attention", f"Lq={l.shape[1]} ({lq}), {name}",
+            rows.append(("attention", f"Lq={inputs[3].shape[1]} ({lq}), {name}",
                          f"fwd {1e3 * t_f:.2f} ms, fwd+bwd {1e3 * t_fb:.2f} ms", f"{extra:.0f}",
-                         "peak above the inputs, median of " + str(args.repeats)))
+                         "peak above the inputs, median of " + str(repeats)))
+    return rows
 
+
+def _gpu_train_rows(steps, failed):
+    """`steps` COCO-model training steps of baseline and clip-detr (bf16, Triton), each in a fresh process."""
+    rows = []
     for method in ("baseline", "clip-detr"):
-        code = f"import bench; bench._gpu_train_worker({method!r}, {args.steps})"
+        code = f"import bench; bench._gpu_train_worker({method!r}, {steps})"
         run = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
         config = f"COCO model, --method {method} --amp bf16 --attn-impl triton"
@@ -295,11 +290,24 @@ def bench_gpu(args):
         rows.append(("train", config, f"{r['step_s']:.3f} s/step", f"{r['peak_mib']:.0f}",
                      f"batch {r['batch']} of 800x1333, median of steps 3-{r['steps']}, first step "
                      f"{r['first_s']:.1f} s, last loss {r['loss']:.3f}"))
+    return rows
 
-    print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    widths = [max(len(str(r[i])) for r in rows + [("part", "configuration", "time", "peak MiB", "note")])
-              for i in range(5)]
-    for r in [("part", "configuration", "time", "peak MiB", "note")] + rows:
+
+def bench_gpu(args):
+    """One command for a CUDA machine: the CUDA tests, the attention benchmark and COCO-model training steps.
+
+    CUDA tests are the tests whose name contains "cuda" (they skip without a GPU). Without CUDA: one line, exit 0.
+    Prints one table; exits non-zero when a part failed.
+    """
+    if not torch.cuda.is_available():
+        print("bench.py gpu: no CUDA device (torch.cuda.is_available() is False); nothing run")
+        return
+    failed = []
+    rows = [_gpu_tests_row(failed), *_gpu_attention_rows(args.repeats), *_gpu_train_rows(args.steps, failed)]
+    print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    header = ("part", "configuration", "time", "peak MiB", "note")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
+    for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     if failed:
         sys.exit(f"bench.py gpu: {', '.join(failed)} failed (output above)")
@@ -326,6 +334,68 @@ def _hf_model(num_classes):
     return hf
 
 
+def _our_step_and_infer(method, impl, names, images, mask, targets):
+    """A training step and an inference of our COCO model (random R50, stem and layer1 frozen as transformers
+    trains them), as two closures."""
+    import build
+    import train
+    targs = train.finalize_args(train.get_parser().parse_args(
+        ["--dataset", "coco", "--device", "cpu", "--method", method, "--clip-pretrained", "none",
+         "--clip-model", "RN50", "--attn-impl", impl]))
+    model, criterion, _ = build.build_model(targs, names)
+    model.backbone[0].freeze_stem_and_layer1()
+    optimizer = build.build_optimizer(model, targs)
+
+    def step():
+        model.train()
+        # train_step opens its own autocast, which would switch off bench's: hand it bench's dtype instead.
+        amp_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        train.train_step(model, criterion, (images, mask, targets), optimizer, torch.device("cpu"),
+                         clip_max_norm=targs.clip_max_norm, amp_dtype=amp_dtype)
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            model(images, mask)
+    return step, infer
+
+
+def _hf_step_and_infer(num_classes, images, mask, targets):
+    """transformers' training step (its own loss, AdamW, clipping 0.1) and inference, as two closures."""
+    hf = _hf_model(num_classes)
+    optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4, weight_decay=1e-4)
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+    def step():
+        hf.train()
+        loss = hf(pixel_values=images, pixel_mask=(~mask).long(), labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
+        optimizer.step()
+
+    def infer():
+        hf.eval()
+        with torch.no_grad():
+            hf(pixel_values=images, pixel_mask=(~mask).long())
+    return step, infer
+
+
+def alternate(cases, rounds):
+    """Seconds of each case over `rounds` rounds that run every case once, in turn (round 0 only warms up), so that
+    a slow spell of the machine falls on all of them. cases: {key: (fn, context manager factory)}."""
+    times = {key: [] for key in cases}
+    for r in range(rounds + 1):
+        for key, (fn, context) in cases.items():
+            with context():
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+            if r > 0:
+                times[key].append(dt)
+    return times
+
+
 def bench_hf(args):
     try:
         import transformers  # noqa: F401
@@ -333,8 +403,6 @@ def bench_hf(args):
         print("bench.py hf compares against HuggingFace transformers, which is not installed: "
               "pip install transformers", file=sys.stderr)
         sys.exit(1)
-    import evaluate
-    import train
     torch.manual_seed(0)
     names = [f"class {i}" for i in range(80)]
     B, S = 2, args.size
@@ -343,67 +411,21 @@ def bench_hf(args):
     mask = torch.zeros(B, S, S, dtype=torch.bool)
     targets = [{"boxes": torch.rand(7, 4, generator=g) * 0.4 + 0.1, "labels": torch.randint(0, 80, (7,), generator=g)}
                for _ in range(B)]
-    hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-
     steps, infers = {}, {}
     for method, impl in ((m, i) for m in args.methods for i in args.attn_impl):
         name = method if len(args.attn_impl) == 1 else f"{method}/{impl}"
-        targs = train.finalize_args(train.get_parser().parse_args(
-            ["--dataset", "coco", "--device", "cpu", "--method", method, "--clip-pretrained", "none",
-             "--clip-model", "RN50", "--attn-impl", impl]))
-        model, criterion, _ = evaluate.build_model(targs, names)
-        model.backbone[0].freeze_stem_and_layer1()  # the paper's trainable set, as transformers trains
-        optimizer = train.build_optimizer(model, targs)
-
-        def step(model=model, criterion=criterion, optimizer=optimizer, targs=targs):
-            model.train()
-            # train_step opens its own autocast, which would switch off bench's: hand it bench's dtype instead.
-            amp_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-            train.train_step(model, criterion, (images, mask, targets), optimizer, torch.device("cpu"),
-                             clip_max_norm=targs.clip_max_norm, amp_dtype=amp_dtype)
-
-        def infer(model=model):
-            model.eval()
-            with torch.no_grad():
-                model(images, mask)
-
-        steps[name], infers[name] = step, infer
-    hf = _hf_model(len(names))
-    hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4, weight_decay=1e-4)
-
-    def hf_step():
-        hf.train()
-        loss = hf(pixel_values=images, pixel_mask=(~mask).long(), labels=hf_labels).loss
-        hf_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
-        hf_opt.step()
-
-    def hf_infer():
-        hf.eval()
-        with torch.no_grad():
-            hf(pixel_values=images, pixel_mask=(~mask).long())
-
-    steps["transformers"], infers["transformers"] = hf_step, hf_infer
+        steps[name], infers[name] = _our_step_and_infer(method, impl, names, images, mask, targets)
+    steps["transformers"], infers["transformers"] = _hf_step_and_infer(len(names), images, mask, targets)
     precisions = {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast("cpu", torch.bfloat16)}
-    cases = [(kind, name, prec, fn) for prec in args.precision for kind, fns in (("train", steps), ("infer", infers))
-             for name, fn in fns.items()]
-    times = {case[:3]: [] for case in cases}
+    cases = {(kind, name, prec): (fn, precisions[prec]) for prec in args.precision
+             for kind, fns in (("train", steps), ("infer", infers)) for name, fn in fns.items()}
     print(f"batch {B} at {S}x{S}, ResNet-50 (random, stem+layer1 frozen), 6+6 layers, 300 queries, two-stage + "
           f"refine; {torch.get_num_threads()} threads; {args.rounds} alternating rounds after one warm-up",
           flush=True)
-    for r in range(args.rounds + 1):
-        for kind, name, prec, fn in cases:
-            with precisions[prec]():
-                t0 = time.perf_counter()
-                fn()
-                dt = time.perf_counter() - t0
-            if r > 0:  # round 0 warms up every path
-                times[(kind, name, prec)].append(dt)
-    stat = {k: (min(v), statistics.median(v)) for k, v in times.items()}
+    stat = {k: (min(v), statistics.median(v)) for k, v in alternate(cases, args.rounds).items()}
     print(f"{'':>6} {'precision':>9} {'model':>17} {'min s':>7} {'median s':>9} {'vs transformers min':>20} "
           f"{'median':>7}")
-    for kind, name, prec in times:
+    for kind, name, prec in cases:
         ref = stat[(kind, "transformers", prec)]
         mn, md = stat[(kind, name, prec)]
         print(f"{kind:>6} {prec:>9} {name:>17} {mn:7.2f} {md:9.2f} {mn / ref[0]:19.2f}x {md / ref[1]:6.2f}x")

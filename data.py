@@ -39,6 +39,7 @@ Deviations from the paper:
 """
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -579,11 +580,6 @@ MIN_OBJECT_SIDE = 12
 MAX_OCCLUDED = 0.7
 
 
-def shapes_cache_dir():
-    """Where `shapes` is written unless a data path is given: $CLIP_DETR_CACHE or ~/.cache/clip-detr."""
-    return os.environ.get("CLIP_DETR_CACHE", os.path.expanduser("~/.cache/clip-detr"))
-
-
 def _shapes_background(rng, width, height):
     """A grey, slightly tinted background textured with smooth noise at two scales and thin grey strokes."""
     tint = rng.uniform(70, 130) + rng.uniform(-12, 12, size=3)
@@ -689,7 +685,7 @@ def _write_shapes_split(folder, split_code, *, num_images, seed, min_size, max_s
     return {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
 
 
-def make_shapes(root, *, num_train=1800, num_val=200, seed=0, min_size=160, max_size=256, max_objects=6):
+def make_shapes(root, *, num_train=1800, num_val=200, seed=0, min_size=128, max_size=192, max_objects=6):
     """Write the `shapes` set once under `root` in COCO layout and return its four paths.
 
     The set lives in root/<key>, the key naming every argument, so other arguments never reuse it; it is
@@ -728,6 +724,11 @@ def make_shapes(root, *, num_train=1800, num_val=200, seed=0, min_size=160, max_
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
     return paths
+
+
+# make_shapes' keyword defaults are the `shapes` defaults everywhere (train.py's --shapes-* flags take them).
+SHAPES_DEFAULTS = {name: p.default for name, p in inspect.signature(make_shapes).parameters.items()
+                   if p.kind is p.KEYWORD_ONLY}
 
 
 def _publish(tmp, final):
@@ -770,92 +771,17 @@ def ov_coco_split(cat_names):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The one place that reads an argparse namespace
+# The pipeline of each dataset
 # ----------------------------------------------------------------------------------------------------------
 
-COCO_LAYOUT = "DIR/train2017/, DIR/val2017/, DIR/annotations/instances_{train,val}2017.json"
-LVIS_LAYOUT = "DIR/train2017/, DIR/val2017/, DIR/annotations/lvis_v1_{train,val}.json"
-
-
-def _require(paths, dataset, layout):
-    """A missing piece of a standard layout is named together with the whole expected layout."""
-    for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{dataset}: {path} not found; expected the layout {layout}")
-
-
-def image_sizes(args):
-    """(min_size, max_size) of the transforms: args.min_size/max_size, else the dataset's default (shapes: the
-    generated images' shapes_min_size/shapes_max_size; the others: the paper's 800/1333)."""
-    shapes = getattr(args, "dataset", "shapes") == "shapes"
-    min_size = getattr(args, "min_size", None) or (getattr(args, "shapes_min_size", 128) if shapes else 800)
-    max_size = getattr(args, "max_size", None) or (getattr(args, "shapes_max_size", 192) if shapes else 1333)
+def dataset_transforms(image_set, *, shapes, min_size, max_size):
+    """The `image_set` pipeline at a shorter side `min_size` and a longer side at most `max_size`: for the `shapes`
+    set its own small one, for every other dataset Deformable DETR's (`paper_sizes`)."""
     if not 0 < min_size <= max_size:
         raise InputError(f"--min-size {min_size} / --max-size {max_size}: expected 0 < min-size <= max-size")
-    return min_size, max_size
-
-
-def dataset_transforms(image_set, args):
-    """The `image_set` pipeline of args.dataset at args.min_size/max_size (see `image_sizes`)."""
-    min_size, max_size = image_sizes(args)
-    if getattr(args, "dataset", "shapes") == "shapes":
+    if shapes:
         # Multi-scale a little below min_size, no crop (the objects are already small), and evaluation at the
         # top training scale: CPU time grows with pixels, and this is a CPU demo.
         scales = tuple(range(min_size * 3 // 4, min_size + 1, 16))
         return make_transforms(image_set, scales=scales, max_size=max_size, crop=None, eval_size=min_size)
     return make_transforms(image_set, **paper_sizes(min_size, max_size))
-
-
-def build_dataset(image_set, args):
-    """The `image_set` ('train' or 'val') split of `args.dataset` as a CocoDetection.
-
-    Reads args.dataset ('shapes', 'coco', 'ov-coco', 'lvis', 'custom'), args.data_path, for 'custom'
-    args.{train,val}_{json,images}, the optional args.min_size/max_size (`image_sizes`), and for 'shapes' the
-    optional args.shapes_{num_train, num_val, seed, min_size, max_size, max_objects}.
-    """
-    if image_set not in ("train", "val"):
-        raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
-    dataset = getattr(args, "dataset", "shapes")
-    data_path = getattr(args, "data_path", None)
-
-    if dataset == "shapes":
-        paths = make_shapes(data_path or shapes_cache_dir(),
-                            num_train=getattr(args, "shapes_num_train", 1800),
-                            num_val=getattr(args, "shapes_num_val", 200),
-                            seed=getattr(args, "shapes_seed", 0), min_size=getattr(args, "shapes_min_size", 128),
-                            max_size=getattr(args, "shapes_max_size", 192),
-                            max_objects=getattr(args, "shapes_max_objects", 6))
-        return CocoDetection(paths[f"{image_set}_images"], paths[f"{image_set}_json"],
-                             transforms=dataset_transforms(image_set, args))
-
-    if dataset == "custom":
-        fields = [f"{image_set}_json", f"{image_set}_images"]
-        missing = [f for f in fields if not getattr(args, f, None)]
-        if missing:
-            raise InputError(f"dataset 'custom' needs {missing} (--{image_set}-json, --{image_set}-images): "
-                             "a COCO-format JSON and its image folder")
-        return CocoDetection(getattr(args, fields[1]), getattr(args, fields[0]),
-                             transforms=dataset_transforms(image_set, args))
-
-    if dataset not in ("coco", "ov-coco", "lvis"):
-        raise InputError(f"unknown dataset {dataset!r}; expected one of 'shapes', 'coco', 'ov-coco', 'lvis', "
-                         "'custom'")
-    layout = LVIS_LAYOUT if dataset == "lvis" else COCO_LAYOUT
-    if not data_path:
-        raise InputError(f"dataset {dataset!r} needs --data-path DIR with the layout {layout}")
-    if not os.path.isdir(data_path):
-        raise FileNotFoundError(f"{dataset}: data folder {data_path} not found; expected the layout {layout}")
-    if dataset == "lvis":
-        # LVIS v1 val draws images from COCO train2017 as well as val2017, so both folders are searched.
-        folders = [os.path.join(data_path, "train2017"), os.path.join(data_path, "val2017")]
-        ann_file = os.path.join(data_path, "annotations", f"lvis_v1_{image_set}.json")
-        _require([*folders, ann_file], dataset, layout)
-        return CocoDetection(folders, ann_file, transforms=dataset_transforms(image_set, args))
-
-    img_folder = os.path.join(data_path, f"{image_set}2017")
-    ann_file = os.path.join(data_path, "annotations", f"instances_{image_set}2017.json")
-    _require([img_folder, ann_file], dataset, layout)
-    keep = None
-    if dataset == "ov-coco":
-        keep = OV_COCO_BASE if image_set == "train" else OV_COCO_BASE + OV_COCO_NOVEL
-    return CocoDetection(img_folder, ann_file, transforms=dataset_transforms(image_set, args), keep_cat_names=keep)

@@ -1,8 +1,8 @@
 """Evaluation: COCO AP, per-decoder-layer AP, OV-COCO AP50, LVIS AP, discriminative score maps and detection
 on a folder of images (paper §4.1-4.2, Tables 1-4 and 9, Appendix A.1 and A.3, Figure 3).
 
-`evaluate(...)` is what training calls after an epoch; `build_model` (the one place that maps arguments to
-modules) and the checkpoint readers live here too, so train.py imports this module and never the reverse.
+`evaluate(...)` is what training calls after an epoch. The detector, its checkpoint and the val set come from
+build.py, which train.py imports too; this module never imports train.py.
 `python evaluate.py --resume CKPT` rebuilds the detector from the checkpoint's own arguments (--dataset,
 --data-path, --val-json/--val-images, --device, --batch-size, --attn-impl and --min-size/--max-size override
 them) as a plain Deformable DETR (AlignNet and DynQL act during training only) and runs one of three modes:
@@ -51,16 +51,13 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import draw_bounding_boxes
 
-import alignnet
 import data
-from errors import InputError, error_line, read_torch_file
-from dynql import DynQL
-from matcher import SetCriterion
-from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
+from build import (build_dataset, build_transforms, check_device, check_output_path, checkpoint_args,
+                   checkpoint_classes, checkpoint_detector, load_checkpoint)
+from errors import InputError, error_line, is_distributed, write_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_STAT_NAMES = ("AP", "AP50", "AP75", "APr", "APc", "APf")
-LVIS_DETECTIONS_PER_IMAGE = 300
 SCORE_MAP_THRESHOLD = 0.5  # Appendix A.1 / Figure 3: regions scoring below 0.5 are left out
 
 # Box colours, one per class index (cycled): saturated, so they stand out on photos and on the score map.
@@ -72,137 +69,11 @@ COLORMAP = ((0.0, (0, 0, 255)), (0.25, (0, 255, 255)), (0.5, (0, 255, 0)), (0.75
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Building the detector and reading checkpoints (shared with train.py, which imports this module)
-# ----------------------------------------------------------------------------------------------------------
-def build_model(args, class_names, label_table=None):
-    """The one place that maps arguments to modules: (model, criterion, postprocess).
-
-    `label_table` (K, D) replaces the CLIP label dictionary, e.g. the one an open-vocabulary checkpoint carries.
-    """
-    backbone = Joiner(Backbone(args.backbone, pretrained=args.pretrained_backbone),
-                      PositionEmbeddingSine(args.hidden_dim // 2))
-    transformer = DeformableTransformer(
-        d_model=args.hidden_dim, n_heads=args.nheads, num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers, d_ffn=args.dim_feedforward, dropout=args.dropout,
-        n_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
-        two_stage=args.two_stage, two_stage_num_proposals=args.num_queries, attn_impl=args.attn_impl)
-    open_vocabulary = args.dataset == "ov-coco"
-    table = align = dyn = class_head = None
-    if args.method != "baseline" or open_vocabulary:
-        # Rank 0 builds (or downloads) the label dictionary into the disk cache; the others then read it.
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed and dist.get_rank() != 0:
-            dist.barrier()
-        table = alignnet.build_label_embeddings(args, class_names) if label_table is None else label_table
-        if distributed and dist.get_rank() == 0:
-            dist.barrier()
-    if args.method != "baseline":
-        align = alignnet.AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
-    if open_vocabulary:
-        # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
-        # training annotations (§4.2). The decoder layers score with it; the two-stage encoder keeps a
-        # class-agnostic objectness head (DeformableDETR), so proposals are not ranked by one class's CLIP row.
-        base = set(data.OV_COCO_BASE)
-        class_head = alignnet.LabelEmbeddingClassifier(
-            label_embeddings=table, d_model=args.hidden_dim,
-            train_classes=[k for k, name in enumerate(class_names) if name in base])
-    if args.method == "dynql":
-        align.logit_beta.requires_grad_(False)  # no alignment loss: beta would be an unused parameter
-    if args.method in ("dynql", "clip-detr"):
-        dyn = DynQL(d_model=args.hidden_dim, betas=args.dynql_betas, rho=args.dynql_rho)
-    model = DeformableDETR(backbone, transformer, num_classes=len(class_names), num_queries=args.num_queries,
-                           num_feature_levels=args.num_feature_levels, with_box_refine=args.with_box_refine,
-                           two_stage=args.two_stage, alignnet=align, dynql=dyn,
-                           align_loss=args.method in ("alignnet", "clip-detr"), class_head=class_head)
-    return model, SetCriterion(len(class_names)), PostProcess()
-
-
-def is_main():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def check_device(name, flag="--device"):
-    """A device string torch understands and this machine has: 'cpu', 'cuda' or 'cuda:N'."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's answer to an unknown device string
-        raise InputError(f"{flag} {name!r} is not a device, expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"{flag} {name!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"{flag} {name!r}: no CUDA GPU is visible to PyTorch, use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"{flag} {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-    return device
-
-
-def check_output_path(path, flag, folder=True):
-    """An output folder (or, folder=False, a file) that can be created: neither it nor a parent is a file."""
-    path = os.path.abspath(path)
-    if folder and os.path.isfile(path):
-        raise InputError(f"{flag} {path} is a file, expected a folder (or a path to create one at)")
-    if not folder and os.path.isdir(path):
-        raise InputError(f"{flag} {path} is a folder, expected a file name")
-    parent = os.path.dirname(path)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise InputError(f"{flag} {path} lies under {parent}, which is a file, expected a folder")
-
-
-# Arguments build_model reads from a checkpoint: one without them was not written by train.py.
-MODEL_ARGS = ("dataset", "backbone", "hidden_dim", "dim_feedforward", "enc_layers", "dec_layers", "nheads",
-              "num_queries", "num_feature_levels", "enc_n_points", "dec_n_points", "dropout", "with_box_refine",
-              "two_stage", "attn_impl", "device")
-
-
-def load_checkpoint(path, flag="--resume", keys=("model", "args")):
-    """A checkpoint as a dict on the CPU holding `keys`; anything else is an InputError naming `flag` and path."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag}: checkpoint {path!r} does not exist")
-    ckpt = read_torch_file(path, f"{flag}: checkpoint", weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise InputError(f"{flag}: checkpoint {path} holds a {type(ckpt).__name__}, expected the dict train.py "
-                         "writes")
-    missing = [key for key in keys if key not in ckpt]
-    if "args" in keys and isinstance(ckpt.get("args"), dict):
-        missing += [f"args.{key}" for key in MODEL_ARGS if key not in ckpt["args"]]
-    if missing:
-        raise InputError(f"{flag}: checkpoint {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                         "expected a checkpoint written by train.py")
-    for key in ("model", "args"):
-        if key in keys and not isinstance(ckpt[key], dict):
-            raise InputError(f"{flag}: checkpoint {path} has a {type(ckpt[key]).__name__} as '{key}', expected a "
-                             "dict")
-    if "model" in keys and not all(torch.is_tensor(v) for v in ckpt["model"].values()):
-        raise InputError(f"{flag}: checkpoint {path}: 'model' holds non-tensors, expected a state_dict")
-    return ckpt
-
-
-def load_model_state(model, state_dict, source):
-    """Strict load; a CLIP-DETR checkpoint into a baseline model may only miss alignnet.*/dynql.* keys."""
-    own = model.state_dict()
-    module_key = lambda k: k.startswith(("alignnet.", "dynql."))  # noqa: E731
-    missing = [k for k in own if k not in state_dict and not module_key(k)]
-    unexpected = [k for k in state_dict if k not in own and not module_key(k)]
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-                  if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        show = lambda keys: f"{keys[:3]}{'...' if len(keys) > 3 else ''} ({len(keys)})"  # noqa: E731
-        raise InputError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
-                         f"unexpected {show(unexpected)}, shape mismatch {show(mismatched)}")
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
-    skipped = [k for k in list(own) + list(state_dict) if module_key(k) and (k not in own or k not in state_dict)]
-    if skipped and is_main():
-        print(f"loaded {source}: {len(skipped)} training-module keys (alignnet.*/dynql.*) not used")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Predictions and COCO AP
 # ----------------------------------------------------------------------------------------------------------
 def gather_predictions(store):
     """Merge {image_id: prediction} from every rank; the padded sampler's repeated images collapse."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return store
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, store)
@@ -264,25 +135,21 @@ def predict(model, postprocess, loader, device, per_layer=False):
 
 
 def evaluate(model, postprocess, loader, dataset, device, per_layer=False):
-    """COCO stats (12 numbers) of the last decoder layer; with per_layer, a list of them, one per layer."""
-    final, layers = predict(model, postprocess, loader, device, per_layer)
-    per = []
-    for store in (layers if per_layer else [final]):
-        store = gather_predictions(store)
-        per.append(coco_stats(dataset.coco, to_coco_results(store, dataset.cat_ids), list(store)))
-    return per if per_layer else per[0]
+    """(stats, results): the 12 COCO stats of the last decoder layer (with per_layer a list of them, decoder layer 1
+    first, Table 9) and the COCO results list of the last layer, predictions gathered from every rank."""
+    _, layers = predict(model, postprocess, loader, device, per_layer)
+    layers = [gather_predictions(store) for store in layers]
+    results = [to_coco_results(store, dataset.cat_ids) for store in layers]
+    per = [coco_stats(dataset.coco, r, list(store)) for r, store in zip(results, layers)]
+    return (per if per_layer else per[-1]), results[-1]
 
 
-def print_coco_table(stats, title="COCO bbox"):
-    print(f"{title}\n" + " ".join(f"{n:>6}" for n in STAT_NAMES) + "\n"
-          + " ".join(f"{100 * s:6.1f}" for s in stats[:6]))
-
-
-def print_per_layer_table(per_layer, title="COCO bbox per decoder layer"):
-    """Table 9's layout: one row per decoder layer (1 = first), AP ... APl in percent."""
-    lines = [title, f"{'layer':>6} " + " ".join(f"{n:>6}" for n in STAT_NAMES)]
-    for layer, stats in enumerate(per_layer, start=1):
-        lines.append(f"{layer:>6} " + " ".join(f"{100 * s:6.1f}" for s in stats[:6]))
+def print_table(title, columns, rows, row_label=None):
+    """A title, a header and one line per row of numbers in [0, 1], shown in percent; with `row_label`, a first
+    column numbering the rows from 1 (Table 9's decoder layers)."""
+    lead = (lambda label: f"{label:>6} ") if row_label else (lambda label: "")
+    lines = [title, lead(row_label) + " ".join(f"{n:>6}" for n in columns)]
+    lines += [lead(k) + " ".join(f"{100 * v:6.1f}" for v in row) for k, row in enumerate(rows, start=1)]
     print("\n".join(lines))
 
 
@@ -306,10 +173,6 @@ def ov_coco_ap50(coco_gt, results, base_names, novel_names, image_ids=None):
             for group, names in groups.items()}
 
 
-def print_ov_table(ov, title="OV-COCO AP50"):
-    print(f"{title}\n" + " ".join(f"{n:>6}" for n in ov) + "\n" + " ".join(f"{100 * v:6.1f}" for v in ov.values()))
-
-
 def lvis_api():
     """(LVIS, LVISEval) from the optional `lvis` package; a clear error when it is missing."""
     try:
@@ -331,11 +194,6 @@ def lvis_stats(ann_file, results):
     ev.run()
     numbers = ev.get_results()
     return {name: float(numbers[name]) for name in LVIS_STAT_NAMES}
-
-
-def print_lvis_table(stats, title="LVIS bbox"):
-    print(f"{title}\n" + " ".join(f"{n:>6}" for n in stats) + "\n"
-          + " ".join(f"{100 * v:6.1f}" for v in stats.values()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -554,62 +412,6 @@ OVERRIDES = ("dataset", "data_path", "val_json", "val_images", "device", "batch_
              "max_size")
 
 
-def checkpoint_args(ckpt, overrides, num_workers=0):
-    """The checkpoint's arguments with command-line overrides, for a plain (inference-only) detector."""
-    args = argparse.Namespace(**ckpt["args"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    args.num_workers = num_workers
-    args.method = "baseline"  # inference is plain Deformable DETR: the training modules are not built
-    args.pretrained_backbone = False  # the checkpoint holds the backbone: no ImageNet download
-    args.pretrained = None
-    return args
-
-
-def build_detector(ckpt, args, class_names, source):
-    """(model in eval mode on args.device, postprocess) with the checkpoint's weights."""
-    # An open-vocabulary head carries its label dictionary: evaluating it needs neither CLIP nor its cache.
-    model, _, postprocess = build_model(args, class_names,
-                                        label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
-    load_model_state(model, ckpt["model"], source)
-    if args.dataset == "lvis":
-        postprocess = PostProcess(num_select=LVIS_DETECTIONS_PER_IMAGE)
-    return model.to(torch.device(args.device)).eval(), postprocess
-
-
-def checkpoint_classes(ckpt, args):
-    """(cat_ids, cat_names) the checkpoint was trained with: stored in it, else read from its val dataset."""
-    if "classes" in ckpt:
-        return list(ckpt["classes"]["ids"]), list(ckpt["classes"]["names"])
-    try:
-        dataset = data.build_dataset("val", args)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"the checkpoint does not store its class names, and its dataset, where they "
-                                f"are read from, is missing: {err}") from None
-    return dataset.cat_ids, dataset.cat_names
-
-
-def write_atomically(path, write):
-    """`write(tmp)` to PATH.tmp, then rename it over `path`: a kill leaves the old file or the new one, never half
-    of one, and a failed write (disk full, ...) leaves no temporary file behind. Checkpoints, logs, results."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-    write_atomically(path, write)
-
-
 def get_parser():
     p = argparse.ArgumentParser("CLIP-DETR evaluation", description=__doc__.split("\n")[0])
     p.add_argument("--resume", required=True, metavar="CKPT", help="a checkpoint written by train.py")
@@ -667,72 +469,84 @@ def main(argv=None):
             check_output_path(path, flag, folder=False)
     overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
     args = checkpoint_args(ckpt, overrides, cli.num_workers)
-    method = ckpt["args"].get("method", "baseline")
-    log = {"checkpoint": cli.resume, "method": method, "dataset": args.dataset}
+    log = {"checkpoint": cli.resume, "method": ckpt["args"].get("method", "baseline"), "dataset": args.dataset}
     if args.dataset == "lvis":
         if cli.per_layer:
             raise InputError("--per-layer reports COCO AP (Table 9); LVIS is scored with its own protocol")
         lvis_api()  # a missing package must fail before a whole inference run, not after
     device = check_device(args.device, "--device" if cli.device else "--device (the checkpoint's; override it)")
-
     if cli.images:
-        cat_ids, cat_names = checkpoint_classes(ckpt, args)
-        model, postprocess = build_detector(ckpt, args, cat_names, cli.resume)
-        # The val pipeline of the checkpoint's dataset, at its --min-size/--max-size.
-        transforms = data.dataset_transforms("val", args)
-        results, paths = detect_folder(model, postprocess, cli.images, class_names=cat_names, cat_ids=cat_ids,
-                                       device=device, transforms=transforms, output_dir=cli.output_dir,
-                                       batch_size=args.batch_size, score_threshold=cli.score_threshold)
-        output = cli.output or os.path.join(cli.output_dir, "results.json")
-        write_json(output, results)
-        print(f"wrote {len(results)} detections on {len(paths)} images to {output} and the PNGs to {cli.output_dir}")
-        log.update(images=cli.images, num_images=len(paths), num_detections=len(results))
-        return log
-
-    dataset = data.build_dataset("val", args)
-    model, postprocess = build_detector(ckpt, args, dataset.cat_names, cli.resume)
-
-    if cli.visualize is not None:
-        detectors = [(method, model)]
-        if cli.compare:
-            ckpt2 = load_checkpoint(cli.compare, "--compare")
-            # The second detector runs where the first does (its checkpoint may name a device this machine lacks).
-            args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k == "attn_impl"}
-                                    | {"device": str(device)})
-            detectors.append((ckpt2["args"].get("method", "baseline"),
-                              build_detector(ckpt2, args2, dataset.cat_names, cli.compare)[0].to(device)))
-        paths = visualize(detectors, dataset, postprocess, range(min(cli.visualize, len(dataset))), cli.output_dir,
-                          device=device, score_threshold=cli.score_threshold)
-        print(f"wrote {len(paths)} score-map PNGs to {cli.output_dir}")
-        log.update(visualized=paths)
-        return log
-
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn, num_workers=cli.num_workers)
-    final, layers = predict(model, postprocess, loader, device, per_layer=cli.per_layer)
-    results = to_coco_results(final, dataset.cat_ids)
-    if args.dataset == "lvis":
-        log["lvis"] = lvis_stats(dataset.ann_file, results)
-        print_lvis_table(log["lvis"], title=f"{args.dataset} val, {method}")
-    elif cli.per_layer:
-        log["per_layer"] = [coco_stats(dataset.coco, to_coco_results(store, dataset.cat_ids), list(store))
-                            for store in layers]
-        log["coco_stats"] = log["per_layer"][-1]
-        print_per_layer_table(log["per_layer"], title=f"{args.dataset} val, {method}, per decoder layer")
+        results = detect_images(cli, ckpt, args, device, log)
+    elif cli.visualize is not None:
+        return visualize_val_set(cli, ckpt, args, device, overrides, log)
     else:
-        log["coco_stats"] = coco_stats(dataset.coco, results, list(final))
-        print_coco_table(log["coco_stats"], title=f"{args.dataset} val, {method}")
-    if args.dataset == "ov-coco":
-        base, novel = data.ov_coco_split(dataset.cat_names)
-        log["ov_coco"] = ov_coco_ap50(dataset.coco, results, base, novel, image_ids=list(final))
-        print_ov_table(log["ov_coco"], title=f"{args.dataset} val, {method}, AP50 (Table 3)")
-    if cli.output:
-        write_json(cli.output, results)
-        print(f"wrote {len(results)} detections to {cli.output}")
+        results = score_val_set(cli, ckpt, args, device, log)
+    output = cli.output or (os.path.join(cli.output_dir, "results.json") if cli.images else None)
+    if output:
+        write_json(output, results)
+        print(f"wrote {len(results)} detections to {output}")
     if cli.log:
         os.makedirs(os.path.dirname(os.path.abspath(cli.log)), exist_ok=True)
         with open(cli.log, "a") as f:
             f.write(json.dumps(log) + "\n")
     return log
+
+
+def detect_images(cli, ckpt, args, device, log):
+    """--images DIR: detections on every image of a folder, with the checkpoint's val pipeline and classes."""
+    cat_ids, cat_names = checkpoint_classes(ckpt, args)
+    model, postprocess = checkpoint_detector(ckpt, args, cat_names, cli.resume)
+    results, paths = detect_folder(model, postprocess, cli.images, class_names=cat_names, cat_ids=cat_ids,
+                                   device=device, transforms=build_transforms("val", args),
+                                   output_dir=cli.output_dir, batch_size=args.batch_size,
+                                   score_threshold=cli.score_threshold)
+    print(f"wrote {len(paths)} annotated PNGs to {cli.output_dir}")
+    log.update(images=cli.images, num_images=len(paths), num_detections=len(results))
+    return results
+
+
+def visualize_val_set(cli, ckpt, args, device, overrides, log):
+    """--visualize N [--compare CKPT2]: detections and score maps (Figure 3) of the first N val images."""
+    dataset = build_dataset("val", args)
+    model, postprocess = checkpoint_detector(ckpt, args, dataset.cat_names, cli.resume)
+    detectors = [(log["method"], model)]
+    if cli.compare:
+        ckpt2 = load_checkpoint(cli.compare, "--compare")
+        # The second detector runs where the first does (its checkpoint may name a device this machine lacks).
+        args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k == "attn_impl"} | {"device": str(device)})
+        detectors.append((ckpt2["args"].get("method", "baseline"),
+                          checkpoint_detector(ckpt2, args2, dataset.cat_names, cli.compare)[0].to(device)))
+    paths = visualize(detectors, dataset, postprocess, range(min(cli.visualize, len(dataset))), cli.output_dir,
+                      device=device, score_threshold=cli.score_threshold)
+    print(f"wrote {len(paths)} score-map PNGs to {cli.output_dir}")
+    log.update(visualized=paths)
+    return log
+
+
+def score_val_set(cli, ckpt, args, device, log):
+    """The default mode: AP of the val set (COCO, per decoder layer, OV-COCO AP50, or LVIS); returns the results."""
+    dataset = build_dataset("val", args)
+    model, postprocess = checkpoint_detector(ckpt, args, dataset.cat_names, cli.resume)
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn, num_workers=cli.num_workers)
+    title = f"{args.dataset} val, {log['method']}"
+    if args.dataset == "lvis":
+        final, _ = predict(model, postprocess, loader, device)
+        results = to_coco_results(final, dataset.cat_ids)
+        log["lvis"] = lvis_stats(dataset.ann_file, results)
+        print_table(title, list(log["lvis"]), [list(log["lvis"].values())])
+        return results
+    stats, results = evaluate(model, postprocess, loader, dataset, device, per_layer=cli.per_layer)
+    if cli.per_layer:
+        log["per_layer"], log["coco_stats"] = stats, stats[-1]
+        print_table(f"{title}, per decoder layer", STAT_NAMES, [s[:6] for s in stats], row_label="layer")
+    else:
+        log["coco_stats"] = stats
+        print_table(title, STAT_NAMES, [stats[:6]])
+    if args.dataset == "ov-coco":
+        base, novel = data.ov_coco_split(dataset.cat_names)
+        log["ov_coco"] = ov_coco_ap50(dataset.coco, results, base, novel, image_ids=dataset.ids)
+        print_table(f"{title}, AP50 (Table 3)", list(log["ov_coco"]), [list(log["ov_coco"].values())])
+    return results
 
 
 def cli(argv=None):

@@ -18,14 +18,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-import data  # noqa: E402
-import train  # noqa: E402
-from model import Backbone  # noqa: E402
-from test_data import COCO_80  # noqa: E402
-from test_model import official_checkpoint, official_state_shapes  # noqa: E402
+import build
+import data
+import train
+from conftest import COCO_80, HERE, official_checkpoint, official_state_shapes, parse_args
+from model import Backbone
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # COCO 2017's 80 categories in id order; ids run 1-90 with these ten unused.
 COCO_UNUSED_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
 COCO_IDS = [i for i in range(1, 91) if i not in COCO_UNUSED_IDS]
@@ -74,11 +72,11 @@ def coco_dir(tmp_path_factory):
 def coco_args(coco_dir, tmp_path, *extra):
     argv = ["--dataset", "coco", "--data-path", str(coco_dir), "--label-embeddings", str(coco_dir / "labels.pt"),
             "--device", "cpu", "--output-dir", str(tmp_path / "out"), *SMALL, *extra]
-    return train.finalize_args(train.get_parser().parse_args(argv))
+    return parse_args(*argv)
 
 
 def test_coco_layout_folder_gives_the_80_coco_categories(coco_dir, tmp_path):
-    ds = data.build_dataset("train", coco_args(coco_dir, tmp_path))
+    ds = build.build_dataset("train", coco_args(coco_dir, tmp_path))
     assert len(COCO_80) == len(COCO_IDS) == 80
     assert ds.cat_ids == COCO_IDS and ds.cat_names == list(COCO_80)
 
@@ -96,10 +94,10 @@ def test_coco_model_training_step(coco_dir, tmp_path, method, amp):
     batch = data.collate_fn([ds[0], ds[1]])
     assert batch[0].shape == (2, 3, 80, 96)
     torch.manual_seed(0)
-    model, criterion, _ = train.build_model(args, ds.cat_names)
+    model, criterion, _ = build.build_model(args, ds.cat_names)
     model.train()
     # SGD: the optimizer is not under test, and AdamW's state for ResNet-50 would dominate the step's time.
-    optimizer = torch.optim.SGD(train.param_groups(model, args), lr=1e-3)
+    optimizer = torch.optim.SGD(build.param_groups(model, args), lr=1e-3)
     amp_dtype = {"off": None, "bf16": torch.bfloat16}[amp]
     loss, values = train.train_step(model, criterion, batch, optimizer, torch.device("cpu"),
                                     clip_max_norm=args.clip_max_norm, amp_dtype=amp_dtype)
@@ -125,7 +123,7 @@ def test_official_coco_checkpoint_through_pretrained(coco_dir, tmp_path):
     # that a forward pass stays finite.
     state = official_checkpoint(shapes, shared_heads=False)
     torch.manual_seed(0)
-    fresh = train.build_model(coco_args(coco_dir, tmp_path, *SMALL_R18, "--method", "baseline"),
+    fresh = build.build_model(coco_args(coco_dir, tmp_path, *SMALL_R18, "--method", "baseline"),
                               [f"class {i}" for i in range(91)])[0].state_dict()
     for key, value in state.items():
         value.copy_(fresh[key])
@@ -138,9 +136,9 @@ def test_official_coco_checkpoint_through_pretrained(coco_dir, tmp_path):
         state[f"class_embed.{layer}.bias"][DOG] = 18.0
     torch.save({"model": state, "epoch": 49}, args.pretrained)
 
-    train_set = data.build_dataset("train", args)
-    model, _, _ = train.build_model(args, train_set.cat_names)
-    train.load_official_checkpoint(model, args.pretrained, train_set.cat_ids)
+    train_set = build.build_dataset("train", args)
+    model, _, _ = build.build_model(args, train_set.cat_names)
+    build.load_official_checkpoint(model, args.pretrained, train_set.cat_ids)
 
     k_dog = train_set.cat_ids.index(DOG)
     rows = torch.as_tensor(train_set.cat_ids)
@@ -169,7 +167,7 @@ def test_official_coco_checkpoint_through_pretrained(coco_dir, tmp_path):
     assert all(p.requires_grad for p in body.layer2.parameters())
 
     with pytest.raises(ValueError, match=r"category id 0-90; the dataset's category ids \[200\]"):
-        train.load_official_checkpoint(model, args.pretrained, [*train_set.cat_ids[:-1], 200])
+        build.load_official_checkpoint(model, args.pretrained, [*train_set.cat_ids[:-1], 200])
 
 
 @pytest.mark.parametrize("refine", [False, True], ids=["plain", "box-refine"])
@@ -184,9 +182,9 @@ def test_official_single_stage_checkpoints_through_pretrained(coco_dir, tmp_path
         n_levels=4, n_points=4, num_queries=args.num_queries, two_stage=False, with_box_refine=refine)
     state = official_checkpoint(shapes, shared_heads=not refine)
     torch.save({"model": state}, args.pretrained)
-    train_set = data.build_dataset("train", args)
-    model, _, _ = train.build_model(args, train_set.cat_names)
-    train.load_official_checkpoint(model, args.pretrained, train_set.cat_ids)
+    train_set = build.build_dataset("train", args)
+    model, _, _ = build.build_model(args, train_set.cat_names)
+    build.load_official_checkpoint(model, args.pretrained, train_set.cat_ids)
     rows = torch.as_tensor(train_set.cat_ids)
     assert len(model.class_embed) == args.dec_layers
     for layer, head in enumerate(model.class_embed):

@@ -1,7 +1,6 @@
-"""Tests for data.py: shapes generation, the COCO-format dataset contract, transforms, collate, OV-COCO split,
-build_dataset. CPU, tiny sizes, tmp_path only."""
+"""Tests for data.py: shapes generation, the COCO-format dataset contract, transforms, collate, OV-COCO split.
+CPU, tiny sizes, tmp_path only. (build_dataset, which reads the command line, is tested in test_build.py.)"""
 
-import argparse
 import json
 import os
 import random
@@ -16,50 +15,14 @@ from pycocotools.coco import COCO
 from torchvision.ops import box_iou
 
 import data
+from conftest import COCO_80, ann, write_coco
 
-COCO_80 = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)
 OV_COCO_LEFT_OUT = {
     "traffic light", "fire hydrant", "stop sign", "parking meter", "sports ball", "baseball bat",
     "baseball glove", "tennis racket", "wine glass", "hot dog", "potted plant", "dining table", "cell phone",
     "teddy bear", "hair drier",
 }
 TINY_SHAPES = dict(num_train=3, num_val=1, min_size=48, max_size=64, max_objects=3)
-
-
-def write_coco(folder, ann_file, images, annotations, categories, **extra):
-    """Write grey image files for `images` into `folder` and the COCO JSON to `ann_file`."""
-    os.makedirs(folder, exist_ok=True)
-    os.makedirs(os.path.dirname(ann_file), exist_ok=True)
-    for img in images:
-        name = img.get("file_name") or os.path.basename(img["coco_url"])
-        Image.new("RGB", (img["width"], img["height"]), (128, 128, 128)).save(os.path.join(folder, name))
-    with open(ann_file, "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories, **extra}, f)
-    return str(folder), str(ann_file)
-
-
-def ann(ann_id, image_id, category_id, bbox, iscrowd=0):
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
-            "area": bbox[2] * bbox[3], "iscrowd": iscrowd}
-
-
-@pytest.fixture
-def small_coco(tmp_path):
-    """One 100x50 image with a 'cat' box and a 'dog' box; category ids 3 and 7 are not contiguous."""
-    images = [{"id": 5, "file_name": "a.png", "width": 100, "height": 50}]
-    anns = [ann(1, 5, 7, [10, 20, 30, 10]), ann(2, 5, 3, [0, 0, 100, 50])]
-    cats = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]
-    return write_coco(tmp_path / "img", tmp_path / "ann.json", images, anns, cats)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +61,8 @@ def test_shapes_is_a_valid_coco_set(shapes):
         coco = COCO(shapes[f"{split}_json"])
         assert len(coco.getImgIds()) == count
         for img in coco.imgs.values():
-            assert 160 <= img["width"] <= 256 and 160 <= img["height"] <= 256
+            low, high = data.SHAPES_DEFAULTS["min_size"], data.SHAPES_DEFAULTS["max_size"]
+            assert low <= img["width"] <= high and low <= img["height"] <= high
             with Image.open(os.path.join(shapes[f"{split}_images"], img["file_name"])) as f:
                 assert f.size == (img["width"], img["height"])
             boxes = [a["bbox"] for a in coco.imgToAnns[img["id"]]]
@@ -233,15 +197,6 @@ def test_shapes_rejects_bad_arguments(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_shapes_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("CLIP_DETR_CACHE", str(tmp_path))
-    assert data.shapes_cache_dir() == str(tmp_path)
-    monkeypatch.delenv("CLIP_DETR_CACHE")
-    assert data.shapes_cache_dir() == os.path.expanduser("~/.cache/clip-detr")
-
-
-# ---------------------------------------------------------------------------------------------- dataset
-
 def test_item_contract_known_answer(small_coco):
     ds = data.CocoDetection(*small_coco)
     assert ds.cat_ids == [3, 7] and ds.cat_names == ["cat", "dog"] and ds.label_of == {3: 0, 7: 1}
@@ -321,23 +276,6 @@ def test_keep_cat_names_filters_targets_not_the_class_list(tmp_path):
     with pytest.raises(ValueError, match="giraffe"):
         data.CocoDetection(folder, ann_file, keep_cat_names=["giraffe"])
 
-
-def test_lvis_style_coco_url_images_are_found_in_either_folder(tmp_path):
-    images = [{"id": 139, "coco_url": "http://images.cocodataset.org/val2017/000000000139.jpg",
-               "width": 30, "height": 20},
-              {"id": 9, "coco_url": "http://images.cocodataset.org/train2017/000000000009.jpg",
-               "width": 20, "height": 30}]
-    cats = [{"id": 1, "name": "aerosol_can", "synset": "aerosol.n.02"}]
-    anns = [ann(1, 139, 1, [1, 2, 3, 4]), ann(2, 9, 1, [2, 2, 4, 4])]
-    write_coco(tmp_path / "val2017", tmp_path / "annotations" / "lvis_v1_val.json", images[:1], anns, cats)
-    write_coco(tmp_path / "train2017", tmp_path / "annotations" / "lvis_v1_val.json", images[1:], anns, cats)
-    with open(tmp_path / "annotations" / "lvis_v1_val.json", "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
-    ds = data.build_dataset("val", argparse.Namespace(dataset="lvis", data_path=str(tmp_path)))
-    assert ds.image_path(139) == str(tmp_path / "val2017" / "000000000139.jpg")
-    assert ds.image_path(9) == str(tmp_path / "train2017" / "000000000009.jpg")
-    assert [int(ds[i][1]["image_id"]) for i in range(2)] == [9, 139]
-    assert ds.cat_names == ["aerosol_can"]
 
 
 def test_image_size_disagreeing_with_json_is_an_error(tmp_path):
@@ -539,20 +477,6 @@ def test_ov_coco_split_of_a_dataset():
         data.ov_coco_split(["red circle", "green square"])
 
 
-# ---------------------------------------------------------------------------------------------- build_dataset
-
-def test_build_custom_dataset(small_coco):
-    folder, ann_file = small_coco
-    args = argparse.Namespace(dataset="custom", data_path=None, train_json=ann_file, train_images=folder,
-                              val_json=ann_file, val_images=folder)
-    image, target = data.build_dataset("val", args)[0]
-    assert image.shape == (3, 666, 1332), "shorter side lowered from 800 so that the longer fits 1333"
-    assert target["orig_size"].tolist() == [50, 100] and target["size"].tolist() == list(image.shape[1:])
-    args.val_json = None
-    with pytest.raises(ValueError, match="val_json"):
-        data.build_dataset("val", args)
-
-
 def test_paper_sizes_at_800_and_scaled():
     at_800 = data.paper_sizes(800, 1333)
     assert at_800 == dict(scales=tuple(range(480, 801, 32)), max_size=1333, crop=(384, 600),
@@ -560,70 +484,3 @@ def test_paper_sizes_at_800_and_scaled():
     at_400 = data.paper_sizes(400, 666)
     assert at_400["scales"] == tuple(range(240, 401, 16)) and at_400["crop"] == (192, 300)
     assert at_400["crop_resize"] == (200, 250, 300) and (at_400["eval_size"], at_400["max_size"]) == (400, 666)
-
-
-def test_custom_dataset_min_size_max_size(small_coco):
-    """--min-size/--max-size reach the custom pipelines: evaluation at min_size, training never above it."""
-    folder, ann_file = small_coco
-    args = argparse.Namespace(dataset="custom", data_path=None, train_json=ann_file, train_images=folder,
-                              val_json=ann_file, val_images=folder, min_size=40, max_size=120)
-    image, _ = data.build_dataset("val", args)[0]
-    assert image.shape == (3, 40, 80), "50x100 image: shorter side 40"
-    train = data.build_dataset("train", args)
-    for seed in range(6):
-        random.seed(seed)
-        image, _ = train[0]
-        assert min(image.shape[1:]) <= 40 and max(image.shape[1:]) <= 120, image.shape
-    args.min_size, args.max_size = 80, 60
-    with pytest.raises(ValueError, match="--min-size 80"):
-        data.build_dataset("val", args)
-
-
-def test_build_shapes_dataset(tmp_path):
-    args = argparse.Namespace(dataset="shapes", data_path=str(tmp_path), shapes_num_train=2, shapes_num_val=1,
-                              shapes_min_size=48, shapes_max_size=64, shapes_max_objects=2)
-    train, val = data.build_dataset("train", args), data.build_dataset("val", args)
-    assert len(train) == 2 and len(val) == 1 and train.cat_names == val.cat_names
-    _, target = val[0]
-    assert min(target["size"].tolist()) == 48 or max(target["size"].tolist()) == 64, \
-        "shapes is evaluated with its shorter side at shapes_min_size, longer side at most shapes_max_size"
-    for seed in range(5):
-        random.seed(seed)
-        image, _ = train[0]
-        assert min(image.shape[1:]) in (36, 48) or max(image.shape[1:]) == 64, image.shape
-        assert max(image.shape[1:]) <= 64
-
-
-def test_build_ov_coco_keeps_base_for_training_and_65_for_evaluation(tmp_path):
-    cats = [{"id": i + 1, "name": n} for i, n in enumerate(COCO_80)]
-    images = [{"id": 1, "file_name": "1.jpg", "width": 64, "height": 48}]
-    anns = [ann(i + 1, 1, c["id"], [1, 1, 5, 5]) for i, c in enumerate(cats)]
-    for split in ("train", "val"):
-        write_coco(tmp_path / f"{split}2017", tmp_path / "annotations" / f"instances_{split}2017.json",
-                   images, anns, cats)
-    args = argparse.Namespace(dataset="ov-coco", data_path=str(tmp_path))
-    train, val = data.build_dataset("train", args), data.build_dataset("val", args)
-    assert train.cat_names == val.cat_names == list(COCO_80)
-    train_names = {train.cat_names[i] for i in train[0][1]["labels"].tolist()}
-    val_names = {val.cat_names[i] for i in val[0][1]["labels"].tolist()}
-    assert train_names == set(data.OV_COCO_BASE)
-    assert val_names == set(data.OV_COCO_BASE) | set(data.OV_COCO_NOVEL)
-    coco = data.build_dataset("val", argparse.Namespace(dataset="coco", data_path=str(tmp_path)))
-    assert len(coco[0][1]["labels"]) == 80
-
-
-def test_build_dataset_errors(tmp_path):
-    missing = str(tmp_path / "coco-nowhere")
-    with pytest.raises(FileNotFoundError, match="coco-nowhere.*train2017"):
-        data.build_dataset("train", argparse.Namespace(dataset="coco", data_path=missing))
-    os.makedirs(tmp_path / "half" / "train2017")
-    with pytest.raises(FileNotFoundError, match=r"instances_train2017\.json not found"):
-        data.build_dataset("train", argparse.Namespace(dataset="coco", data_path=str(tmp_path / "half")))
-    with pytest.raises(FileNotFoundError, match="lvis_v1"):
-        data.build_dataset("val", argparse.Namespace(dataset="lvis", data_path=str(tmp_path / "half")))
-    with pytest.raises(ValueError, match="data-path"):
-        data.build_dataset("train", argparse.Namespace(dataset="coco", data_path=None))
-    with pytest.raises(ValueError, match="'voc'"):
-        data.build_dataset("train", argparse.Namespace(dataset="voc", data_path=str(tmp_path)))
-    with pytest.raises(ValueError, match="'test'"):
-        data.build_dataset("test", argparse.Namespace(dataset="shapes", data_path=str(tmp_path)))

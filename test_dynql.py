@@ -9,9 +9,6 @@ N GT instances in the batch, C model width, K classes.
 """
 import itertools
 import math
-import os
-
-os.environ['HF_HUB_OFFLINE'] = '1'
 
 import pytest
 import torch
@@ -20,8 +17,7 @@ from torchvision.ops import box_convert
 from alignnet import AlignNet
 from dynql import DynQL, attention_mask, dynql_loss, dynql_set_losses
 from matcher import global_num_boxes
-from model import (MLP, Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine,
-                   box_sine_embed)
+from model import MLP, DeformableTransformer, box_sine_embed
 
 D_MODEL = 32
 
@@ -296,19 +292,17 @@ def test_decoder_set_1_sees_itself_and_conventional_queries_reach_sets(decoder_c
     assert change[0, SET_1 + SET_2].min() > 1e-3
 
 
-def tiny_clip_detr():
+@pytest.fixture
+def tiny_clip_detr(tiny_detr):
+    """The tiny detector (1 encoder layer, 3 classes, 6 queries) with AlignNet and DynQL (two sets) attached."""
     torch.manual_seed(0)
-    backbone = Joiner(Backbone('resnet18'), PositionEmbeddingSine(D_MODEL // 2))
-    transformer = DeformableTransformer(d_model=D_MODEL, n_heads=4, num_encoder_layers=1, num_decoder_layers=2,
-                                        d_ffn=64, dropout=0.0, n_levels=4, enc_n_points=2, dec_n_points=2,
-                                        two_stage=True, two_stage_num_proposals=6)
-    return DeformableDETR(backbone, transformer, num_classes=3, num_queries=6,
-                          alignnet=AlignNet(label_embeddings=torch.randn(3, 16), d_model=D_MODEL),
-                          dynql=DynQL(d_model=D_MODEL, betas=(0.2, 0.6)))
+    alignnet = AlignNet(label_embeddings=torch.randn(3, 16), d_model=D_MODEL)
+    dynql = DynQL(d_model=D_MODEL, betas=(0.2, 0.6))
+    return tiny_detr(num_classes=3, num_queries=6, enc_layers=1, alignnet=alignnet, dynql=dynql)
 
 
-def test_model_conventional_outputs_unchanged_by_dynql_in_training():
-    detr = tiny_clip_detr().train()
+def test_model_conventional_outputs_unchanged_by_dynql_in_training(tiny_clip_detr):
+    detr = tiny_clip_detr.train()
     images = torch.randn(2, 3, 64, 64)
     mask = torch.zeros(2, 64, 64, dtype=torch.bool)
     targets = targets_of_sizes([2, 1])
@@ -325,10 +319,10 @@ def test_model_conventional_outputs_unchanged_by_dynql_in_training():
 
 # Eq. 10 --------------------------------------------------------------------------------------------
 
-def test_model_dynquery_slot_s_i_is_supervised_by_gt_i():
+def test_model_dynquery_slot_s_i_is_supervised_by_gt_i(tiny_clip_detr):
     """Full model, rho = 0, box heads that output their reference box: DynQuery (s, i) predicts GT i's box exactly,
     so the DynQL box losses are 0 on every layer; pairing the slots with other GT boxes makes them non-zero."""
-    detr = tiny_clip_detr().train()
+    detr = tiny_clip_detr.train()
     detr.dynql.rho = 0.0
     with torch.no_grad():
         for head in detr.bbox_embed:
@@ -460,9 +454,9 @@ def test_batch_without_gt_gives_zero_losses():
 
 
 @pytest.mark.parametrize('align_loss', [True, False])
-def test_model_batch_without_gt_trains(align_loss):
+def test_model_batch_without_gt_trains(align_loss, tiny_clip_detr):
     """DDP needs a gradient for every trainable parameter on every rank, also when a rank has no GT box."""
-    detr = tiny_clip_detr().train()
+    detr = tiny_clip_detr.train()
     detr.align_loss = align_loss  # False: --method dynql, where z_attr feeds only DynQL
     if not align_loss:
         detr.alignnet.logit_beta.requires_grad_(False)

@@ -6,7 +6,7 @@ Most cases call train.cli / evaluate.cli in-process (capsys sees the same stderr
 that need a real process (DataLoader workers, the `__main__` wiring) run as subprocesses. All fail before or
 within the first step of a tiny model.
 """
-import ast
+import io
 import json
 import os
 import subprocess
@@ -17,42 +17,42 @@ import pytest
 import torch
 from PIL import Image
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import train  # noqa: E402
-from errors import InputError, error_line  # noqa: E402
+import build
+import data
+import evaluate
+import train
+from conftest import HERE, TINY_MODEL, parse_args
+from errors import InputError, error_line
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_MODEL = ["--backbone", "resnet18", "--hidden-dim", "32", "--dim-feedforward", "32", "--enc-layers", "1",
-              "--dec-layers", "1", "--nheads", "4", "--num-queries", "5", "--batch-size", "2", "--epochs", "1",
-              "--max-steps", "1", "--num-workers", "0", "--no-progress", "--device", "cpu", "--method", "baseline",
-              "--eval-every", "0"]
+# The tiny detector, one step of one epoch, no evaluation: every run here ends at its error or right after.
+QUICK = [*TINY_MODEL, "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--method", "baseline",
+         "--eval-every", "0"]
 W, H = 32, 24  # pixels of every image of the small custom set
+THREE = [{"id": i, "file_name": f"{i}.png", "width": W, "height": H} for i in (1, 2, 3)]
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """Flags of a 4 + 2 image `shapes` set of 64-pixel images: the runs that take steps use it."""
-    root = tmp_path_factory.mktemp("shapes")
-    os.environ["CLIP_DETR_CACHE"] = str(root / "cache")
-    return ["--dataset", "shapes", "--data-path", str(root / "shapes"), "--shapes-num-train", "4",
-            "--shapes-num-val", "2", "--shapes-min-size", "64", "--shapes-max-size", "64",
-            "--shapes-max-objects", "2"]
+def shapes():
+    """Flags of a 4 + 2 image `shapes` set of 64-pixel images (in the session cache): the runs that take steps."""
+    return ["--dataset", "shapes", "--shapes-num-train", "4", "--shapes-num-val", "2", "--shapes-min-size", "64",
+            "--shapes-max-size", "64", "--shapes-max-objects", "2"]
 
 
 def write_set(root, images=None, annotations=None, categories=None, files=None):
-    """A COCO-format set under root: three W x H PNGs with one box each, parts replaceable; returns its flags."""
+    """A COCO-format set under root: three W x H PNGs with one box each, parts replaceable (`files` maps a name
+    to the bytes it gets, None removing it); returns its flags."""
     os.makedirs(root / "img", exist_ok=True)
-    images = images if images is not None else [{"id": i, "file_name": f"{i}.png", "width": W, "height": H}
-                                                for i in (1, 2, 3)]
+    images = images if images is not None else THREE
     if annotations is None:
         annotations = [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [2, 2, 10, 8], "iscrowd": 0}
                        for i in (1, 2, 3)]
     for img in images:
         Image.new("RGB", (W, H), (90, 120, 150)).save(root / "img" / str(img.get("file_name", "x.png")))
     for name, content in (files or {}).items():
-        (root / "img" / name).write_bytes(content)
+        if content is None:
+            os.remove(root / "img" / name)
+        else:
+            (root / "img" / name).write_bytes(content)
     with open(root / "ann.json", "w") as f:
         json.dump({"images": images, "annotations": annotations,
                    "categories": categories or [{"id": 1, "name": "box"}, {"id": 2, "name": "disc"}]}, f)
@@ -74,81 +74,59 @@ def assert_one_line(code, lines, named):
     assert "Traceback" not in lines[0] and named in lines[0], lines
 
 
-def png_bytes(size=(W, H), mode="RGB"):
-    path = f"/tmp/_clip_detr_test_{os.getpid()}.png"
-    Image.new(mode, size).save(path)
-    content = open(path, "rb").read()
-    os.remove(path)
-    return content
+def image_bytes(size=(W, H), mode="RGB", fmt="PNG", **save_options):
+    buffer = io.BytesIO()
+    Image.new(mode, size, (200, 10, 10) if mode == "RGB" else 0).save(buffer, format=fmt, **save_options)
+    return buffer.getvalue()
 
 
-def rotated_jpeg(path, stored_size, orientation):
+def rotated_jpeg(stored_size, orientation):
+    """A JPEG whose EXIF says: turn me (6: 90 degrees clockwise) before showing."""
     exif = Image.Exif()
     exif[0x0112] = orientation
-    Image.new("RGB", stored_size, (200, 10, 10)).save(path, exif=exif)
+    return image_bytes(stored_size, fmt="JPEG", exif=exif)
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _data_case(name, tmp_path):
-    """argv and the text the error must name, for one bad data set."""
-    img = tmp_path / "img"
-    three = [{"id": i, "file_name": f"{i}.png", "width": W, "height": H} for i in (1, 2, 3)]
-    if name == "missing image":
-        argv = write_set(tmp_path)
-        os.remove(img / "2.png")
-        return argv, "2.png"
-    if name == "image size differs from the JSON":
-        argv = write_set(tmp_path, files={"2.png": png_bytes((W + 1, H))})
-        return argv, f"2.png is {W + 1}x{H}"
-    if name == "JSON has the EXIF-rotated size":
-        images = three[:2] + [{"id": 3, "file_name": "3.jpg", "width": H, "height": W}]
-        argv = write_set(tmp_path, images=images)
-        rotated_jpeg(img / "3.jpg", (W, H), 6)
-        return argv, "3.jpg is 32x24 but"  # and the reason, asserted below
-    if name == "text file named .png":
-        return write_set(tmp_path, files={"2.png": b"not an image"}), "2.png"
-    if name == "zero-byte image":
-        return write_set(tmp_path, files={"3.png": b""}), "3.png"
-    if name == "duplicate image id":
-        images = three + [{"id": 2, "file_name": "4.png", "width": W, "height": H}]
-        return write_set(tmp_path, images=images), "image id 2 is used by more than one image"
-    if name == "string image id":
-        images = three[:2] + [{"id": "3", "file_name": "3.png", "width": W, "height": H}]
-        return write_set(tmp_path, images=images, annotations=[]), "image id '3' is a str"
-    if name == "string in a bbox":
-        anns = [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [2, "2", 10, 8], "iscrowd": 0}]
-        return write_set(tmp_path, annotations=anns), "annotation 7 has bbox [2, '2', 10, 8]"
-    if name == "no boxes at all":
-        return write_set(tmp_path, annotations=[]), "has no boxes"
-    if name == "fewer images than the batch":
-        argv = write_set(tmp_path, images=three[:1], annotations=[
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 8], "iscrowd": 0}])
-        return argv, "has 1 images, fewer than --batch-size 2"
-    raise KeyError(name)
+# Each row: the parts of write_set that differ from a good set, and the texts the one error line must hold.
+ONE_BOX = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 8], "iscrowd": 0}]
+DATA_CASES = [
+    pytest.param(dict(files={"2.png": None}), ["2.png"], id="missing image"),
+    pytest.param(dict(files={"2.png": image_bytes((W + 1, H))}), [f"2.png is {W + 1}x{H}"],
+                 id="image size differs from the JSON"),
+    pytest.param(dict(images=THREE[:2] + [{"id": 3, "file_name": "3.jpg", "width": H, "height": W}],
+                      files={"3.jpg": rotated_jpeg((W, H), 6)}),
+                 [f"3.jpg is {W}x{H} but", "EXIF-rotated view (orientation 6)"], id="JSON has the EXIF-rotated size"),
+    pytest.param(dict(files={"2.png": b"not an image"}), ["2.png"], id="text file named .png"),
+    pytest.param(dict(files={"3.png": b""}), ["3.png"], id="zero-byte image"),
+    pytest.param(dict(images=THREE + [{"id": 2, "file_name": "4.png", "width": W, "height": H}]),
+                 ["image id 2 is used by more than one image"], id="duplicate image id"),
+    pytest.param(dict(images=THREE[:2] + [{"id": "3", "file_name": "3.png", "width": W, "height": H}],
+                      annotations=[]), ["image id '3' is a str"], id="string image id"),
+    pytest.param(dict(annotations=[dict(ONE_BOX[0], id=7, bbox=[2, "2", 10, 8])]),
+                 ["annotation 7 has bbox [2, '2', 10, 8]"], id="string in a bbox"),
+    pytest.param(dict(annotations=[]), ["has no boxes"], id="no boxes at all"),
+    pytest.param(dict(images=THREE[:1], annotations=ONE_BOX), ["has 1 images, fewer than --batch-size 2"],
+                 id="fewer images than the batch"),
+]
 
 
-DATA_CASES = ["missing image", "image size differs from the JSON", "JSON has the EXIF-rotated size",
-              "text file named .png", "zero-byte image", "duplicate image id", "string image id",
-              "string in a bbox", "no boxes at all", "fewer images than the batch"]
-
-
-@pytest.mark.parametrize("case", DATA_CASES)
-def test_bad_data_is_one_line(case, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("parts, named", DATA_CASES)
+def test_bad_data_is_one_line(parts, named, tmp_path, capsys, monkeypatch):
     """Each is found when the datasets are built, before the model is (not an epoch in)."""
-    argv, named = _data_case(case, tmp_path)
     monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("the bad data was not found at build"))
-    code, lines = run_cli(train.cli, [*TINY_MODEL, *argv, "--output-dir", str(tmp_path / "out")], capsys)
-    assert_one_line(code, lines, named)
-    if case == "JSON has the EXIF-rotated size":
-        assert "EXIF-rotated view (orientation 6)" in lines[0]
+    code, lines = run_cli(train.cli, [*QUICK, *write_set(tmp_path, **parts), "--output-dir", str(tmp_path / "out")],
+                          capsys)
+    for text in named:
+        assert_one_line(code, lines, text)
 
 
 def test_unreadable_image_found_in_a_dataloader_worker_is_one_line(tmp_path):
     """A truncated PNG passes the header check; two loader workers must not wrap its error in a traceback."""
-    good = png_bytes()
+    good = image_bytes()
     cut = good[:len(good) // 2]
     argv = write_set(tmp_path, files={"1.png": cut, "2.png": cut, "3.png": cut})
-    argv = [*TINY_MODEL, "--num-workers", "2", *argv]  # the last --num-workers counts
+    argv = [*QUICK, "--num-workers", "2", *argv]  # the last --num-workers counts
     result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--output-dir",
                              str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=HERE,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -194,7 +172,7 @@ def test_bad_checkpoint_for_train_is_one_line(kind, flag, tmp_path, capsys):
     out.mkdir()
     path = _checkpoint_file(kind, out / "checkpoint.pth", {"hidden_dim": 32})
     argv = ["--resume", "auto"] if flag == "auto" else [flag, path]
-    code, lines = run_cli(train.cli, [*TINY_MODEL, *write_set(tmp_path), "--output-dir", str(out), *argv], capsys)
+    code, lines = run_cli(train.cli, [*QUICK, *write_set(tmp_path), "--output-dir", str(out), *argv], capsys)
     assert_one_line(code, lines, path)
 
 
@@ -206,8 +184,8 @@ def test_bad_checkpoint_for_evaluate_is_one_line(kind, tmp_path, capsys):
 
 
 def test_resume_after_the_category_names_changed_is_an_error(tmp_path, capsys):
-    argv = [*TINY_MODEL, *write_set(tmp_path), "--output-dir", str(tmp_path / "out")]
-    args = train.finalize_args(train.get_parser().parse_args(argv))
+    argv = [*QUICK, *write_set(tmp_path), "--output-dir", str(tmp_path / "out")]
+    args = parse_args(*argv)
     os.makedirs(args.output_dir)
     torch.save({"model": {}, "args": vars(args), "optimizer": {}, "scheduler": {}, "epoch": 0, "rng": [],
                 "classes": {"ids": [1, 2], "names": ["box", "ball"]}}, tmp_path / "out" / "checkpoint.pth")
@@ -231,7 +209,7 @@ def test_bad_label_embeddings_are_one_line(name, content, named, tmp_path, capsy
         np.save(path, content)
     else:
         torch.save(content, path)
-    argv = [*TINY_MODEL, *write_set(tmp_path), "--output-dir", str(tmp_path / "out"), "--method", "alignnet",
+    argv = [*QUICK, *write_set(tmp_path), "--output-dir", str(tmp_path / "out"), "--method", "alignnet",
             "--label-embeddings", str(path)]
     code, lines = run_cli(train.cli, argv, capsys)
     assert_one_line(code, lines, str(path))
@@ -263,7 +241,7 @@ if not torch.cuda.is_available():
 def test_bad_flags_are_one_line(flags, named, tmp_path, capsys):
     (tmp_path / "FILE").write_text("a file where a folder should be")
     flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
-    code, lines = run_cli(train.cli, [*TINY_MODEL, *write_set(tmp_path), "--output-dir", str(tmp_path / "out"),
+    code, lines = run_cli(train.cli, [*QUICK, *write_set(tmp_path), "--output-dir", str(tmp_path / "out"),
                                       *flags], capsys)
     assert_one_line(code, lines, named.replace("FILE", str(tmp_path / "FILE")))
 
@@ -282,9 +260,9 @@ def test_flags_through_the_scripts_are_one_line(tmp_path):
 def checkpoint(tmp_path_factory):
     """A tiny trained-for-one-step checkpoint of the small custom set (weights are irrelevant here)."""
     root = tmp_path_factory.mktemp("ckpt")
-    argv = [*TINY_MODEL, *write_set(root), "--output-dir", str(root / "out")]
-    args = train.finalize_args(train.get_parser().parse_args(argv))
-    model, _, _ = evaluate.build_model(args, ["box", "disc"])
+    argv = [*QUICK, *write_set(root), "--output-dir", str(root / "out")]
+    args = parse_args(*argv)
+    model, _, _ = build.build_model(args, ["box", "disc"])
     path = root / "checkpoint.pth"
     torch.save({"model": model.state_dict(), "args": vars(args),
                 "classes": {"ids": [1, 2], "names": ["box", "disc"]}}, path)
@@ -304,7 +282,7 @@ def test_evaluate_output_dir_that_is_a_file_fails_before_inference(checkpoint, t
 
 def test_a_diverged_run_names_the_predictions_not_scipy(shapes, tmp_path, capsys):
     """--lr 1e9 makes the predictions NaN after one step; the error names them before the matcher sees them."""
-    argv = [*TINY_MODEL, *shapes, "--output-dir", str(tmp_path / "out"), "--lr", "1e9",
+    argv = [*QUICK, *shapes, "--output-dir", str(tmp_path / "out"), "--lr", "1e9",
             "--lr-backbone", "1e9", "--clip-max-norm", "0", "--max-steps", "3"]
     code, lines = run_cli(train.cli, argv, capsys)
     assert_one_line(code, lines, "non-finite predictions: pred_")
@@ -333,8 +311,8 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
 def test_images_folder_applies_exif_orientation_and_reports_what_it_skips(tmp_path):
     folder = tmp_path / "photos"
     (folder / "holiday").mkdir(parents=True)
-    rotated_jpeg(folder / "phone.jpg", (40, 20), 6)  # stored landscape, shown portrait
-    good = png_bytes()
+    (folder / "phone.jpg").write_bytes(rotated_jpeg((40, 20), 6))  # stored landscape, shown portrait
+    good = image_bytes()
     (folder / "cut.png").write_bytes(good[:len(good) // 2])
     (folder / "notes.txt").write_text("not an image")
     names, skipped, subfolders = evaluate.list_images(str(folder))
@@ -355,15 +333,17 @@ def test_annotations_without_area_or_iscrowd_can_be_evaluated(tmp_path):
 def test_stale_temporaries_are_removed_when_a_run_starts(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "checkpoint.pth.tmp").write_bytes(b"half a checkpoint")
-    code, lines = run_cli(train.cli, [*TINY_MODEL, *write_set(tmp_path, annotations=[]), "--output-dir", str(out)],
+    stale = ["checkpoint.pth.tmp", "checkpoint.pth.4242-0a1b2c3d.tmp", "log.jsonl.4242-0a1b2c3d.tmp"]
+    for name in stale:
+        (out / name).write_bytes(b"half a file")
+    code, lines = run_cli(train.cli, [*QUICK, *write_set(tmp_path, annotations=[]), "--output-dir", str(out)],
                           capsys)
-    assert code == 2 and not (out / "checkpoint.pth.tmp").exists()
+    assert code == 2 and not any((out / name).exists() for name in stale)
 
 
 def test_log_keeps_an_epoch_killed_during_its_evaluation(shapes, tmp_path, monkeypatch):
     """A kill between the checkpoint and the log line of epoch 1: resuming evaluates epoch 1 and logs it."""
-    argv = [*TINY_MODEL, *shapes, "--output-dir", str(tmp_path / "out"), "--epochs", "2",
+    argv = [*QUICK, *shapes, "--output-dir", str(tmp_path / "out"), "--epochs", "2",
             "--eval-every", "1"]
     real = evaluate.evaluate
     calls = []
@@ -375,19 +355,11 @@ def test_log_keeps_an_epoch_killed_during_its_evaluation(shapes, tmp_path, monke
         return real(*a, **k)
     monkeypatch.setattr(evaluate, "evaluate", killed_at_epoch_1)
     with pytest.raises(KeyboardInterrupt):
-        train.main(train.finalize_args(train.get_parser().parse_args(argv)))
+        train.main(parse_args(*argv))
     log_path = tmp_path / "out" / "log.jsonl"
     assert [json.loads(line)["epoch"] for line in open(log_path)] == [0]
     monkeypatch.setattr(evaluate, "evaluate", real)
-    train.main(train.finalize_args(train.get_parser().parse_args([*argv, "--resume", "auto"])))
+    train.main(parse_args(*argv, "--resume", "auto"))
     log = [json.loads(line) for line in open(log_path)]
     assert [record["epoch"] for record in log] == [0, 1]
     assert all(len(record["coco_stats"]) == 12 for record in log)
-
-
-def test_evaluate_does_not_import_train():
-    """The structure reads top-down: train.py imports evaluate.py, never the reverse."""
-    tree = ast.parse(open(os.path.join(HERE, "evaluate.py")).read())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "data" in imported and "train" not in imported

@@ -8,41 +8,26 @@ import math
 import os
 import sys
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch import nn
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-from torch import nn  # noqa: E402
+import build
+import data
+import evaluate
+import train
+from alignnet import LabelEmbeddingClassifier
+from conftest import COCO_80, TINY, parse_args
+from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
 
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import train  # noqa: E402
-from alignnet import LabelEmbeddingClassifier  # noqa: E402
-from model import (Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine,  # noqa: E402
-                   PostProcess)
+DEC_LAYERS = 2  # conftest.TINY's decoder layers
 
-# Model flags of test_train.py's TINY list; 2 val images of 64-96 px (one batch) keep each evaluation short.
-TINY = ["--shapes-num-train", "8", "--shapes-num-val", "2", "--shapes-min-size", "64", "--shapes-max-size", "96",
-        "--shapes-max-objects", "3", "--hidden-dim", "32", "--dim-feedforward", "64", "--enc-layers", "1",
-        "--dec-layers", "2", "--nheads", "4", "--num-queries", "10", "--batch-size", "2", "--num-workers", "0",
-        "--no-progress"]
-DEC_LAYERS = 2
-
-from test_data import COCO_80  # noqa: E402  (the 80 COCO names, in category-id order)
 # OV-COCO ground truth on two 64x64 images: two base, two novel and one left-out category, one box each.
 OV_BOXES = {"person": (1, [2, 2, 20, 20]), "dog": (1, [30, 2, 20, 20]), "stop sign": (1, [2, 30, 20, 20]),
             "car": (2, [2, 2, 25, 25]), "airplane": (2, [35, 35, 20, 20])}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLIP_DETR_CACHE", str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +37,7 @@ def checkpoint(cache, tmp_path_factory):
     argv = ["--data-path", str(cache / "shapes"), "--output-dir", str(out), *TINY, "--epochs", "1",
             "--eval-every", "0", "--method", "baseline"]
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main(train.finalize_args(train.get_parser().parse_args(argv)))
+        train.main(parse_args(*argv))
     return str(out / "checkpoint.pth")
 
 
@@ -107,22 +92,22 @@ class LayerStub(nn.Module):
 
 
 def test_per_layer_rows_are_in_decoder_order_known_answer(checkpoint, cache):
-    args = evaluate.checkpoint_args(torch.load(checkpoint, weights_only=False), {})
-    dataset = data.build_dataset("val", args)
+    args = build.checkpoint_args(torch.load(checkpoint, weights_only=False), {})
+    dataset = build.build_dataset("val", args)
     batches = list(torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=data.collate_fn))
     stub = LayerStub(batches, len(dataset.cat_names))
-    per = evaluate.evaluate(stub, PostProcess(), batches, dataset, "cpu", per_layer=True)
+    per, _ = evaluate.evaluate(stub, PostProcess(), batches, dataset, "cpu", per_layer=True)
     # Layer 1 finds everything; layer 2, the final output, finds nothing.
     assert [row[0] for row in per] == pytest.approx([1.0, 0.0])
 
 
 def test_per_layer_cli_reports_the_last_layer_as_the_model(checkpoint, monkeypatch):
     """The model's own row (coco_stats) is decoder layer 2's, not layer 1's: a stub whose layers differ."""
-    args = evaluate.checkpoint_args(torch.load(checkpoint, weights_only=False), {})
-    dataset = data.build_dataset("val", args)
+    args = build.checkpoint_args(torch.load(checkpoint, weights_only=False), {})
+    dataset = build.build_dataset("val", args)
     batches = list(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn))
     stub = LayerStub(batches, len(dataset.cat_names))
-    monkeypatch.setattr(evaluate, "build_detector", lambda *a, **k: (stub, PostProcess()))
+    monkeypatch.setattr(evaluate, "checkpoint_detector", lambda *a, **k: (stub, PostProcess()))
     log, _ = run_main("--resume", checkpoint, "--per-layer")
     assert [row[0] for row in log["per_layer"]] == pytest.approx([1.0, 0.0])
     assert log["coco_stats"] == log["per_layer"][-1]
@@ -237,13 +222,13 @@ def detection(name, box, score=0.9):
 
 
 def test_ov_coco_split_and_what_each_split_keeps(ov_coco):
-    args = train.get_parser().parse_args(["--dataset", "ov-coco", "--data-path", str(ov_coco)])
-    val = data.build_dataset("val", args)
+    args = parse_args("--dataset", "ov-coco", "--data-path", ov_coco)
+    val = build.build_dataset("val", args)
     base, novel = data.ov_coco_split(val.cat_names)
     assert len(base) == 48 and len(novel) == 17 and not set(base) & set(novel)
     kept = lambda ds: {ds.coco.cats[a["category_id"]]["name"] for a in ds.coco.anns.values()}  # noqa: E731
     assert kept(val) == {"person", "dog", "car", "airplane"}  # the left-out 'stop sign' is not scored
-    assert kept(data.build_dataset("train", args)) == {"person", "car"}  # base annotations only
+    assert kept(build.build_dataset("train", args)) == {"person", "car"}  # base annotations only
 
 
 def test_ov_coco_ap50_novel_comes_only_from_novel_categories(ov_coco):
@@ -265,10 +250,10 @@ def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatc
     """The CLI path: a checkpoint of the 80-class head, and predictions that find exactly the novel objects."""
     table = tmp_path / "labels.pt"
     torch.save(torch.randn(len(COCO_80), 16), table)
-    args = train.finalize_args(train.get_parser().parse_args(
-        ["--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY, "--backbone", "resnet18", "--method", "baseline",
-         "--device", "cpu", "--label-embeddings", str(table)]))
-    model, _, _ = evaluate.build_model(args, COCO_80)
+    args = parse_args(
+        "--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY, "--backbone", "resnet18", "--method", "baseline",
+        "--device", "cpu", "--label-embeddings", str(table))
+    model, _, _ = build.build_model(args, COCO_80)
     assert isinstance(model.class_embed[0], LabelEmbeddingClassifier)
     ckpt = str(tmp_path / "ov.pth")
     torch.save({"model": model.state_dict(), "args": vars(args)}, ckpt)
@@ -292,11 +277,11 @@ def test_ov_coco_encoder_proposals_come_from_a_class_agnostic_objectness_head(tm
     proposals by one objectness logit, not by the CLIP row of 'person'."""
     table = tmp_path / "labels.pt"
     torch.save(torch.randn(len(COCO_80), 16), table)
-    args = train.finalize_args(train.get_parser().parse_args(
-        ["--dataset", "ov-coco", *TINY, "--backbone", "resnet18", "--method", "clip-detr", "--device", "cpu",
-         "--label-embeddings", str(table), "--dynql-betas", "0.5"]))
+    args = parse_args(
+        "--dataset", "ov-coco", *TINY, "--backbone", "resnet18", "--method", "clip-detr", "--device", "cpu",
+        "--label-embeddings", str(table), "--dynql-betas", "0.5")
     torch.manual_seed(0)
-    model, criterion, _ = train.build_model(args, COCO_80)
+    model, criterion, _ = build.build_model(args, COCO_80)
     layers = args.dec_layers
     assert all(isinstance(head, LabelEmbeddingClassifier) for head in model.class_embed[:layers])
     objectness = model.class_embed[layers]

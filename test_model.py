@@ -8,10 +8,7 @@ S_all = sum_l H_l * W_l flattened memory length, Lq attention queries.
 """
 import itertools
 import math
-import os
 import time
-
-os.environ['HF_HUB_OFFLINE'] = '1'
 
 import pytest
 import torch
@@ -22,21 +19,11 @@ import model
 from alignnet import AlignNet
 from data import collate_fn
 from dynql import DynQL
+from conftest import official_checkpoint, official_state_shapes
 from model import (MLP, Backbone, DeformableDecoder, DeformableDETR, DeformableTransformer, Joiner,
                    MSDeformAttn, PositionEmbeddingSine, PostProcess, ms_deform_attn_pytorch)
 
-D_MODEL = 32  # GroupNorm(32, C) in input_proj needs C divisible by 32
-
-
-def tiny_detr(*, two_stage=True, with_box_refine=True, alignnet=None, dynql=None, seed=0):
-    """A resnet18 Deformable DETR small enough to run in a fraction of a second on the CPU."""
-    torch.manual_seed(seed)
-    backbone = Joiner(Backbone('resnet18'), PositionEmbeddingSine(D_MODEL // 2))
-    transformer = DeformableTransformer(d_model=D_MODEL, n_heads=4, num_encoder_layers=2, num_decoder_layers=2,
-                                        d_ffn=64, dropout=0.0, n_levels=4, enc_n_points=2, dec_n_points=2,
-                                        two_stage=two_stage, two_stage_num_proposals=10)
-    return DeformableDETR(backbone, transformer, num_classes=5, num_queries=10, two_stage=two_stage,
-                          with_box_refine=with_box_refine, alignnet=alignnet, dynql=dynql)
+D_MODEL = 32  # the tiny detector's width (conftest.make_tiny_detr)
 
 
 def level_start(spatial_shapes):
@@ -215,7 +202,7 @@ def test_gather_attention_without_value_gradient_and_without_queries():
     assert empty.shape == (1, 0, 2 * 3)
 
 
-def test_model_trains_alike_with_gather_and_reference_attention():
+def test_model_trains_alike_with_gather_and_reference_attention(tiny_detr):
     """One tiny two-stage model, the same step with either attention: same losses and parameter gradients."""
     images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(2, 64, 80, dtype=torch.bool)
@@ -369,95 +356,6 @@ def test_refined_boxes_are_detached_between_decoder_layers(eval_detr):
 
 # Official parameter names ------------------------------------------------------------------------------
 
-def official_state_shapes(*, backbone_state, backbone_channels, num_classes, d_model, n_heads, d_ffn, enc_layers,
-                          dec_layers, n_levels, n_points, num_queries, two_stage, with_box_refine):
-    """Names and shapes of the official fundamentalvision/Deformable-DETR state dict, written from its
-    models/{deformable_detr,deformable_transformer,backbone}.py and models/ops/modules/ms_deform_attn.py."""
-    C = d_model
-    shapes = {f'backbone.0.body.{k}': tuple(v.shape) for k, v in backbone_state.items() if not k.startswith('fc.')}
-
-    def linear(prefix, n_out, n_in):
-        shapes[f'{prefix}.weight'] = (n_out, n_in)
-        shapes[f'{prefix}.bias'] = (n_out,)
-
-    def layer_norm(prefix, n):
-        shapes[f'{prefix}.weight'] = (n,)
-        shapes[f'{prefix}.bias'] = (n,)
-
-    def deformable_attention(prefix):
-        linear(f'{prefix}.sampling_offsets', n_heads * n_levels * n_points * 2, C)
-        linear(f'{prefix}.attention_weights', n_heads * n_levels * n_points, C)
-        linear(f'{prefix}.value_proj', C, C)
-        linear(f'{prefix}.output_proj', C, C)
-
-    shapes['transformer.level_embed'] = (n_levels, C)
-    for i in range(enc_layers):
-        p = f'transformer.encoder.layers.{i}'
-        deformable_attention(f'{p}.self_attn')
-        layer_norm(f'{p}.norm1', C)
-        linear(f'{p}.linear1', d_ffn, C)
-        linear(f'{p}.linear2', C, d_ffn)
-        layer_norm(f'{p}.norm2', C)
-    for i in range(dec_layers):
-        p = f'transformer.decoder.layers.{i}'
-        deformable_attention(f'{p}.cross_attn')
-        layer_norm(f'{p}.norm1', C)
-        shapes[f'{p}.self_attn.in_proj_weight'] = (3 * C, C)
-        shapes[f'{p}.self_attn.in_proj_bias'] = (3 * C,)
-        linear(f'{p}.self_attn.out_proj', C, C)
-        layer_norm(f'{p}.norm2', C)
-        linear(f'{p}.linear1', d_ffn, C)
-        linear(f'{p}.linear2', C, d_ffn)
-        layer_norm(f'{p}.norm3', C)
-    if two_stage:
-        linear('transformer.enc_output', C, C)
-        layer_norm('transformer.enc_output_norm', C)
-        linear('transformer.pos_trans', 2 * C, 2 * C)
-        layer_norm('transformer.pos_trans_norm', 2 * C)
-    else:
-        linear('transformer.reference_points', 2, C)
-        shapes['query_embed.weight'] = (num_queries, 2 * C)
-    num_pred = dec_layers + (1 if two_stage else 0)
-    for i in range(num_pred):
-        class_prefixes = ['class_embed'] + (['transformer.decoder.class_embed'] if two_stage else [])
-        bbox_prefixes = ['bbox_embed'] + (['transformer.decoder.bbox_embed'] if with_box_refine else [])
-        for prefix in class_prefixes:
-            linear(f'{prefix}.{i}', num_classes, C)
-        for prefix in bbox_prefixes:
-            for j, (n_out, n_in) in enumerate([(C, C), (C, C), (4, C)]):
-                linear(f'{prefix}.{i}.layers.{j}', n_out, n_in)
-    for lvl, c_in in enumerate(backbone_channels):
-        shapes[f'input_proj.{lvl}.0.weight'] = (C, c_in, 1, 1)
-        shapes[f'input_proj.{lvl}.0.bias'] = (C,)
-        layer_norm(f'input_proj.{lvl}.1', C)
-    c_in = backbone_channels[-1]
-    for lvl in range(len(backbone_channels), n_levels):
-        shapes[f'input_proj.{lvl}.0.weight'] = (C, c_in, 3, 3)
-        shapes[f'input_proj.{lvl}.0.bias'] = (C,)
-        layer_norm(f'input_proj.{lvl}.1', C)
-        c_in = C
-    return shapes
-
-
-HEAD_ALIASES = ('transformer.decoder.class_embed.', 'transformer.decoder.bbox_embed.')
-
-
-def official_checkpoint(shapes, *, shared_heads):
-    """Random tensors under the official names. As in a released checkpoint, an alias holds the same tensor
-    as its head, and without box refinement every layer's head is one module, so one tensor."""
-    torch.manual_seed(0)
-    state = {k: torch.randn(shape) for k, shape in shapes.items() if not k.startswith(HEAD_ALIASES)}
-    if shared_heads:
-        for k in state:
-            if k.startswith(('class_embed.', 'bbox_embed.')):
-                head, _, rest = k.split('.', 2)
-                state[k] = state[f'{head}.0.{rest}']
-    for k in shapes:
-        if k.startswith(HEAD_ALIASES):
-            state[k] = state[k.removeprefix('transformer.decoder.')]
-    return state
-
-
 def check_official_load(detr, shapes, *, shared_heads=False):
     """detr lives on the meta device (built in no time); assign=True gives it the checkpoint's tensors."""
     assert set(detr.state_dict()) == set(shapes)
@@ -480,14 +378,14 @@ def test_official_r50_two_stage_refine_checkpoint_loads_strict():
     check_official_load(detr, shapes)
 
 
-def test_two_stage_without_box_refine_is_rejected():
+def test_two_stage_without_box_refine_is_rejected(tiny_detr):
     # The encoder proposals use the extra refinement head; the official code crashes without it.
     with pytest.raises(ValueError, match='--two-stage needs --with-box-refine'):
         tiny_detr(two_stage=True, with_box_refine=False)
 
 
 @pytest.mark.parametrize('two_stage,refine', [(False, False), (False, True)])
-def test_official_variants_load_strict(two_stage, refine):
+def test_official_variants_load_strict(two_stage, refine, tiny_detr):
     with torch.device('meta'):
         detr = tiny_detr(two_stage=two_stage, with_box_refine=refine)
         resnet = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
@@ -611,7 +509,7 @@ def test_postprocess_ranks_all_query_class_pairs_so_a_query_can_score_two_classe
 # Batch independence ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def eval_detr():
+def eval_detr(tiny_detr):
     return tiny_detr().eval()
 
 
@@ -690,7 +588,7 @@ def test_padded_image_transformer_equals_image_alone(eval_detr):
 
 # Eval mode with the CLIP-DETR training modules ---------------------------------------------------------
 
-def test_eval_with_training_modules_equals_baseline():
+def test_eval_with_training_modules_equals_baseline(tiny_detr):
     torch.manual_seed(1)
     alignnet, dynql = AlignNet(label_embeddings=torch.randn(5, 16), d_model=D_MODEL), DynQL(d_model=D_MODEL)
     full = tiny_detr(alignnet=alignnet, dynql=dynql, seed=0).eval()

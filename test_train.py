@@ -9,27 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-import evaluate  # noqa: E402
-import train  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--shapes-num-train", "8", "--shapes-num-val", "4", "--shapes-min-size", "64", "--shapes-max-size", "96",
-        "--shapes-max-objects", "3", "--hidden-dim", "32", "--dim-feedforward", "64", "--enc-layers", "1",
-        "--dec-layers", "2", "--nheads", "4", "--num-queries", "10", "--batch-size", "2", "--num-workers", "0",
-        "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    os.environ["CLIP_DETR_CACHE"] = str(root)
-    return root
-
-
-def tiny_args(tmp_path, cache, *extra):
-    argv = ["--data-path", str(cache / "shapes"), "--output-dir", str(tmp_path / "out"), *TINY, *extra]
-    return train.finalize_args(train.get_parser().parse_args(argv))
+import build
+import evaluate
+import train
+from conftest import HERE, TINY
 
 
 def run_cli(script, *argv, env_extra=None, timeout=240):
@@ -38,14 +21,14 @@ def run_cli(script, *argv, env_extra=None, timeout=240):
                           env=env, timeout=timeout, cwd=HERE)
 
 
-def test_training_steps_lower_the_loss(tmp_path, cache):
+def test_training_steps_lower_the_loss(tmp_path, tiny_args):
     """Overfitting one fixed batch: the total loss must drop clearly within a few steps."""
     import data
-    args = tiny_args(tmp_path, cache, "--method", "clip-detr")
+    args = tiny_args("--method", "clip-detr")
     torch.manual_seed(0)
-    ds = data.build_dataset("train", args)
-    model, criterion, _ = evaluate.build_model(args, ds.cat_names)
-    optimizer = torch.optim.AdamW(train.param_groups(model, args), lr=1e-3)
+    ds = build.build_dataset("train", args)
+    model, criterion, _ = build.build_model(args, ds.cat_names)
+    optimizer = torch.optim.AdamW(build.param_groups(model, args), lr=1e-3)
     batch = data.collate_fn([ds[0], ds[1]])
     model.train()
     history = []
@@ -85,11 +68,11 @@ def test_train_step_does_not_accumulate_gradients():
         assert torch.equal(p.grad, before)
 
 
-def test_param_groups_train_sampling_offsets_and_reference_points_at_a_tenth_of_the_lr(tmp_path, cache):
-    args = tiny_args(tmp_path, cache, "--method", "baseline", "--no-two-stage", "--lr", "1e-3",
+def test_param_groups_train_sampling_offsets_and_reference_points_at_a_tenth_of_the_lr(tmp_path, tiny_args):
+    args = tiny_args("--method", "baseline", "--no-two-stage", "--lr", "1e-3",
                      "--lr-backbone", "2e-4")
-    model, _, _ = train.build_model(args, ["a", "b"])
-    groups = train.param_groups(model, args)
+    model, _, _ = build.build_model(args, ["a", "b"])
+    groups = build.param_groups(model, args)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert sum(len(g["params"]) for g in groups) == len(lr_of)  # no parameter in two groups
     assert set(lr_of) == {id(p) for p in model.parameters() if p.requires_grad}
@@ -105,13 +88,13 @@ def test_param_groups_train_sampling_offsets_and_reference_points_at_a_tenth_of_
         assert lr_of[id(p)] == pytest.approx(lr)
 
 
-def test_train_step_logs_z_attr_norm_and_dynql_per_beta_outside_the_total(tmp_path, cache):
+def test_train_step_logs_z_attr_norm_and_dynql_per_beta_outside_the_total(tmp_path, tiny_args):
     import data
     from matcher import weight_dict
-    args = tiny_args(tmp_path, cache, "--method", "clip-detr", "--dynql-betas", "0.2", "0.8")
+    args = tiny_args("--method", "clip-detr", "--dynql-betas", "0.2", "0.8")
     torch.manual_seed(0)
-    ds = data.build_dataset("train", args)
-    model, criterion, _ = train.build_model(args, ds.cat_names)
+    ds = build.build_dataset("train", args)
+    model, criterion, _ = build.build_model(args, ds.cat_names)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     loss, values = train.train_step(model.train(), criterion, data.collate_fn([ds[0], ds[1]]), optimizer,
                                     torch.device("cpu"), clip_max_norm=0.1)
@@ -128,9 +111,9 @@ def test_train_step_logs_z_attr_norm_and_dynql_per_beta_outside_the_total(tmp_pa
         assert mean == pytest.approx(values[f"loss_dynql_{t}"], rel=1e-5), t
 
 
-def test_train_evaluate_resume_auto(tmp_path, cache):
+def test_train_evaluate_resume_auto(tmp_path, tiny_args):
     """Two epochs in one go == one epoch, a restart with --resume auto, one more epoch: identical weights."""
-    straight = tiny_args(tmp_path / "a", cache, "--epochs", "2", "--method", "clip-detr")
+    straight = tiny_args("--epochs", "2", "--method", "clip-detr", out=tmp_path / "a" / "out")
     stats = train.main(straight)
     assert len(stats) == 12 and all(-1 <= s <= 1 for s in stats)
     log = [json.loads(line) for line in open(tmp_path / "a" / "out" / "log.jsonl")]
@@ -138,9 +121,9 @@ def test_train_evaluate_resume_auto(tmp_path, cache):
     assert {"train_loss_align", "train_loss_dynql_ce", "train_loss_ce", "coco_stats"} <= set(log[-1])
     assert {"train_z_attr_norm", "train_dynql_b0.1_ce", "train_dynql_b0.9_giou"} <= set(log[-1])
 
-    first = tiny_args(tmp_path / "b", cache, "--epochs", "1", "--method", "clip-detr")
+    first = tiny_args("--epochs", "1", "--method", "clip-detr", out=tmp_path / "b" / "out")
     train.main(first)
-    resumed = tiny_args(tmp_path / "b", cache, "--epochs", "2", "--method", "clip-detr", "--resume", "auto")
+    resumed = tiny_args("--epochs", "2", "--method", "clip-detr", "--resume", "auto", out=tmp_path / "b" / "out")
     train.main(resumed)
     a = torch.load(tmp_path / "a" / "out" / "checkpoint.pth", weights_only=False)
     b = torch.load(tmp_path / "b" / "out" / "checkpoint.pth", weights_only=False)
@@ -149,17 +132,17 @@ def test_train_evaluate_resume_auto(tmp_path, cache):
         assert torch.equal(value, b["model"][key]), key
 
 
-def test_train_step_takes_float64_target_boxes_like_float32_ones(tmp_path, cache):
+def test_train_step_takes_float64_target_boxes_like_float32_ones(tmp_path, tiny_args):
     """A custom pipeline may hand float64 boxes: with AlignNet and DynQL on, the step gives the float32 step's loss."""
     import data
-    args = tiny_args(tmp_path, cache, "--method", "clip-detr")
-    ds = data.build_dataset("train", args)
+    args = tiny_args("--method", "clip-detr")
+    ds = build.build_dataset("train", args)
     images, mask, targets = data.collate_fn([ds[0], ds[1]])
     wide = [dict(t, boxes=t["boxes"].double()) for t in targets]
     losses = []
     for batch_targets in (targets, wide):
         torch.manual_seed(0)
-        model, criterion, _ = train.build_model(args, ds.cat_names)
+        model, criterion, _ = build.build_model(args, ds.cat_names)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         torch.manual_seed(1)
         losses.append(train.train_step(model.train(), criterion, (images, mask, batch_targets), optimizer,
@@ -167,26 +150,26 @@ def test_train_step_takes_float64_target_boxes_like_float32_ones(tmp_path, cache
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
-def test_resume_refuses_a_run_whose_resnet_starts_from_other_weights(tmp_path, cache):
+def test_resume_refuses_a_run_whose_resnet_starts_from_other_weights(tmp_path, tiny_args):
     """Stem and layer1 are frozen for trained ResNet weights: a run started with --pretrained resumed without it
     (or the reverse) has other parameter groups than its stored optimizer, so it is refused in one line."""
-    args = tiny_args(tmp_path, cache)
+    args = tiny_args()
     saved = dict(vars(args), pretrained="official.pth")
     with pytest.raises(train.InputError, match=r"^--resume ckpt: .*ResNet started from trained weights"):
         train.check_resume_args(saved, args, "ckpt")
     with pytest.raises(train.InputError, match=r"did not start from trained weights .* does now"):
-        train.check_resume_args(vars(args), tiny_args(tmp_path, cache, "--pretrained-backbone"), "ckpt")
+        train.check_resume_args(vars(args), tiny_args("--pretrained-backbone"), "ckpt")
     train.check_resume_args(dict(saved, pretrained=None, pretrained_backbone=True),
-                            tiny_args(tmp_path, cache, "--pretrained", "moved/official.pth"), "ckpt")
+                            tiny_args("--pretrained", "moved/official.pth"), "ckpt")
 
 
-def test_resume_restores_the_lr_scheduler_across_an_lr_drop(tmp_path, cache):
+def test_resume_restores_the_lr_scheduler_across_an_lr_drop(tmp_path, tiny_args):
     """--lr-drop 1: epoch 0, then a resumed run for epoch 1. After it the scheduler has stepped twice and every
     group sits at 0.1x its base LR, as in a straight run; a fresh scheduler would drop the LR a second time."""
     common = ("--method", "baseline", "--max-steps", "1", "--eval-every", "0", "--lr-drop", "1", "--lr", "1e-3",
               "--lr-backbone", "2e-4")
-    train.main(tiny_args(tmp_path, cache, "--epochs", "1", *common))
-    train.main(tiny_args(tmp_path, cache, "--epochs", "2", "--resume", "auto", *common))
+    train.main(tiny_args("--epochs", "1", *common))
+    train.main(tiny_args("--epochs", "2", "--resume", "auto", *common))
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["scheduler"]["last_epoch"] == 2
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([1e-4, 2e-5, 1e-5])
@@ -204,12 +187,12 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, mo
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         train.save_checkpoint(path, epoch=1)
-    assert train.load_checkpoint(path, keys=("epoch",))["epoch"] == 0
+    assert build.load_checkpoint(path, keys=("epoch",))["epoch"] == 0
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
 
 
-def test_evaluate_cli_loads_clip_detr_checkpoint_into_baseline(tmp_path, cache):
-    args = tiny_args(tmp_path, cache, "--epochs", "1", "--method", "clip-detr", "--eval-every", "0")
+def test_evaluate_cli_loads_clip_detr_checkpoint_into_baseline(tmp_path, cache, tiny_args):
+    args = tiny_args("--epochs", "1", "--method", "clip-detr", "--eval-every", "0")
     train.main(args)
     ckpt = str(tmp_path / "out" / "checkpoint.pth")
     out_json = str(tmp_path / "dets.json")
@@ -240,8 +223,8 @@ def test_cli_errors_are_one_line(tmp_path, cache, argv, expected):
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
 
 
-def test_resume_from_a_mismatching_checkpoint_is_a_clear_error(tmp_path, cache):
-    args = tiny_args(tmp_path, cache, "--epochs", "1", "--method", "baseline", "--eval-every", "0")
+def test_resume_from_a_mismatching_checkpoint_is_a_clear_error(tmp_path, cache, tiny_args):
+    args = tiny_args("--epochs", "1", "--method", "baseline", "--eval-every", "0")
     train.main(args)
     for extra, expected in [(["--method", "baseline", "--hidden-dim", "64"], "does not match the model"),
                             (["--method", "clip-detr"], "--method 'baseline' in the checkpoint, 'clip-detr' now")]:
@@ -253,7 +236,7 @@ def test_resume_from_a_mismatching_checkpoint_is_a_clear_error(tmp_path, cache):
         assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
-def test_non_finite_loss_names_the_terms(tmp_path, cache, monkeypatch):
+def test_non_finite_loss_names_the_terms(tmp_path, monkeypatch, tiny_args):
     real = train.compute_losses
 
     def poisoned(*a):
@@ -261,7 +244,7 @@ def test_non_finite_loss_names_the_terms(tmp_path, cache, monkeypatch):
         losses["loss_giou"] = losses["loss_giou"] * float("nan")
         return losses
     monkeypatch.setattr(train, "compute_losses", poisoned)
-    args = tiny_args(tmp_path, cache, "--epochs", "1", "--method", "baseline", "--max-steps", "2")
+    args = tiny_args("--epochs", "1", "--method", "baseline", "--max-steps", "2")
     with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 0 step 0: \{'loss_giou': nan\}"):
         train.main(args)
 
@@ -278,15 +261,15 @@ def test_torchrun_two_processes_gloo(tmp_path, cache):
     assert os.path.isfile(tmp_path / "ddp" / "checkpoint.pth")
 
 
-def test_amp_auto_is_bf16_only_where_the_device_multiplies_bf16(tmp_path, cache, monkeypatch):
+def test_amp_auto_is_bf16_only_where_the_device_multiplies_bf16(tmp_path, monkeypatch, tiny_args):
     """--amp auto (the shapes default) resolves once, in finalize_args: bf16 on a CPU with AVX512-BF16/AMX, off
     elsewhere (emulated bf16 is slower than float32); COCO keeps the paper's float32 unless asked."""
     monkeypatch.setattr(train, "native_bf16", lambda device: True)
-    assert tiny_args(tmp_path, cache).amp == "bf16"
-    assert tiny_args(tmp_path, cache, "--amp", "off").amp == "off"
+    assert tiny_args().amp == "bf16"
+    assert tiny_args("--amp", "off").amp == "off"
     monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    assert tiny_args(tmp_path, cache).amp == "off"
-    assert tiny_args(tmp_path, cache, "--amp", "bf16").amp == "bf16"
+    assert tiny_args().amp == "off"
+    assert tiny_args("--amp", "bf16").amp == "bf16"
     coco = train.finalize_args(train.get_parser().parse_args(["--dataset", "coco", "--device", "cpu",
                                                               "--output-dir", str(tmp_path / "coco")]))
     assert coco.amp == "off"
@@ -296,27 +279,27 @@ def test_amp_auto_is_bf16_only_where_the_device_multiplies_bf16(tmp_path, cache,
     assert "(default: coco: off, shapes: auto)" in " ".join(train.get_parser().format_help().split())
 
 
-def test_amp_bf16_is_allowed_on_the_cpu_and_fp16_is_not(tmp_path, cache):
-    assert tiny_args(tmp_path, cache, "--amp", "bf16", "--device", "cpu").amp == "bf16"
+def test_amp_bf16_is_allowed_on_the_cpu_and_fp16_is_not(tmp_path, tiny_args):
+    assert tiny_args("--amp", "bf16", "--device", "cpu").amp == "bf16"
     with pytest.raises(ValueError, match=r"^--amp fp16 needs a CUDA device .*--device cpu\); use --amp bf16"):
-        tiny_args(tmp_path, cache, "--amp", "fp16", "--device", "cpu")
+        tiny_args("--amp", "fp16", "--device", "cpu")
 
 
 @pytest.mark.parametrize("impl, function, out_dtype", [("pytorch", "ms_deform_attn_pytorch", torch.float32),
                                                       ("gather", "ms_deform_attn_gather", torch.bfloat16)])
-def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float32(tmp_path, cache, monkeypatch,
-                                                                                  impl, function, out_dtype):
+def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float32(tmp_path, monkeypatch, impl, function,
+                                                                                  out_dtype, tiny_args):
     """train_step autocasts on the device it runs on; under bf16 the heads run in bf16 while the deformable
     attention gets float32 locations and softmax weights, on the CPU as on CUDA. The reference samples and sums
     in float32 (grid_sample autocasts to float32); the gather path computes in float32 inside and hands back
     value's dtype, as the Triton path does."""
     import data
     import model as model_lib
-    args = tiny_args(tmp_path, cache, "--method", "clip-detr", "--amp", "bf16", "--device", "cpu",
+    args = tiny_args("--method", "clip-detr", "--amp", "bf16", "--device", "cpu",
                       "--attn-impl", impl)
-    ds = data.build_dataset("train", args)
+    ds = build.build_dataset("train", args)
     torch.manual_seed(0)
-    model, criterion, _ = train.build_model(args, ds.cat_names)
+    model, criterion, _ = build.build_model(args, ds.cat_names)
     seen = {"attn": set()}
     real_losses, real_attn = train.compute_losses, getattr(model_lib, function)
 
@@ -330,7 +313,7 @@ def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float3
         return out
     monkeypatch.setattr(train, "compute_losses", losses_spy)
     monkeypatch.setattr(model_lib, function, attn_spy)
-    optimizer = torch.optim.AdamW(train.param_groups(model, args), lr=1e-4)
+    optimizer = torch.optim.AdamW(build.param_groups(model, args), lr=1e-4)
     loss, values = train.train_step(model, criterion, data.collate_fn([ds[0], ds[1]]), optimizer,
                                     torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert math.isfinite(loss) and "loss_dynql_ce" in values and "loss_align" in values

@@ -1,10 +1,9 @@
 """Tests of the Triton multi-scale deformable attention against the PyTorch reference.
 
 CPU tests run the kernels in Triton's interpreter. Triton decides between interpreter and compiler when it is
-itself imported (torchvision imports it too) and when each kernel is defined, so TRITON_INTERPRET=1 is set
-below before anything else is imported. When another test file imported triton first, without it, the CPU
-tests cannot run in this process: they are skipped here and `test_interpreter_in_fresh_process` re-runs
-them in a subprocess that starts with TRITON_INTERPRET=1, so either way they run. CUDA tests (skipped
+itself imported (torchvision imports it too) and when each kernel is defined, so conftest.py sets
+TRITON_INTERPRET=1 before any test file imports anything; on the CPU nothing else runs the Triton path, so the
+setting changes no other test. CUDA tests (skipped
 without a GPU) run in a subprocess with TRITON_INTERPRET=0, so that the kernels are compiled, at Deformable
 DETR sizes. The GPU compile test needs no GPU: in a subprocess with TRITON_INTERPRET=0 it compiles both
 kernels ahead of time for sm_80 and sm_90 and reads registers and spills from the cubin.
@@ -13,27 +12,22 @@ Sampling locations are multiples of 2**-10: then x * W - 0.5 is exact in float32
 reference alike, so both take the same corner pixels even where a location sits exactly on a pixel centre
 (an integer pixel coordinate, where the bilinear derivative jumps) and the gradients compare there too.
 """
+import json
 import os
+import pathlib
+import re
+import subprocess
 import sys
+import tempfile
 
-_INTERPRETER_READY = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import json  # noqa: E402 (the environment above must come first)
-import pathlib  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
+import model
+from model import ms_deform_attn_pytorch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import model  # noqa: E402
-from model import ms_deform_attn_pytorch  # noqa: E402
-
-_IN_PROCESS = _INTERPRETER_READY and model.triton_interpreted()
-interpreted = pytest.mark.skipif(not _IN_PROCESS, reason="triton was imported without TRITON_INTERPRET=1; "
-                                 "test_interpreter_in_fresh_process runs these")
+interpreted = pytest.mark.skipif(not model.triton_interpreted(), reason="needs triton, imported with "
+                                 "TRITON_INTERPRET=1 (conftest.py sets it first)")
 _HERE = pathlib.Path(__file__).resolve().parent
 _GRID = 2 ** 10  # denominator of every sampling coordinate, see the module docstring
 _TINY_SHAPES = [(5, 7), (3, 4), (2, 2)]
@@ -269,12 +263,3 @@ def test_kernels_compile_for_gpus_without_spills(tmp_path):
     # Spills go to local memory (stack) and cap occupancy: none allowed, and at most 128 registers per thread.
     bad = [r for r in rows if r["stack"] or r["local"] or r["registers"] > _MAX_REGISTERS]
     assert not bad, f"kernels over {_MAX_REGISTERS} registers or spilling: {bad}"
-
-
-@pytest.mark.skipif(_IN_PROCESS, reason="the interpreter tests ran in this process")
-def test_interpreter_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(_HERE / "test_triton.py"),
-           "-k", "not cuda and not fresh_process and not compile_for_gpus and not bench_gpu"]
-    result = subprocess.run(cmd, cwd=_HERE, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "skipped" not in result.stdout, result.stdout + result.stderr

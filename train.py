@@ -3,9 +3,9 @@
 `python train.py` with no arguments trains the embedded `shapes` dataset on the CPU with CLIP-DETR (AlignNet +
 DynQL, a random-weight CLIP text encoder) and ends with its COCO AP table.
 `torchrun --nproc_per_node=G train.py --dataset coco --data-path DIR` trains COCO with the paper's setup.
-The model itself comes from `evaluate.build_model` and checkpoints are read by `evaluate.load_checkpoint`
-(train.py imports evaluate.py, never the reverse); this file writes checkpoints, resumes from them and loads
-an official Deformable DETR checkpoint with --pretrained. --amp bf16 autocasts on the CPU or CUDA, --amp fp16
+The datasets, the model, the optimizer and the weights a run starts from come from build.py (the one map from
+these arguments to objects); evaluation after an epoch is evaluate.py's. This file writes checkpoints and
+resumes from them; `main` reads as the list of a run's steps. --amp bf16 autocasts on the CPU or CUDA, --amp fp16
 on CUDA only (it needs the gradient scaler); --min-size/--max-size set the image sizes (data.py).
 
 Paper ablations as flags:
@@ -27,6 +27,7 @@ sized for a 2-core CPU; COCO defaults are the paper's.
 """
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import random
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,13 +43,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import alignnet
 import data
 import evaluate
+from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, load_checkpoint,
+                   load_model_state, load_official_checkpoint)
 from dynql import dynql_loss, dynql_set_losses
-from errors import InputError, error_line
-from evaluate import build_model, is_main, load_checkpoint, load_model_state
+from errors import TEMP_SUFFIX, InputError, error_line, is_main, write_atomically
 from matcher import global_num_boxes, weight_dict
+from model import check_variant
 
 METHODS = ("baseline", "alignnet", "dynql", "clip-detr")
 
@@ -56,7 +59,8 @@ DATASET_DEFAULTS = {
     "shapes": dict(backbone="resnet18", hidden_dim=64, dim_feedforward=256, enc_layers=2, dec_layers=3,
                    nheads=4, num_queries=30, enc_n_points=4, dec_n_points=4, batch_size=8, epochs=5,
                    lr_drop=[4], lr=1e-3, lr_backbone=1e-3, dropout=0.0, clip_model="RN50", clip_pretrained="none",
-                   device="cpu", num_workers=1, min_size=128, max_size=192, amp="auto", eval_every=0),
+                   device="cpu", num_workers=1, min_size=data.SHAPES_DEFAULTS["min_size"],
+                   max_size=data.SHAPES_DEFAULTS["max_size"], amp="auto", eval_every=0),
     "coco": dict(backbone="resnet50", hidden_dim=256, dim_feedforward=1024, enc_layers=6, dec_layers=6, nheads=8,
                  num_queries=300, enc_n_points=4, dec_n_points=4, batch_size=2, epochs=12, lr_drop=[10],
                  lr=2e-4, lr_backbone=2e-5, dropout=0.1, clip_model="RN50x64", clip_pretrained="openai",
@@ -105,12 +109,14 @@ def get_parser():
                    help="evaluation shorter side, pixels; training draws shorter sides up to it (coco: 480..800 "
                         "step 32 at 800, scaled with it)")
     d.add_argument("--max-size", type=int, default=None, help="longest image side, pixels")
-    d.add_argument("--shapes-num-train", type=int, default=1800)
-    d.add_argument("--shapes-num-val", type=int, default=200)
-    d.add_argument("--shapes-min-size", type=int, default=128, help="shortest side of generated shapes images, pixels")
-    d.add_argument("--shapes-max-size", type=int, default=192, help="longest side of generated shapes images, pixels")
-    d.add_argument("--shapes-max-objects", type=int, default=6)
-    d.add_argument("--shapes-seed", type=int, default=0)
+    d.add_argument("--shapes-num-train", type=int, default=data.SHAPES_DEFAULTS["num_train"])
+    d.add_argument("--shapes-num-val", type=int, default=data.SHAPES_DEFAULTS["num_val"])
+    d.add_argument("--shapes-min-size", type=int, default=data.SHAPES_DEFAULTS["min_size"],
+                   help="shortest side of generated shapes images, pixels")
+    d.add_argument("--shapes-max-size", type=int, default=data.SHAPES_DEFAULTS["max_size"],
+                   help="longest side of generated shapes images, pixels")
+    d.add_argument("--shapes-max-objects", type=int, default=data.SHAPES_DEFAULTS["max_objects"])
+    d.add_argument("--shapes-seed", type=int, default=data.SHAPES_DEFAULTS["seed"])
 
     m = p.add_argument_group("detector (Deformable DETR)")
     m.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
@@ -223,23 +229,21 @@ def finalize_args(args):
     if args.hidden_dim % (2 * args.nheads):
         raise InputError(f"--hidden-dim {args.hidden_dim}: expected a multiple of 2 x --nheads ({2 * args.nheads}); "
                          "the sine position embedding takes half the channels for x and half for y")
-    evaluate.check_device(args.device)
-    evaluate.check_output_path(args.output_dir, "--output-dir")
+    check_device(args.device)
+    check_output_path(args.output_dir, "--output-dir")
     if args.amp == "auto":
         args.amp = "bf16" if native_bf16(args.device) else "off"
     if args.amp == "fp16" and not str(args.device).startswith("cuda"):
         raise InputError(f"--amp fp16 needs a CUDA device (its gradient scaler is CUDA-only; got --device "
                          f"{args.device}); use --amp bf16 on the CPU")
-    if args.two_stage and not args.with_box_refine:
-        raise InputError("--two-stage needs --with-box-refine (the encoder proposals use the extra refinement "
-                         "head, as in the official code); add --no-two-stage for single-stage Deformable DETR")
-    if args.method in ("dynql", "clip-detr") and not args.two_stage:
-        raise InputError(f"--method {args.method} needs --two-stage (DynQueries carry 4-D reference boxes)")
+    # The model checks its variant when it is built; checked here too, so a bad one fails before any data is read.
+    check_variant(two_stage=args.two_stage, with_box_refine=args.with_box_refine,
+                  dynql=args.method in ("dynql", "clip-detr"))
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Losses and optimizer (the model is built by evaluate.build_model)
+# Losses (the model and the optimizer are built by build.py)
 # ----------------------------------------------------------------------------------------------------------
 def check_finite_predictions(outputs):
     """Name the predictions holding NaN/Inf (a diverged run) before the Hungarian matcher, whose own error
@@ -281,29 +285,6 @@ def monitored_values(outputs, targets):
     return {"z_attr_norm": layout.z_attr_norm.item(), **dynql_set_losses(outputs["dynql_outputs"], layout, targets)}
 
 
-def build_optimizer(model, args):
-    """AdamW over `param_groups`; fused (one kernel over all parameters, CPU and CUDA) instead of a Python loop
-    over ~350 tensors, which is the same update up to float rounding."""
-    return torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-
-
-def param_groups(model, args):
-    """Backbone at --lr-backbone; sampling offsets and reference points at 0.1x lr (official); rest at --lr."""
-    groups = {"backbone": [], "linear_proj": [], "rest": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("backbone.0"):
-            groups["backbone"].append(p)
-        elif "sampling_offsets" in name or "reference_points" in name:
-            groups["linear_proj"].append(p)
-        else:
-            groups["rest"].append(p)
-    return [{"params": groups["rest"], "lr": args.lr},
-            {"params": groups["backbone"], "lr": args.lr_backbone},
-            {"params": groups["linear_proj"], "lr": args.lr * 0.1}]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Distributed helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -320,10 +301,6 @@ def init_distributed(args):
     else:
         dist.init_process_group("gloo")
     return dist.get_rank(), world
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,8 +322,8 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, **state):
-    """A kill leaves the previous checkpoint intact (evaluate.write_atomically)."""
-    evaluate.write_atomically(path, lambda tmp: torch.save(state, tmp))
+    """A kill leaves the previous checkpoint intact (errors.write_atomically)."""
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 RESUME_MUST_MATCH = ("dataset", "method", "two_stage", "with_box_refine", "dynql_betas", "dynql_rho",
@@ -415,18 +392,18 @@ def merge_log(path, history, last_epoch):
 
 
 def write_log(path, history):
-    """Rewrite log.jsonl whole (evaluate.write_atomically): a kill leaves the old or the new file, never half."""
+    """Rewrite log.jsonl whole (errors.write_atomically): a kill leaves the old or the new file, never half."""
     def write(tmp):
         with open(tmp, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in history)
-    evaluate.write_atomically(path, write)
+    write_atomically(path, write)
 
 
 def remove_stale_temporaries(output_dir):
-    """A kill during a write leaves checkpoint.pth.tmp / log.jsonl.tmp behind; the real files are intact."""
-    for name in ("checkpoint.pth.tmp", "log.jsonl.tmp"):
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
+    """A kill during a write leaves checkpoint.pth.<pid-random>.tmp / log.jsonl.<...>.tmp (or, from older
+    versions, checkpoint.pth.tmp) behind; the real files are intact."""
+    for name in ("checkpoint.pth", "log.jsonl"):
+        for path in glob.glob(os.path.join(glob.escape(output_dir), f"{name}*{TEMP_SUFFIX}")):
             os.remove(path)
             print(f"removed {path}, left by an interrupted write")
 
@@ -437,36 +414,6 @@ def resolve_resume(resume, output_dir):
         path = os.path.join(output_dir, "checkpoint.pth")
         return path if os.path.isfile(path) else None
     return resume
-
-
-def load_official_checkpoint(model, path, cat_ids):
-    """An official Deformable DETR checkpoint: strict load. Its 91-row COCO class heads keep the rows of cat_ids
-    (class k gets row cat_ids[k]); the two-stage encoder head keeps its objectness row 0 in column 0. The
-    checkpoint's ResNet stem and layer1 are then frozen, as the official code freezes a pretrained ResNet's."""
-    state = load_checkpoint(path, "--pretrained", keys=())
-    state = state.get("model", state)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise InputError(f"--pretrained {path} holds no state_dict (expected a dict of tensors, or one under 'model')")
-    detr = unwrap(model)
-    if isinstance(detr.class_embed[0], alignnet.LabelEmbeddingClassifier):
-        raise InputError(f"--pretrained {path}: an official checkpoint's linear class head cannot initialise the "
-                         "open-vocabulary head of --dataset ov-coco; train ov-coco without --pretrained")
-    # The encoder head (class_embed.{n_dec}, alias transformer.decoder.class_embed.{n_dec}) is class-agnostic:
-    # every target is class 0 and proposals are ranked by that logit; its other rows only ever saw negatives.
-    encoder_head = f"class_embed.{detr.transformer.decoder.num_layers}." if detr.two_stage else None
-    for key in list(state):
-        if "class_embed" not in key or state[key].shape[0] != 91:
-            continue
-        if encoder_head and key.removeprefix("transformer.decoder.").startswith(encoder_head):
-            state[key] = state[key][:len(cat_ids)]
-        elif all(0 <= c < 91 for c in cat_ids):
-            state[key] = state[key][torch.as_tensor(cat_ids)]
-        else:
-            bad = [c for c in cat_ids if not 0 <= c < 91]
-            raise InputError(f"--pretrained {path}: its class heads have one row per COCO category id 0-90; the "
-                             f"dataset's category ids {bad[:3]}{'...' if len(bad) > 3 else ''} are not among them")
-    load_model_state(model, state, path)
-    detr.backbone[0].freeze_stem_and_layer1()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -554,108 +501,170 @@ def make_loaders(args, train_set, val_set, rank, world):
     return train_loader, train_sampler, val_loader
 
 
-def main(args):
-    rank, world = init_distributed(args)
-    if is_main():
-        print(config_line(args), flush=True)
-    device = torch.device(args.device)
-    seed = args.seed + rank
+@dataclass
+class Run:
+    """What one training process holds: its place under torchrun, the data, the model (DDP-wrapped under torchrun;
+    `detr` is the bare DeformableDETR), the optimisation state and the log records of the epochs so far."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    train_set: object
+    val_set: object
+    model: torch.nn.Module
+    detr: torch.nn.Module
+    criterion: torch.nn.Module
+    postprocess: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    train_loader: DataLoader
+    train_sampler: DistributedSampler
+    val_loader: DataLoader
+    history: list = field(default_factory=list)
+
+    @property
+    def log_path(self):
+        return os.path.join(self.args.output_dir, "log.jsonl")
+
+
+def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log_path = os.path.join(args.output_dir, "log.jsonl")
-    if is_main():
-        remove_stale_temporaries(args.output_dir)
-    resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(resume, keys=RESUME_KEYS)
-        check_resume_args(ckpt["args"], args, resume)
 
-    train_set = data.build_dataset("train", args)
-    val_set = data.build_dataset("val", args)
+
+def read_resume_checkpoint(args):
+    """(path, checkpoint) of --resume, checked against this run's arguments; (None, None) for a fresh start."""
+    resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
+    if not resume:
+        return None, None
+    ckpt = load_checkpoint(resume, keys=RESUME_KEYS)
+    check_resume_args(ckpt["args"], args, resume)
+    return resume, ckpt
+
+
+def build_run(args, rank, world, ckpt, resume):
+    """Datasets, model, optimizer, scheduler and loaders of a run, checked against the checkpoint it resumes."""
+    train_set, val_set = build_dataset("train", args), build_dataset("val", args)
     check_datasets(train_set, val_set, args, world)
     if ckpt is not None:
         check_resume_classes(ckpt, train_set, resume)
-    model, criterion, postprocess = build_model(args, train_set.cat_names)
-    model.to(device)
+    device = torch.device(args.device)
+    detr, criterion, postprocess = build_model(args, train_set.cat_names)
+    detr.to(device)
     if args.pretrained:
-        load_official_checkpoint(model, args.pretrained, train_set.cat_ids)
-    model_without_ddp = model
+        load_official_checkpoint(detr, args.pretrained, train_set.cat_ids)
+    model = detr
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model_without_ddp, args)
+            detr, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(detr, args)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_drop, gamma=0.1)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     train_loader, train_sampler, val_loader = make_loaders(args, train_set, val_set, rank, world)
+    return Run(args, rank, world, device, train_set, val_set, model, detr, criterion, postprocess, optimizer,
+               scheduler, scaler, train_loader, train_sampler, val_loader)
 
-    start_epoch = 0
-    if ckpt is not None:
-        load_model_state(model_without_ddp, ckpt["model"], resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"] + 1
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        if is_main():
-            print(f"resumed from {resume} at epoch {start_epoch}")
-        history = merge_log(log_path, ckpt.get("log", []), ckpt["epoch"])
-        last = history[-1] if history and history[-1]["epoch"] == ckpt["epoch"] else None
-        if last is not None and "coco_stats" not in last and evaluation_due(ckpt["epoch"], args):
-            # Killed between the checkpoint and its evaluation: evaluate that epoch now (no RNG is drawn).
-            last["coco_stats"] = evaluate.evaluate(model_without_ddp, postprocess, val_loader, val_set, device)
-        if is_main():
-            write_log(log_path, history)
-    else:
-        history = []
 
-    n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    if is_main() and args.dataset != "shapes" and not (args.pretrained_backbone or args.pretrained):
+def restore(run, ckpt, resume):
+    """Continue from a checkpoint: weights, optimizer, scheduler, scaler, RNG and log. Returns the next epoch."""
+    load_model_state(run.detr, ckpt["model"], resume)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    if is_main():
+        print(f"resumed from {resume} at epoch {ckpt['epoch'] + 1}")
+    run.history = merge_log(run.log_path, ckpt.get("log", []), ckpt["epoch"])
+    last = run.history[-1] if run.history and run.history[-1]["epoch"] == ckpt["epoch"] else None
+    if last is not None and "coco_stats" not in last and evaluation_due(ckpt["epoch"], run.args):
+        # Killed between the checkpoint and its evaluation: evaluate that epoch now (no RNG is drawn).
+        last["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device)
+    if is_main():
+        write_log(run.log_path, run.history)
+    return ckpt["epoch"] + 1
+
+
+def announce(run):
+    """Rank 0 says what trains on what, and warns when COCO-sized data starts from random weights."""
+    args = run.args
+    if not is_main():
+        return
+    if args.dataset != "shapes" and not (args.pretrained_backbone or args.pretrained):
         print("warning: training from a random ResNet (no --pretrained-backbone, no --pretrained): the paper "
               "starts from ImageNet weights; expect far lower AP")
+    n_params = sum(p.numel() for p in run.detr.parameters() if p.requires_grad)
+    print(f"{args.method} on {args.dataset}: {len(run.train_set)} train / {len(run.val_set)} val images, "
+          f"{len(run.train_set.cat_names)} classes, {n_params / 1e6:.2f} M trainable parameters, "
+          f"{run.world} process(es) on {run.device}, total batch {run.world * args.batch_size}")
+
+
+def save_epoch_checkpoint(run, epoch):
+    """Checkpoint before evaluating: a kill during a long COCO evaluation must not lose the epoch. The checkpoint
+    carries the log records, so a resumed run rewrites what a kill kept out of log.jsonl."""
+    rngs = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
     if is_main():
-        print(f"{args.method} on {args.dataset}: {len(train_set)} train / {len(val_set)} val images, "
-              f"{len(train_set.cat_names)} classes, {n_params / 1e6:.2f} M trainable parameters, "
-              f"{world} process(es) on {device}, total batch {world * args.batch_size}")
+        save_checkpoint(os.path.join(run.args.output_dir, "checkpoint.pth"), model=run.detr.state_dict(),
+                        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=epoch,
+                        args=vars(run.args), rng=rngs, scaler=run.scaler.state_dict() if run.scaler else None,
+                        classes={"ids": run.train_set.cat_ids, "names": run.train_set.cat_names}, log=run.history)
+
+
+def epoch_line(epoch, log):
+    """The console line of an epoch: the last decoder layer's loss terms (log.jsonl has every layer's and the
+    proposals'), the epoch's time, and AP when it was evaluated."""
+    losses = " ".join(f"{k[6:]}={v:.3f}" for k, v in log.items()
+                      if k.startswith("train_loss") and not re.search(r"_(\d+|enc)$", k))
+    ap = f" AP={log['coco_stats'][0]:.3f} AP50={log['coco_stats'][1]:.3f}" if "coco_stats" in log else ""
+    return f"epoch {epoch}: {losses} ({log['time_s']} s){ap}"
+
+
+def run_epoch(run, epoch):
+    """Train one epoch, checkpoint it, evaluate it when due, log it. Returns its COCO stats (None if not evaluated)."""
+    run.train_sampler.set_epoch(epoch)
+    t0 = time.time()
+    train_stats = train_one_epoch(run.model, run.criterion, run.train_loader, run.optimizer, run.device, epoch,
+                                  run.args, run.scaler)
+    log = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], "time_s": round(time.time() - t0, 1),
+           **{f"train_{k}": round(v, 5) for k, v in train_stats.items()}}
+    run.scheduler.step()
+    run.history.append(log)
+    save_epoch_checkpoint(run, epoch)
+    if evaluation_due(epoch, run.args):
+        log["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device)
+    if is_main():
+        write_log(run.log_path, run.history)
+        print(epoch_line(epoch, log), flush=True)
+    return log.get("coco_stats")
+
+
+def main(args):
+    """Train args.epochs epochs (from a checkpoint with --resume); returns the last COCO stats."""
+    rank, world = init_distributed(args)
+    if is_main():
+        print(config_line(args), flush=True)
+    seed_everything(args.seed + rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if is_main():
+        remove_stale_temporaries(args.output_dir)
+    resume, ckpt = read_resume_checkpoint(args)
+    run = build_run(args, rank, world, ckpt, resume)
+    start_epoch = restore(run, ckpt, resume) if ckpt is not None else 0
+    announce(run)
     stats = None
     t_start = time.time()
     for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
-        t0 = time.time()
-        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, args, scaler)
-        log = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "time_s": round(time.time() - t0, 1),
-               **{f"train_{k}": round(v, 5) for k, v in train_stats.items()}}
-        scheduler.step()
-        history.append(log)
-        # Checkpoint before evaluating: a kill during a long COCO evaluation must not lose the epoch. The
-        # checkpoint carries the log records, so a resumed run rewrites what a kill kept out of log.jsonl.
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if is_main():
-            save_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), model=model_without_ddp.state_dict(),
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                            args=vars(args), rng=rngs, scaler=scaler.state_dict() if scaler else None,
-                            classes={"ids": train_set.cat_ids, "names": train_set.cat_names}, log=history)
-        if evaluation_due(epoch, args):
-            stats = evaluate.evaluate(model_without_ddp, postprocess, val_loader, val_set, device)
-            log["coco_stats"] = stats
-        if is_main():
-            write_log(log_path, history)
-            # The console shows the last decoder layer's terms; log.jsonl has every layer's and the proposals'.
-            loss_line = " ".join(f"{k[6:]}={v:.3f}" for k, v in log.items()
-                                 if k.startswith("train_loss") and not re.search(r"_(\d+|enc)$", k))
-            ap = f" AP={stats[0]:.3f} AP50={stats[1]:.3f}" if "coco_stats" in log else ""
-            print(f"epoch {epoch}: {loss_line} ({log['time_s']} s){ap}", flush=True)
+        stats = run_epoch(run, epoch) or stats
     if is_main():
         print(f"training time {datetime.timedelta(seconds=int(time.time() - t_start))}")
         if stats is not None:
-            evaluate.print_coco_table(stats, title=f"{args.dataset} val, {args.method}")
+            evaluate.print_table(f"{args.dataset} val, {args.method}", evaluate.STAT_NAMES, [stats[:6]])
     if world > 1:
         dist.destroy_process_group()
     return stats

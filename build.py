@@ -1,0 +1,317 @@
+"""Build: the one map from command-line arguments to objects, and the readers of the weights a run starts from.
+
+train.py and evaluate.py are peers that both import this module; nothing below it reads an argparse
+namespace. Everything that turns `args` (train.py's parser, or a checkpoint's stored arguments) into objects is
+here, each in one `build_*` function:
+  build_dataset        the datasets of §4 (COCO, OV-COCO, LVIS, a custom COCO-format JSON, the `shapes` demo)
+  build_label_table    the CLIP label dictionary f_cls of AlignNet (Eq. 1-3), computed once per machine
+  build_model          Deformable DETR (§3.1) with AlignNet (Eq. 1-5) and DynQL (Eq. 6-10) attached for training,
+                       the set-prediction criterion and the post-processing
+  build_optimizer      AdamW with the official parameter groups (§4.1)
+and the weights a model starts from or resumes: `load_checkpoint` (a checkpoint train.py wrote),
+`load_model_state` (strict, naming what differs), `load_official_checkpoint` (a released Deformable DETR),
+`checkpoint_args` / `checkpoint_detector` (evaluate.py's plain detector from a checkpoint), and the checks a run
+makes before any work (`check_device`, `check_output_path`).
+
+No equations of their own (shape legend: K classes, D CLIP text width). Deviations from the paper: none here;
+the defaults that differ for the CPU demo are train.py's.
+"""
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+import data
+from alignnet import AlignNet, LabelEmbeddingClassifier, label_embeddings
+from dynql import DynQL
+from errors import InputError, cache_dir, is_distributed, is_main, read_torch_file
+from matcher import SetCriterion
+from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
+
+# LVIS keeps 300 detections per image (its protocol); COCO keeps 100.
+LVIS_DETECTIONS_PER_IMAGE = 300
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------------
+DATASETS = ("shapes", "coco", "custom", "ov-coco", "lvis")
+COCO_LAYOUT = "DIR/train2017/, DIR/val2017/, DIR/annotations/instances_{train,val}2017.json"
+LVIS_LAYOUT = "DIR/train2017/, DIR/val2017/, DIR/annotations/lvis_v1_{train,val}.json"
+
+
+def _require(paths, dataset, layout):
+    """A missing piece of a standard layout is named together with the whole expected layout."""
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{dataset}: {path} not found; expected the layout {layout}")
+
+
+def build_transforms(image_set, args):
+    """The `image_set` pipeline of args.dataset at args.min_size / args.max_size."""
+    return data.dataset_transforms(image_set, shapes=args.dataset == "shapes", min_size=args.min_size,
+                                   max_size=args.max_size)
+
+
+def build_dataset(image_set, args):
+    """The `image_set` ('train' or 'val') split of args.dataset as a data.CocoDetection.
+
+    Reads args.dataset, args.data_path, args.min_size/max_size, for 'custom' args.{train,val}_{json,images},
+    and for 'shapes' args.shapes_{num_train, num_val, seed, min_size, max_size, max_objects}.
+    """
+    if image_set not in ("train", "val"):
+        raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
+    transforms = build_transforms(image_set, args)
+    if args.dataset == "shapes":
+        paths = data.make_shapes(args.data_path or cache_dir(), num_train=args.shapes_num_train,
+                                 num_val=args.shapes_num_val, seed=args.shapes_seed, min_size=args.shapes_min_size,
+                                 max_size=args.shapes_max_size, max_objects=args.shapes_max_objects)
+        return data.CocoDetection(paths[f"{image_set}_images"], paths[f"{image_set}_json"], transforms=transforms)
+    if args.dataset == "custom":
+        ann_file, img_folder = getattr(args, f"{image_set}_json"), getattr(args, f"{image_set}_images")
+        if not ann_file or not img_folder:
+            missing = [flag for flag, value in ((f"--{image_set}-json", ann_file), (f"--{image_set}-images", img_folder))
+                       if not value]
+            raise InputError(f"dataset 'custom' needs {', '.join(missing)}: a COCO-format JSON and its image folder")
+        return data.CocoDetection(img_folder, ann_file, transforms=transforms)
+    if args.dataset not in DATASETS:
+        raise InputError(f"unknown dataset {args.dataset!r}; expected one of {', '.join(map(repr, DATASETS))}")
+    layout = LVIS_LAYOUT if args.dataset == "lvis" else COCO_LAYOUT
+    if not args.data_path:
+        raise InputError(f"dataset {args.dataset!r} needs --data-path DIR with the layout {layout}")
+    if not os.path.isdir(args.data_path):
+        raise FileNotFoundError(f"{args.dataset}: data folder {args.data_path} not found; expected the layout {layout}")
+    if args.dataset == "lvis":
+        # LVIS v1 val draws images from COCO train2017 as well as val2017, so both folders are searched.
+        folders = [os.path.join(args.data_path, "train2017"), os.path.join(args.data_path, "val2017")]
+        ann_file = os.path.join(args.data_path, "annotations", f"lvis_v1_{image_set}.json")
+        _require([*folders, ann_file], args.dataset, layout)
+        return data.CocoDetection(folders, ann_file, transforms=transforms)
+    img_folder = os.path.join(args.data_path, f"{image_set}2017")
+    ann_file = os.path.join(args.data_path, "annotations", f"instances_{image_set}2017.json")
+    _require([img_folder, ann_file], args.dataset, layout)
+    keep = None
+    if args.dataset == "ov-coco":
+        keep = data.OV_COCO_BASE if image_set == "train" else data.OV_COCO_BASE + data.OV_COCO_NOVEL
+    return data.CocoDetection(img_folder, ann_file, transforms=transforms, keep_cat_names=keep)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The label dictionary and the model
+# ----------------------------------------------------------------------------------------------------------
+def build_label_table(args, class_names):
+    """The CLIP label dictionary f_cls (K, D) of `class_names` from args.clip_model / clip_pretrained /
+    label_embeddings. Under torchrun rank 0 builds (or downloads) it into the disk cache; the others then read it."""
+    if is_distributed() and not is_main():
+        dist.barrier()
+    table = label_embeddings(class_names, model_name=args.clip_model, pretrained=args.clip_pretrained,
+                             embeddings_file=args.label_embeddings, device=args.device)
+    if is_distributed() and is_main():
+        dist.barrier()
+    return table
+
+
+def build_model(args, class_names, label_table=None):
+    """(model, criterion, postprocess) for `class_names`: Deformable DETR of args' sizes and variant, with the
+    training modules of args.method, and for ov-coco the open-vocabulary class head.
+
+    `label_table` (K, D) replaces the CLIP label dictionary, e.g. the one an open-vocabulary checkpoint carries.
+    """
+    backbone = Joiner(Backbone(args.backbone, pretrained=args.pretrained_backbone),
+                      PositionEmbeddingSine(args.hidden_dim // 2))
+    transformer = DeformableTransformer(
+        d_model=args.hidden_dim, n_heads=args.nheads, num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers, d_ffn=args.dim_feedforward, dropout=args.dropout,
+        n_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
+        two_stage=args.two_stage, two_stage_num_proposals=args.num_queries, attn_impl=args.attn_impl)
+    open_vocabulary = args.dataset == "ov-coco"
+    table = align = dyn = class_head = None
+    if args.method != "baseline" or open_vocabulary:
+        table = build_label_table(args, class_names) if label_table is None else label_table
+    if args.method != "baseline":
+        align = AlignNet(label_embeddings=table, d_model=args.hidden_dim, align_feature=args.align_feature)
+    if open_vocabulary:
+        # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
+        # training annotations (§4.2). The decoder layers score with it; the two-stage encoder keeps a
+        # class-agnostic objectness head (DeformableDETR), so proposals are not ranked by one class's CLIP row.
+        base = set(data.OV_COCO_BASE)
+        class_head = LabelEmbeddingClassifier(label_embeddings=table, d_model=args.hidden_dim,
+                                              train_classes=[k for k, name in enumerate(class_names) if name in base])
+    if args.method == "dynql":
+        align.logit_beta.requires_grad_(False)  # no alignment loss: beta would be an unused parameter
+    if args.method in ("dynql", "clip-detr"):
+        dyn = DynQL(d_model=args.hidden_dim, betas=args.dynql_betas, rho=args.dynql_rho)
+    model = DeformableDETR(backbone, transformer, num_classes=len(class_names), num_queries=args.num_queries,
+                           num_feature_levels=args.num_feature_levels, with_box_refine=args.with_box_refine,
+                           two_stage=args.two_stage, alignnet=align, dynql=dyn,
+                           align_loss=args.method in ("alignnet", "clip-detr"), class_head=class_head)
+    num_select = LVIS_DETECTIONS_PER_IMAGE if args.dataset == "lvis" else 100
+    return model, SetCriterion(len(class_names)), PostProcess(num_select=num_select)
+
+
+def param_groups(model, args):
+    """Backbone at --lr-backbone; sampling offsets and reference points at 0.1x lr (official); rest at --lr."""
+    groups = {"backbone": [], "linear_proj": [], "rest": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone.0"):
+            groups["backbone"].append(p)
+        elif "sampling_offsets" in name or "reference_points" in name:
+            groups["linear_proj"].append(p)
+        else:
+            groups["rest"].append(p)
+    return [{"params": groups["rest"], "lr": args.lr},
+            {"params": groups["backbone"], "lr": args.lr_backbone},
+            {"params": groups["linear_proj"], "lr": args.lr * 0.1}]
+
+
+def build_optimizer(model, args):
+    """AdamW over `param_groups`; fused (one kernel over all parameters, CPU and CUDA) instead of a Python loop
+    over ~350 tensors, which is the same update up to float rounding."""
+    return torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks made before any work
+# ----------------------------------------------------------------------------------------------------------
+def check_device(name, flag="--device"):
+    """A device string torch understands and this machine has: 'cpu', 'cuda' or 'cuda:N'."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's answer to an unknown device string
+        raise InputError(f"{flag} {name!r} is not a device, expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{flag} {name!r}: no CUDA GPU is visible to PyTorch, use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"{flag} {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
+
+
+def check_output_path(path, flag, folder=True):
+    """An output folder (or, folder=False, a file) that can be created: neither it nor a parent is a file."""
+    path = os.path.abspath(path)
+    if folder and os.path.isfile(path):
+        raise InputError(f"{flag} {path} is a file, expected a folder (or a path to create one at)")
+    if not folder and os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a folder, expected a file name")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise InputError(f"{flag} {path} lies under {parent}, which is a file, expected a folder")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and the weights a run starts from
+# ----------------------------------------------------------------------------------------------------------
+# Arguments build_model reads from a checkpoint: one without them was not written by train.py.
+MODEL_ARGS = ("dataset", "backbone", "hidden_dim", "dim_feedforward", "enc_layers", "dec_layers", "nheads",
+              "num_queries", "num_feature_levels", "enc_n_points", "dec_n_points", "dropout", "with_box_refine",
+              "two_stage", "attn_impl", "device")
+
+
+def load_checkpoint(path, flag="--resume", keys=("model", "args")):
+    """A checkpoint as a dict on the CPU holding `keys`; anything else is an InputError naming `flag` and path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: checkpoint {path!r} does not exist")
+    ckpt = read_torch_file(path, f"{flag}: checkpoint", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{flag}: checkpoint {path} holds a {type(ckpt).__name__}, expected the dict train.py "
+                         "writes")
+    missing = [key for key in keys if key not in ckpt]
+    if "args" in keys and isinstance(ckpt.get("args"), dict):
+        missing += [f"args.{key}" for key in MODEL_ARGS if key not in ckpt["args"]]
+    if missing:
+        raise InputError(f"{flag}: checkpoint {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         "expected a checkpoint written by train.py")
+    for key in ("model", "args"):
+        if key in keys and not isinstance(ckpt[key], dict):
+            raise InputError(f"{flag}: checkpoint {path} has a {type(ckpt[key]).__name__} as '{key}', expected a "
+                             "dict")
+    if "model" in keys and not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise InputError(f"{flag}: checkpoint {path}: 'model' holds non-tensors, expected a state_dict")
+    return ckpt
+
+
+def load_model_state(model, state_dict, source):
+    """Strict load; a CLIP-DETR checkpoint into a baseline model may only miss alignnet.*/dynql.* keys."""
+    own = model.state_dict()
+    module_key = lambda k: k.startswith(("alignnet.", "dynql."))  # noqa: E731
+    missing = [k for k in own if k not in state_dict and not module_key(k)]
+    unexpected = [k for k in state_dict if k not in own and not module_key(k)]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        show = lambda keys: f"{keys[:3]}{'...' if len(keys) > 3 else ''} ({len(keys)})"  # noqa: E731
+        raise InputError(f"checkpoint {source!r} does not match the model: missing {show(missing)}, "
+                         f"unexpected {show(unexpected)}, shape mismatch {show(mismatched)}")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    skipped = [k for k in list(own) + list(state_dict) if module_key(k) and (k not in own or k not in state_dict)]
+    if skipped and is_main():
+        print(f"loaded {source}: {len(skipped)} training-module keys (alignnet.*/dynql.*) not used")
+
+
+def load_official_checkpoint(model, path, cat_ids):
+    """An official Deformable DETR checkpoint: strict load. Its 91-row COCO class heads keep the rows of cat_ids
+    (class k gets row cat_ids[k]); the two-stage encoder head keeps its objectness row 0 in column 0. The
+    checkpoint's ResNet stem and layer1 are then frozen, as the official code freezes a pretrained ResNet's."""
+    state = load_checkpoint(path, "--pretrained", keys=())
+    state = state.get("model", state)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise InputError(f"--pretrained {path} holds no state_dict (expected a dict of tensors, or one under 'model')")
+    if isinstance(model.class_embed[0], LabelEmbeddingClassifier):
+        raise InputError(f"--pretrained {path}: an official checkpoint's linear class head cannot initialise the "
+                         "open-vocabulary head of --dataset ov-coco; train ov-coco without --pretrained")
+    # The encoder head (class_embed.{n_dec}, alias transformer.decoder.class_embed.{n_dec}) is class-agnostic:
+    # every target is class 0 and proposals are ranked by that logit; its other rows only ever saw negatives.
+    encoder_head = f"class_embed.{model.transformer.decoder.num_layers}." if model.two_stage else None
+    for key in list(state):
+        if "class_embed" not in key or state[key].shape[0] != 91:
+            continue
+        if encoder_head and key.removeprefix("transformer.decoder.").startswith(encoder_head):
+            state[key] = state[key][:len(cat_ids)]
+        elif all(0 <= c < 91 for c in cat_ids):
+            state[key] = state[key][torch.as_tensor(cat_ids)]
+        else:
+            bad = [c for c in cat_ids if not 0 <= c < 91]
+            raise InputError(f"--pretrained {path}: its class heads have one row per COCO category id 0-90; the "
+                             f"dataset's category ids {bad[:3]}{'...' if len(bad) > 3 else ''} are not among them")
+    load_model_state(model, state, path)
+    model.backbone[0].freeze_stem_and_layer1()
+
+
+def checkpoint_args(ckpt, overrides, num_workers=0):
+    """The checkpoint's arguments with command-line overrides, for a plain (inference-only) detector."""
+    args = argparse.Namespace(**ckpt["args"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    args.num_workers = num_workers
+    args.method = "baseline"  # inference is plain Deformable DETR: the training modules are not built
+    args.pretrained_backbone = False  # the checkpoint holds the backbone: no ImageNet download
+    args.pretrained = None
+    return args
+
+
+def checkpoint_detector(ckpt, args, class_names, source):
+    """(model in eval mode on args.device, postprocess) with the checkpoint's weights."""
+    # An open-vocabulary head carries its label dictionary: evaluating it needs neither CLIP nor its cache.
+    model, _, postprocess = build_model(args, class_names,
+                                        label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
+    load_model_state(model, ckpt["model"], source)
+    return model.to(torch.device(args.device)).eval(), postprocess
+
+
+def checkpoint_classes(ckpt, args):
+    """(cat_ids, cat_names) the checkpoint was trained with: stored in it, else read from its val dataset."""
+    if "classes" in ckpt:
+        return list(ckpt["classes"]["ids"]), list(ckpt["classes"]["names"])
+    try:
+        dataset = build_dataset("val", args)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"the checkpoint does not store its class names, and its dataset, where they "
+                                f"are read from, is missing: {err}") from None
+    return dataset.cat_ids, dataset.cat_names

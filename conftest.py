@@ -1,0 +1,214 @@
+"""Shared test scaffolding: the offline environment, one cache folder per test session, the tiny command-line
+configuration and the tiny detector every test file builds on.
+
+Tests never reach the network: HF_HUB_OFFLINE=1 is set before any test module imports open_clip or
+huggingface_hub; TRITON_INTERPRET=1 before anything imports triton (test_triton.py runs the kernels on the CPU);
+and CLIP_DETR_CACHE points every generated `shapes` set and label dictionary of the session at
+one temporary folder (a `shapes` set of given arguments is generated once and shared by the files that use it).
+"""
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+# Triton reads this when it is first imported (torch and torchvision import it): its kernels then run on CPU
+# tensors in its interpreter (test_triton.py). On the CPU nothing else takes the Triton path.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import train  # noqa: E402
+from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# A `shapes` set of 8 + 2 images of 64-96 pixels with at most 3 objects: a training epoch and an evaluation in
+# seconds.
+TINY_SHAPES = ["--shapes-num-train", "8", "--shapes-num-val", "2", "--shapes-min-size", "64",
+               "--shapes-max-size", "96", "--shapes-max-objects", "3"]
+# A detector of a few hundred thousand parameters (resnet18, width 32, 1 + 2 layers, 10 queries) on one process.
+TINY_MODEL = ["--hidden-dim", "32", "--dim-feedforward", "64", "--enc-layers", "1", "--dec-layers", "2",
+              "--nheads", "4", "--num-queries", "10", "--batch-size", "2", "--num-workers", "0", "--no-progress"]
+TINY = TINY_SHAPES + TINY_MODEL
+
+
+def parse_args(*argv):
+    """train.py's arguments for a command line, with its dataset defaults filled in."""
+    return train.finalize_args(train.get_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache(tmp_path_factory):
+    """The session's CLIP_DETR_CACHE: generated `shapes` sets and label dictionaries, never the user's."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLIP_DETR_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    """tiny_args(*flags, out=None): train.py's arguments of the tiny configuration, writing into `out`
+    (default tmp_path/out)."""
+    return lambda *extra, out=None: parse_args("--output-dir", out or tmp_path / "out", *TINY, *extra)
+
+
+def make_tiny_detr(*, num_classes=5, num_queries=10, enc_layers=2, two_stage=True, with_box_refine=True,
+                   alignnet=None, dynql=None, seed=0, d_model=32):
+    """A resnet18 Deformable DETR small enough to run in a fraction of a second on the CPU: 4 levels, 4 heads,
+    2 points, 2 decoder layers. d_model is a multiple of 32, as GroupNorm(32, C) in input_proj needs."""
+    torch.manual_seed(seed)
+    backbone = Joiner(Backbone("resnet18"), PositionEmbeddingSine(d_model // 2))
+    transformer = DeformableTransformer(d_model=d_model, n_heads=4, num_encoder_layers=enc_layers,
+                                        num_decoder_layers=2, d_ffn=64, dropout=0.0, n_levels=4, enc_n_points=2,
+                                        dec_n_points=2, two_stage=two_stage, two_stage_num_proposals=num_queries)
+    return DeformableDETR(backbone, transformer, num_classes=num_classes, num_queries=num_queries,
+                          two_stage=two_stage, with_box_refine=with_box_refine, alignnet=alignnet, dynql=dynql)
+
+
+@pytest.fixture(scope="session")
+def tiny_detr():
+    """tiny_detr(**options): a fresh `make_tiny_detr` model (seeded, so equal options give equal weights)."""
+    return make_tiny_detr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# COCO-format files
+# ----------------------------------------------------------------------------------------------------------
+def write_coco(folder, ann_file, images, annotations, categories, **extra):
+    """Write grey image files for `images` into `folder` and the COCO JSON to `ann_file`."""
+    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(ann_file), exist_ok=True)
+    for img in images:
+        name = img.get("file_name") or os.path.basename(img["coco_url"])
+        Image.new("RGB", (img["width"], img["height"]), (128, 128, 128)).save(os.path.join(folder, name))
+    with open(ann_file, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories, **extra}, f)
+    return str(folder), str(ann_file)
+
+
+def ann(ann_id, image_id, category_id, bbox, iscrowd=0):
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+            "area": bbox[2] * bbox[3], "iscrowd": iscrowd}
+
+
+@pytest.fixture
+def small_coco(tmp_path):
+    """One 100x50 image with a 'cat' box and a 'dog' box; category ids 3 and 7 are not contiguous."""
+    images = [{"id": 5, "file_name": "a.png", "width": 100, "height": 50}]
+    anns = [ann(1, 5, 7, [10, 20, 30, 10]), ann(2, 5, 3, [0, 0, 100, 50])]
+    cats = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]
+    return write_coco(tmp_path / "img", tmp_path / "ann.json", images, anns, cats)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# COCO's categories and official Deformable DETR checkpoints (built, never downloaded)
+# ----------------------------------------------------------------------------------------------------------
+# COCO 2017's 80 category names in category-id order.
+COCO_80 = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+
+
+def official_state_shapes(*, backbone_state, backbone_channels, num_classes, d_model, n_heads, d_ffn, enc_layers,
+                          dec_layers, n_levels, n_points, num_queries, two_stage, with_box_refine):
+    """Names and shapes of the official fundamentalvision/Deformable-DETR state dict, written from its
+    models/{deformable_detr,deformable_transformer,backbone}.py and models/ops/modules/ms_deform_attn.py."""
+    shapes = {f'backbone.0.body.{k}': tuple(v.shape) for k, v in backbone_state.items() if not k.startswith('fc.')}
+    shapes.update(_official_transformer_shapes(d_model, n_heads, d_ffn, enc_layers, dec_layers, n_levels,
+                                               n_points, two_stage))
+    if not two_stage:
+        shapes['query_embed.weight'] = (num_queries, 2 * d_model)
+    shapes.update(_official_head_shapes(d_model, num_classes, dec_layers + (1 if two_stage else 0), two_stage,
+                                        with_box_refine))
+    C = d_model
+    c_in = backbone_channels[-1]
+    for lvl in range(n_levels):
+        kernel = 1 if lvl < len(backbone_channels) else 3
+        shapes[f'input_proj.{lvl}.0.weight'] = (C, backbone_channels[lvl] if kernel == 1 else c_in, kernel, kernel)
+        shapes[f'input_proj.{lvl}.0.bias'] = (C,)
+        shapes[f'input_proj.{lvl}.1.weight'] = shapes[f'input_proj.{lvl}.1.bias'] = (C,)
+        c_in = C if kernel == 3 else c_in
+    return shapes
+
+
+def _linear(shapes, prefix, n_out, n_in):
+    shapes[f'{prefix}.weight'] = (n_out, n_in)
+    shapes[f'{prefix}.bias'] = (n_out,)
+
+
+def _official_transformer_shapes(C, n_heads, d_ffn, enc_layers, dec_layers, n_levels, n_points, two_stage):
+    shapes = {'transformer.level_embed': (n_levels, C)}
+
+    def deformable_attention(prefix):
+        _linear(shapes, f'{prefix}.sampling_offsets', n_heads * n_levels * n_points * 2, C)
+        _linear(shapes, f'{prefix}.attention_weights', n_heads * n_levels * n_points, C)
+        _linear(shapes, f'{prefix}.value_proj', C, C)
+        _linear(shapes, f'{prefix}.output_proj', C, C)
+
+    def feed_forward(prefix, norms):
+        _linear(shapes, f'{prefix}.linear1', d_ffn, C)
+        _linear(shapes, f'{prefix}.linear2', C, d_ffn)
+        for norm in norms:
+            shapes[f'{prefix}.{norm}.weight'] = shapes[f'{prefix}.{norm}.bias'] = (C,)
+
+    for i in range(enc_layers):
+        deformable_attention(f'transformer.encoder.layers.{i}.self_attn')
+        feed_forward(f'transformer.encoder.layers.{i}', ('norm1', 'norm2'))
+    for i in range(dec_layers):
+        p = f'transformer.decoder.layers.{i}'
+        deformable_attention(f'{p}.cross_attn')
+        shapes[f'{p}.self_attn.in_proj_weight'] = (3 * C, C)
+        shapes[f'{p}.self_attn.in_proj_bias'] = (3 * C,)
+        _linear(shapes, f'{p}.self_attn.out_proj', C, C)
+        feed_forward(p, ('norm1', 'norm2', 'norm3'))
+    if two_stage:
+        _linear(shapes, 'transformer.enc_output', C, C)
+        shapes['transformer.enc_output_norm.weight'] = shapes['transformer.enc_output_norm.bias'] = (C,)
+        _linear(shapes, 'transformer.pos_trans', 2 * C, 2 * C)
+        shapes['transformer.pos_trans_norm.weight'] = shapes['transformer.pos_trans_norm.bias'] = (2 * C,)
+    else:
+        _linear(shapes, 'transformer.reference_points', 2, C)
+    return shapes
+
+
+def _official_head_shapes(C, num_classes, num_pred, two_stage, with_box_refine):
+    """class_embed.N / bbox_embed.N.layers.M and the official aliases under transformer.decoder."""
+    shapes = {}
+    class_prefixes = ['class_embed'] + (['transformer.decoder.class_embed'] if two_stage else [])
+    bbox_prefixes = ['bbox_embed'] + (['transformer.decoder.bbox_embed'] if with_box_refine else [])
+    for i in range(num_pred):
+        for prefix in class_prefixes:
+            _linear(shapes, f'{prefix}.{i}', num_classes, C)
+        for prefix in bbox_prefixes:
+            for j, (n_out, n_in) in enumerate([(C, C), (C, C), (4, C)]):
+                _linear(shapes, f'{prefix}.{i}.layers.{j}', n_out, n_in)
+    return shapes
+
+
+HEAD_ALIASES = ('transformer.decoder.class_embed.', 'transformer.decoder.bbox_embed.')
+
+
+def official_checkpoint(shapes, *, shared_heads):
+    """Random tensors under the official names. As in a released checkpoint, an alias holds the same tensor
+    as its head, and without box refinement every layer's head is one module, so one tensor."""
+    torch.manual_seed(0)
+    state = {k: torch.randn(shape) for k, shape in shapes.items() if not k.startswith(HEAD_ALIASES)}
+    if shared_heads:
+        for k in state:
+            if k.startswith(('class_embed.', 'bbox_embed.')):
+                head, _, rest = k.split('.', 2)
+                state[k] = state[f'{head}.0.{rest}']
+    for k in shapes:
+        if k.startswith(HEAD_ALIASES):
+            state[k] = state[k.removeprefix('transformer.decoder.')]
+    return state

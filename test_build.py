@@ -1,0 +1,167 @@
+"""Tests for build.py, the one map from command-line arguments to objects: datasets of every layout (COCO,
+OV-COCO, LVIS, custom, shapes) at the sizes the flags give, the label table's flags, the cache folder, and the
+errors of a missing or half layout. CPU, tiny sizes, tmp_path only."""
+import ast
+import json
+import os
+import random
+
+import pytest
+import torch
+import build
+import data
+import errors
+from conftest import COCO_80, HERE, ann, parse_args, write_coco
+
+
+def dataset_args(*argv):
+    """train.py's arguments of a dataset command line (its defaults filled in, as build.py receives them)."""
+    return parse_args(*argv)
+
+
+def test_lvis_style_coco_url_images_are_found_in_either_folder(tmp_path):
+    images = [{"id": 139, "coco_url": "http://images.cocodataset.org/val2017/000000000139.jpg",
+               "width": 30, "height": 20},
+              {"id": 9, "coco_url": "http://images.cocodataset.org/train2017/000000000009.jpg",
+               "width": 20, "height": 30}]
+    cats = [{"id": 1, "name": "aerosol_can", "synset": "aerosol.n.02"}]
+    anns = [ann(1, 139, 1, [1, 2, 3, 4]), ann(2, 9, 1, [2, 2, 4, 4])]
+    write_coco(tmp_path / "val2017", tmp_path / "annotations" / "lvis_v1_val.json", images[:1], anns, cats)
+    write_coco(tmp_path / "train2017", tmp_path / "annotations" / "lvis_v1_val.json", images[1:], anns, cats)
+    with open(tmp_path / "annotations" / "lvis_v1_val.json", "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    ds = build.build_dataset("val", dataset_args("--dataset", "lvis", "--data-path", tmp_path))
+    assert ds.image_path(139) == str(tmp_path / "val2017" / "000000000139.jpg")
+    assert ds.image_path(9) == str(tmp_path / "train2017" / "000000000009.jpg")
+    assert [int(ds[i][1]["image_id"]) for i in range(2)] == [9, 139]
+    assert ds.cat_names == ["aerosol_can"]
+
+
+def test_build_custom_dataset(small_coco):
+    folder, ann_file = small_coco
+    args = dataset_args("--dataset", "custom", "--train-json", ann_file, "--train-images", folder,
+                        "--val-json", ann_file, "--val-images", folder)
+    image, target = build.build_dataset("val", args)[0]
+    assert image.shape == (3, 666, 1332), "shorter side lowered from 800 so that the longer fits 1333"
+    assert target["orig_size"].tolist() == [50, 100] and target["size"].tolist() == list(image.shape[1:])
+    args.val_json = None
+    with pytest.raises(ValueError, match="needs --val-json: a COCO-format JSON"):
+        build.build_dataset("val", args)
+
+
+def test_custom_dataset_min_size_max_size(small_coco):
+    """--min-size/--max-size reach the custom pipelines: evaluation at min_size, training never above it."""
+    folder, ann_file = small_coco
+    args = dataset_args("--dataset", "custom", "--train-json", ann_file, "--train-images", folder,
+                        "--val-json", ann_file, "--val-images", folder, "--min-size", 40, "--max-size", 120)
+    image, _ = build.build_dataset("val", args)[0]
+    assert image.shape == (3, 40, 80), "50x100 image: shorter side 40"
+    train = build.build_dataset("train", args)
+    for seed in range(6):
+        random.seed(seed)
+        image, _ = train[0]
+        assert min(image.shape[1:]) <= 40 and max(image.shape[1:]) <= 120, image.shape
+    args.min_size, args.max_size = 80, 60
+    with pytest.raises(ValueError, match="--min-size 80"):
+        build.build_dataset("val", args)
+
+
+def test_build_shapes_dataset(tmp_path):
+    args = dataset_args("--dataset", "shapes", "--data-path", tmp_path, "--shapes-num-train", 2,
+                        "--shapes-num-val", 1, "--shapes-min-size", 48, "--shapes-max-size", 64,
+                        "--shapes-max-objects", 2)
+    train, val = build.build_dataset("train", args), build.build_dataset("val", args)
+    assert len(train) == 2 and len(val) == 1 and train.cat_names == val.cat_names
+    _, target = val[0]
+    assert min(target["size"].tolist()) == 48 or max(target["size"].tolist()) == 64, \
+        "shapes is evaluated with its shorter side at shapes_min_size, longer side at most shapes_max_size"
+    for seed in range(5):
+        random.seed(seed)
+        image, _ = train[0]
+        assert min(image.shape[1:]) in (36, 48) or max(image.shape[1:]) == 64, image.shape
+        assert max(image.shape[1:]) <= 64
+
+
+def test_build_ov_coco_keeps_base_for_training_and_65_for_evaluation(tmp_path):
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(COCO_80)]
+    images = [{"id": 1, "file_name": "1.jpg", "width": 64, "height": 48}]
+    anns = [ann(i + 1, 1, c["id"], [1, 1, 5, 5]) for i, c in enumerate(cats)]
+    for split in ("train", "val"):
+        write_coco(tmp_path / f"{split}2017", tmp_path / "annotations" / f"instances_{split}2017.json",
+                   images, anns, cats)
+    args = dataset_args("--dataset", "ov-coco", "--data-path", tmp_path)
+    train, val = build.build_dataset("train", args), build.build_dataset("val", args)
+    assert train.cat_names == val.cat_names == list(COCO_80)
+    train_names = {train.cat_names[i] for i in train[0][1]["labels"].tolist()}
+    val_names = {val.cat_names[i] for i in val[0][1]["labels"].tolist()}
+    assert train_names == set(data.OV_COCO_BASE)
+    assert val_names == set(data.OV_COCO_BASE) | set(data.OV_COCO_NOVEL)
+    coco = build.build_dataset("val", dataset_args("--dataset", "coco", "--data-path", tmp_path))
+    assert len(coco[0][1]["labels"]) == 80
+
+
+def test_build_dataset_errors(tmp_path):
+    missing = str(tmp_path / "coco-nowhere")
+    with pytest.raises(FileNotFoundError, match="coco-nowhere.*train2017"):
+        build.build_dataset("train", dataset_args("--dataset", "coco", "--data-path", missing))
+    os.makedirs(tmp_path / "half" / "train2017")
+    with pytest.raises(FileNotFoundError, match=r"instances_train2017\.json not found"):
+        build.build_dataset("train", dataset_args("--dataset", "coco", "--data-path", tmp_path / "half"))
+    with pytest.raises(FileNotFoundError, match="lvis_v1"):
+        build.build_dataset("val", dataset_args("--dataset", "lvis", "--data-path", tmp_path / "half"))
+    with pytest.raises(ValueError, match="data-path"):
+        build.build_dataset("train", dataset_args("--dataset", "coco"))
+    with pytest.raises(ValueError, match="'voc'"):
+        args = dataset_args("--dataset", "coco", "--data-path", tmp_path)
+        args.dataset = "voc"  # past the parser's choices, as a hand-made namespace could be
+        build.build_dataset("train", args)
+    with pytest.raises(ValueError, match="'test'"):
+        build.build_dataset("test", dataset_args("--data-path", tmp_path))
+
+
+def test_label_table_maps_its_flags(tmp_path):
+    """--label-embeddings FILE is the table's source, rows L2-normalized, in the order of the names given."""
+    torch.save(torch.eye(3) * 2, tmp_path / "eye.pt")
+    args = dataset_args("--label-embeddings", tmp_path / "eye.pt", "--clip-model", "RN50", "--clip-pretrained",
+                        "openai")
+    torch.testing.assert_close(build.build_label_table(args, ["red circle", "blue triangle", "green square"]),
+                               torch.eye(3))
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIP_DETR_CACHE", str(tmp_path))
+    assert errors.cache_dir() == str(tmp_path)
+    monkeypatch.delenv("CLIP_DETR_CACHE")
+    assert errors.cache_dir() == os.path.expanduser("~/.cache/clip-detr")
+
+
+PROJECT = ("errors", "model", "matcher", "alignnet", "dynql", "data", "build", "evaluate", "train", "bench")
+
+
+def project_imports(name):
+    """The project modules that module `name` imports (anywhere in the file)."""
+    tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return names & set(PROJECT)
+
+
+def test_the_structure_reads_top_down():
+    """No two files import each other (directly or around a circle); train.py and evaluate.py are peers over
+    build.py (evaluate never imports train); nothing below build.py reads an argparse namespace."""
+    graph = {name: project_imports(name) for name in PROJECT}
+    done, order = set(), []
+
+    def visit(name, path):
+        assert name not in path, f"import circle: {' -> '.join(path + [name])}"
+        if name not in done:
+            for child in sorted(graph[name]):
+                visit(child, path + [name])
+            done.add(name)
+            order.append(name)
+    for name in PROJECT:
+        visit(name, [])
+    assert "build" in graph["train"] and "build" in graph["evaluate"] and "train" not in graph["evaluate"]
+    for name in ("errors", "model", "matcher", "alignnet", "dynql", "data"):
+        source = open(os.path.join(HERE, f"{name}.py")).read()
+        assert "args." not in source and "getattr(args" not in source, f"{name}.py reads the command line"
