@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, roi_align
 
-from errors import InputError, read_torch_file, write_atomically
+from errors import InputError, read_torch_file, save_torch
 from errors import cache_dir as default_cache_dir
 
 ALIGN_FEATURES = ('label', 'label+bbox', 'label+scale')
@@ -94,6 +94,28 @@ def _load_embeddings_file(path, num_classes):
     if bad_rows:
         raise InputError(f"label embeddings file '{path}' has NaN or Inf in rows {bad_rows[:10]}"
                          f"{' ...' if len(bad_rows) > 10 else ''}, expected finite numbers")
+    # Eq. 4 and the dictionary compare directions: an all-zero row has none (normalizing it gives 0 or NaN).
+    zero_rows = (table == 0).all(dim=1).nonzero().flatten().tolist()  # (rows of zeros,)
+    if zero_rows:
+        raise InputError(f"label embeddings file '{path}' has all-zero rows {zero_rows[:10]}"
+                         f"{' ...' if len(zero_rows) > 10 else ''}, expected a non-zero embedding for every class")
+    return table
+
+
+def _read_cache(path, num_classes):
+    """The cached table at `path`, or None when there is none. A cache file that is not a (K, D) float table of
+    finite numbers (a kill mid-write by an older version, a full disk, a stray file) is said to be unreadable
+    and recomputed, not an error: the cache is the project's own file, not the user's input."""
+    if not path.is_file():
+        return None
+    try:
+        table = read_torch_file(path, 'label dictionary cache', weights_only=True)
+        if not (torch.is_tensor(table) and table.is_floating_point() and table.ndim == 2
+                and table.shape[0] == num_classes and torch.isfinite(table).all()):
+            raise InputError(f"label dictionary cache {path} holds no ({num_classes}, D) table of finite numbers")
+    except InputError as err:
+        print(f"{err}: recomputing it")
+        return None
     return table
 
 
@@ -161,12 +183,11 @@ def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', 
             raise InputError(f"unknown CLIP model '{model_name}', expected one of open_clip.list_models(), "
                              f"e.g. RN50x64, RN50, ViT-B-32")
         path = _cache_path(cache_dir, model_name, pretrained, prompt, class_names)
-        if path.is_file():
-            table = torch.load(path, map_location='cpu', weights_only=True)
-        else:
+        table = _read_cache(path, len(class_names))
+        if table is None:
             table = _encode_with_clip(class_names, model_name=model_name, pretrained=pretrained, prompt=prompt,
                                       device=device)
-            write_atomically(path, lambda tmp: torch.save(table, tmp))
+            save_torch(path, table)
         if pretrained == 'none':
             print(f"label dictionary: RANDOM-weight CLIP text encoder '{model_name}' (--clip-pretrained none); "
                   f"for smoke runs only")

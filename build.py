@@ -18,6 +18,7 @@ the defaults that differ for the CPU demo are train.py's.
 """
 import argparse
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -71,8 +72,8 @@ def build_dataset(image_set, args):
     if args.dataset == "custom":
         ann_file, img_folder = getattr(args, f"{image_set}_json"), getattr(args, f"{image_set}_images")
         if not ann_file or not img_folder:
-            missing = [flag for flag, value in ((f"--{image_set}-json", ann_file), (f"--{image_set}-images", img_folder))
-                       if not value]
+            missing = [flag for flag, value in ((f"--{image_set}-json", ann_file),
+                                                (f"--{image_set}-images", img_folder)) if not value]
             raise InputError(f"dataset 'custom' needs {', '.join(missing)}: a COCO-format JSON and its image folder")
         return data.CocoDetection(img_folder, ann_file, transforms=transforms)
     if args.dataset not in DATASETS:
@@ -192,17 +193,25 @@ def check_device(name, flag="--device"):
 
 
 def check_output_path(path, flag, folder=True):
-    """An output folder (or, folder=False, a file) that can be created: neither it nor a parent is a file."""
+    """An output folder (or, folder=False, a file) that can be created and written, checked before any work: neither
+    it nor a parent is a file, and the deepest folder of it that exists takes a new file (a read-only file system
+    or a folder without write permission fails here, not after an epoch). Nothing is left behind by the check."""
     path = os.path.abspath(path)
     if folder and os.path.isfile(path):
         raise InputError(f"{flag} {path} is a file, expected a folder (or a path to create one at)")
     if not folder and os.path.isdir(path):
         raise InputError(f"{flag} {path} is a folder, expected a file name")
-    parent = os.path.dirname(path)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise InputError(f"{flag} {path} lies under {parent}, which is a file, expected a folder")
+    existing = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise InputError(f"{flag} {path} lies under {existing}, which is a file, expected a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".clip-detr-write-check-"):
+            pass
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot write into {existing} ({err.strerror or err}), expected a "
+                         "writable folder") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,6 +225,10 @@ MODEL_ARGS = ("dataset", "backbone", "hidden_dim", "dim_feedforward", "enc_layer
 
 def load_checkpoint(path, flag="--resume", keys=("model", "args")):
     """A checkpoint as a dict on the CPU holding `keys`; anything else is an InputError naming `flag` and path."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pth")
+        hint = f" (did you mean {inside}?)" if os.path.isfile(inside) else ""
+        raise InputError(f"{flag}: {path} is a folder, expected a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: checkpoint {path!r} does not exist")
     ckpt = read_torch_file(path, f"{flag}: checkpoint", weights_only=False)

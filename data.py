@@ -32,9 +32,11 @@ Deviations from the paper:
       evaluation protocol is not reproduced by this loader.
     - Resizing under a max_size truncates the lowered shorter side where Deformable DETR rounds it, so the
       longer side never exceeds max_size (rounding can overshoot it by one pixel).
-    - An image whose file size disagrees with the JSON's width/height is an error (DETR trusts the JSON), since
+    - An image whose size disagrees with the JSON's width/height is an error (DETR trusts the JSON), since
       its boxes would not fit the pixels: checked in the headers of up to HEADER_CHECKS images when the dataset
       is built, and for every image when it is loaded.
+    - Images are read as displayed: a photo's EXIF orientation is applied (DETR reads the stored pixels;
+      detectron2 and annotation tools turn them), so its width/height and boxes are those of the turned photo.
     - 16-bit grey images are scaled to 8 bits; PIL's convert("RGB"), which DETR uses, clips them at 255.
 """
 
@@ -85,16 +87,16 @@ def _unreadable(path, err):
     return InputError(f"image {path} cannot be read ({type(err).__name__}: {err}); expected a PNG/JPEG file")
 
 
-def load_rgb(path, *, exif_transpose=False):
-    """An image file as an 8-bit RGB PIL image; unreadable files are an InputError naming the path.
+def load_rgb(path):
+    """An image file as an 8-bit RGB PIL image, as displayed; unreadable files are an InputError naming the path.
 
-    16-bit grey is scaled to 8 bits (PIL's convert would clip it, turning it white). `exif_transpose` turns a
-    photo the way its EXIF orientation says (PIL.ImageOps.exif_transpose); COCO annotations are in the stored
-    pixels' orientation, so datasets read the pixels as stored.
+    A photo is turned the way its EXIF orientation says (PIL.ImageOps.exif_transpose), as annotation tools show
+    it (and as detectron2 reads training images), so boxes drawn on the displayed photo fit the pixels. 16-bit
+    grey is scaled to 8 bits (PIL's convert would clip it, turning it white).
     """
     try:
         with Image.open(path) as f:
-            image = ImageOps.exif_transpose(f) if exif_transpose else f
+            image = ImageOps.exif_transpose(f)
             image.load()
             if image.mode in WIDE_GREY_MODES:
                 wide = np.asarray(image, dtype=np.float64)  # (H, W)
@@ -106,14 +108,26 @@ def load_rgb(path, *, exif_transpose=False):
         raise _unreadable(path, err) from None
 
 
-def size_mismatch(path, stored_size, orientation, info, ann_file):
-    """The error for an image whose pixels are not the JSON's width x height, naming an EXIF-rotated view."""
-    w, h = stored_size
+def displayed_size(path):
+    """(width, height) of an image as displayed (its EXIF orientation applied) and that orientation, from the
+    header alone (no pixels are decoded)."""
+    try:
+        with Image.open(path) as f:
+            (w, h), orientation = f.size, f.getexif().get(0x0112)  # 0x0112: the EXIF Orientation tag
+    except UNREADABLE_IMAGE as err:
+        raise _unreadable(path, err) from None
+    return ((h, w) if orientation in EXIF_TRANSPOSED else (w, h)), orientation
+
+
+def size_mismatch(path, size, orientation, info, ann_file):
+    """The error for an image whose displayed size is not the JSON's width x height, naming an EXIF rotation."""
+    w, h = size
     json_size = (info["width"], info["height"])
     message = f"image {path} is {w}x{h} but {ann_file} says {json_size[0]}x{json_size[1]} (width x height)"
     if orientation in EXIF_TRANSPOSED and json_size == (h, w):
-        message += (f": the JSON describes the EXIF-rotated view (orientation {orientation}) rather than the "
-                    "stored pixels, which annotations refer to; rotate the pixels to match or fix width/height")
+        message += (f" as displayed: its EXIF orientation {orientation} turns the stored {h}x{w} pixels, and images "
+                    "are read as displayed (as annotation tools show them); fix width/height, and the boxes if "
+                    "they were drawn on the stored pixels")
     return InputError(message)
 
 
@@ -316,6 +330,15 @@ def _load_coco_json(ann_file):
     if missing:
         raise InputError(f"annotation file {ann_file} lacks {missing}; a COCO-format file needs "
                          "'images', 'annotations' and 'categories'")
+    for key in ("images", "annotations", "categories"):
+        section = data[key]
+        if not isinstance(section, list):
+            raise InputError(f"annotation file {ann_file}: '{key}' is {json.dumps(section)[:40]} (a "
+                             f"{type(section).__name__}), expected a list of objects")
+        bad = next((entry for entry in section if not isinstance(entry, dict)), None)
+        if bad is not None:
+            raise InputError(f"annotation file {ann_file}: '{key}' holds {json.dumps(bad)[:40]}, expected an "
+                             "object for every entry")
     return data
 
 
@@ -326,6 +349,12 @@ def _check_categories(categories, ann_file):
         if "id" not in cat:
             raise InputError(f"annotation file {ann_file}: category {cat!r} has no 'id', expected an 'id' and a "
                              "'name' in every category")
+        if not _is_int(cat["id"]):
+            raise InputError(f"annotation file {ann_file}: category id {cat['id']!r} is a {type(cat['id']).__name__}, "
+                             "expected an integer")
+        if cat["id"] in names:
+            raise InputError(f"annotation file {ann_file}: category id {cat['id']} is used by more than one "
+                             "category, expected unique ids")
         name = cat.get("name")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"annotation file {ann_file}: category id {cat['id']} has no name "
@@ -495,11 +524,7 @@ class CocoDetection(Dataset):
         step = max(1, -(-len(self.ids) // HEADER_CHECKS))
         for img_id in self.ids[::step]:
             path = self._paths[img_id]
-            try:
-                with Image.open(path) as f:
-                    size, orientation = f.size, f.getexif().get(0x0112)  # 0x0112: the EXIF Orientation tag
-            except UNREADABLE_IMAGE as err:
-                raise _unreadable(path, err) from None
+            size, orientation = displayed_size(path)
             info = self.coco.imgs[img_id]
             if size != (info["width"], info["height"]):
                 raise size_mismatch(path, size, orientation, info, self.ann_file)
@@ -518,9 +543,7 @@ class CocoDetection(Dataset):
         w, h = image.size
         info = self.coco.imgs[img_id]
         if (w, h) != (info["width"], info["height"]):
-            with Image.open(path) as f:
-                orientation = f.getexif().get(0x0112)
-            raise size_mismatch(path, (w, h), orientation, info, self.ann_file)
+            raise size_mismatch(path, (w, h), displayed_size(path)[1], info, self.ann_file)
         start, end = self._span[img_id]
         target = {
             "boxes": torch.from_numpy(self._boxes[start:end].copy()),

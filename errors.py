@@ -12,10 +12,12 @@ results JSON, the label-dictionary cache): a kill or a full disk leaves the old 
 
 No equations, no tensors (no shape legend). Deviations from the paper: none (the paper has no CLI).
 """
+import argparse
 import json
 import os
 import pickle
 import secrets
+import sys
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,14 @@ def error_line(err):
     if "\nOriginal Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown flag, a value of the wrong type or not among the choices) are one
+    line, like every other bad input, instead of the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {os.path.basename(sys.argv[0]) or self.prog} --help)\n")
 
 
 def is_distributed():
@@ -74,17 +84,30 @@ TEMP_SUFFIX = ".tmp"
 
 def write_atomically(path, write):
     """`write(tmp)` to a temporary file beside `path` (PATH.<random>.tmp), then rename it over `path`: a kill
-    leaves the old file or the new one, never half of one, and a failed write (disk full, ...) leaves no
-    temporary file behind. The temporary name is unique, so two processes writing one path never share it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    leaves the old file or the new one, never half of one, and a failed write leaves no temporary file behind.
+    The temporary name is unique, so two processes writing one path never share it. A write the system refuses
+    (disk full, read-only, no permission) is an InputError naming the path and the cause: the old file is kept."""
     # Created by `write` itself (not mkstemp, whose 0600 mode would stick to the renamed file).
     tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+        raise InputError(f"cannot write {path}: {err.strerror or err} ({kept})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_torch(path, obj):
+    """torch.save, written atomically through a Python file object: then a full disk is an OSError that says so
+    (torch.save given a path reports it as a bare 'PytorchStreamWriter failed writing file')."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_atomically(path, write)
 
 
 def write_json(path, obj):

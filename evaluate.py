@@ -12,8 +12,8 @@ them) as a plain Deformable DETR (AlignNet and DynQL act during training only) a
                    --dataset lvis: AP, AP50, AP75, APr, APc, APf with the optional `lvis` package (Table 2).
   --visualize N    one PNG per val image for the first N: detections | discriminative score map (Appendix A.1,
                    Figure 3); --compare CKPT2 adds a row for a second checkpoint (e.g. baseline vs CLIP-DETR).
-  --images DIR     detections on every image of a folder (turned as its EXIF orientation says): a COCO-style
-                   results JSON and annotated PNGs.
+  --images DIR     detections on every image of a folder, or on one image file (photos turned as their EXIF
+                   orientation says): a COCO-style results JSON and annotated PNGs.
 
 The file holds no equation; the paper content is the protocols above and the score map of Appendix A.1:
 the l2-norm over C of the encoder memory at every location, min-max normalized, values below 0.5 left out.
@@ -34,7 +34,6 @@ Deviations from the paper:
     detection slots without entering any number.
   - `coco_stats` treats an annotation without 'iscrowd' (LVIS has none) as not crowd, which pycocotools needs.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -54,7 +53,7 @@ from torchvision.utils import draw_bounding_boxes
 import data
 from build import (build_dataset, build_transforms, check_device, check_output_path, checkpoint_args,
                    checkpoint_classes, checkpoint_detector, load_checkpoint)
-from errors import InputError, error_line, is_distributed, write_json
+from errors import ArgumentParser, InputError, error_line, is_distributed, write_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_STAT_NAMES = ("AP", "AP50", "AP75", "APr", "APc", "APf")
@@ -92,11 +91,22 @@ def to_coco_results(predictions, cat_ids):
     return results
 
 
+def has_ground_truth(coco_gt, image_ids=None, cat_ids=None):
+    """True when a non-crowd box of the evaluated images and categories exists: else there is nothing to score."""
+    images = None if image_ids is None else set(image_ids)
+    cats = None if cat_ids is None else set(cat_ids)
+    return any(not ann.get("iscrowd", 0) and (images is None or ann["image_id"] in images)
+               and (cats is None or ann["category_id"] in cats) for ann in coco_gt.anns.values())
+
+
 def coco_stats(coco_gt, results, image_ids=None, cat_ids=None):
-    """The 12 COCOeval numbers (AP, AP50, AP75, APs, APm, APl, AR...); all 0 when there is nothing to score.
+    """The 12 COCOeval numbers (AP, AP50, AP75, APs, APm, APl, AR...) of the evaluated images and categories;
+    None when they hold no ground-truth box (pycocotools would print -1 everywhere); all 0 without detections.
 
     A category without ground truth among the evaluated images scores -1 and is left out of every mean.
     """
+    if not has_ground_truth(coco_gt, image_ids, cat_ids):
+        return None
     if not results:
         return [0.0] * 12
     for ann in coco_gt.anns.values():
@@ -134,23 +144,49 @@ def predict(model, postprocess, loader, device, per_layer=False):
     return layers[-1], layers
 
 
-def evaluate(model, postprocess, loader, dataset, device, per_layer=False):
+def val_cat_ids(class_names, dataset):
+    """The val set's category id of each of the model's classes (its head's rows, `class_names`), matched by name:
+    a val JSON may number its categories otherwise. Names that only one side has are an InputError naming them."""
+    if list(class_names) == list(dataset.cat_names):
+        return list(dataset.cat_ids)
+    only_model = [n for n in class_names if n not in dataset.cat_names]
+    only_val = [n for n in dataset.cat_names if n not in class_names]
+    if only_model or only_val:
+        raise InputError(f"the model has {len(class_names)} classes and {dataset.ann_file} {len(dataset.cat_names)}: "
+                         f"only the model has {only_model[:5]}{' ...' if len(only_model) > 5 else ''}, only the val "
+                         f"set has {only_val[:5]}{' ...' if len(only_val) > 5 else ''}; expected the same category "
+                         "names (they are matched by name, not by id)")
+    id_of = dict(zip(dataset.cat_names, dataset.cat_ids))
+    return [id_of[name] for name in class_names]
+
+
+def evaluate(model, postprocess, loader, dataset, device, per_layer=False, class_names=None):
     """(stats, results): the 12 COCO stats of the last decoder layer (with per_layer a list of them, decoder layer 1
-    first, Table 9) and the COCO results list of the last layer, predictions gathered from every rank."""
+    first, Table 9) and the COCO results list of the last layer, predictions gathered from every rank.
+    `class_names`: the model's classes, matched to the val set's categories by name (default: the val set's)."""
+    cat_ids = val_cat_ids(dataset.cat_names if class_names is None else class_names, dataset)
     _, layers = predict(model, postprocess, loader, device, per_layer)
     layers = [gather_predictions(store) for store in layers]
-    results = [to_coco_results(store, dataset.cat_ids) for store in layers]
+    results = [to_coco_results(store, cat_ids) for store in layers]
     per = [coco_stats(dataset.coco, r, list(store)) for r, store in zip(results, layers)]
     return (per if per_layer else per[-1]), results[-1]
 
 
 def print_table(title, columns, rows, row_label=None):
-    """A title, a header and one line per row of numbers in [0, 1], shown in percent; with `row_label`, a first
-    column numbering the rows from 1 (Table 9's decoder layers)."""
+    """A title, a header and one line per row of numbers in [0, 1], shown in percent; 'n/a' where there was nothing
+    to score (None, or pycocotools' -1 for a size range without ground truth); with `row_label`, a first column
+    numbering the rows from 1 (Table 9's decoder layers)."""
     lead = (lambda label: f"{label:>6} ") if row_label else (lambda label: "")
+    cell = lambda v: f"{'n/a':>6}" if v is None or v < 0 else f"{100 * v:6.1f}"  # noqa: E731
     lines = [title, lead(row_label) + " ".join(f"{n:>6}" for n in columns)]
-    lines += [lead(k) + " ".join(f"{100 * v:6.1f}" for v in row) for k, row in enumerate(rows, start=1)]
+    lines += [lead(k) + " ".join(cell(v) for v in row) for k, row in enumerate(rows, start=1)]
     print("\n".join(lines))
+
+
+def nothing_to_score(dataset):
+    """The line printed instead of AP for a val set without a ground-truth box."""
+    return (f"nothing to score: {dataset.ann_file} has no (non-crowd) annotation on its {len(dataset)} images, so "
+            "no AP is computed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,8 +205,9 @@ def ov_coco_ap50(coco_gt, results, base_names, novel_names, image_ids=None):
     if set(base_names) & set(novel_names):
         raise InputError(f"categories {sorted(set(base_names) & set(novel_names))} are both base and novel")
     groups = {"novel": novel_names, "base": base_names, "all": list(base_names) + list(novel_names)}
-    return {group: coco_stats(coco_gt, results, image_ids, [ids_of[n] for n in names])[1]
-            for group, names in groups.items()}
+    stats = {group: coco_stats(coco_gt, results, image_ids, [ids_of[n] for n in names])
+             for group, names in groups.items()}
+    return {group: None if s is None else s[1] for group, s in stats.items()}
 
 
 def lvis_api():
@@ -291,7 +328,7 @@ def save_png(image, path):
 
 
 @torch.no_grad()
-def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, score_threshold=0.3):
+def visualize(detectors, dataset, postprocess, indices, output_dir, *, class_names, device, score_threshold=0.3):
     """Figure 3 for the val images `indices`: one PNG each, a row [detections | score map] per detector.
 
     detectors: (label, model) pairs, drawn top to bottom; each panel has the original image's size.
@@ -315,7 +352,7 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, s
             # In eval mode forward returns no memory, so the encoder runs once more for the map.
             levels, valid_ratios = encoder_memory(model, images, mask)
             score = discriminative_score_map(levels, valid_ratios, [size])[0].cpu()
-            detections = draw_detections(original, pred, dataset.cat_names, score_threshold)
+            detections = draw_detections(original, pred, class_names, score_threshold)
             rows.append(torch.cat([label_panel(detections, f"{label}: detections"),
                                    label_panel(overlay_score_map(original, score), f"{label}: score map")], dim=2))
         path = os.path.join(output_dir, os.path.splitext(os.path.basename(file_path))[0] + ".png")
@@ -327,14 +364,19 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, s
 # ----------------------------------------------------------------------------------------------------------
 # A folder of images
 # ----------------------------------------------------------------------------------------------------------
-def list_images(folder):
-    """(names PIL can decode, names it cannot, subfolder names) of the entries of `folder`, each sorted.
+def list_images(path):
+    """(folder, names PIL can decode, names it cannot, subfolder names) of `path`: a folder's entries, each sorted,
+    or one image file (an unreadable one is an InputError naming it).
 
     Every file is decoded once here (verify() passes truncated JPEGs); beside a detector's forward pass that
     costs little. Subfolders are not searched.
     """
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--images: folder {folder} not found (expected a folder of images)")
+    if os.path.isfile(path):
+        data.load_rgb(path)
+        return os.path.dirname(path) or ".", [os.path.basename(path)], [], []
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--images: {path} not found (expected a folder of images or one image file)")
+    folder = path
     entries = sorted(os.listdir(folder))
     subfolders = [n for n in entries if os.path.isdir(os.path.join(folder, n))]
     good, bad = [], []
@@ -344,7 +386,7 @@ def list_images(folder):
             good.append(name)
         except InputError:
             bad.append(name)
-    return good, bad, subfolders
+    return folder, good, bad, subfolders
 
 
 class ImageFolder(Dataset):
@@ -358,8 +400,7 @@ class ImageFolder(Dataset):
         return len(self.names)
 
     def __getitem__(self, index):
-        # Photos are shown as their EXIF orientation says; a folder has no annotations tied to stored pixels.
-        image = data.load_rgb(os.path.join(self.folder, self.names[index]), exif_transpose=True)
+        image = data.load_rgb(os.path.join(self.folder, self.names[index]))
         target = {"image_id": torch.tensor(index), "orig_size": torch.tensor([image.height, image.width])}
         image, _ = self.transforms(image, None)
         return image, target
@@ -371,16 +412,17 @@ def png_names(names):
     return [(s if stems.count(s) == 1 else n) + ".png" for s, n in zip(stems, names)]
 
 
-def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, transforms, output_dir,
+def detect_folder(model, postprocess, path, *, class_names, cat_ids, device, transforms, output_dir,
                   batch_size=1, score_threshold=0.3):
-    """Detections on every image of `folder`: (COCO results list with 'file_name', PNG paths).
+    """Detections on every image of the folder `path` (or on the one image file `path`): (COCO results list with
+    'file_name', PNG paths).
 
     Unreadable files, and subfolders, are named in one warning line each on stderr and skipped; photos are
     turned as their EXIF orientation says (boxes refer to the turned image). The results keep every detection
     of the post-processing (a results file is scored later at any threshold); the PNGs draw those scoring
     at least `score_threshold`.
     """
-    names, skipped, subfolders = list_images(folder)
+    folder, names, skipped, subfolders = list_images(path)
     if skipped:
         print(f"warning: skipped {len(skipped)} file(s) in {folder} that are not readable images: "
               f"{', '.join(skipped)}", file=sys.stderr)
@@ -398,7 +440,7 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index, (name, out_name) in enumerate(zip(names, png_names(names))):
-        image = TF.pil_to_tensor(data.load_rgb(os.path.join(folder, name), exif_transpose=True))  # (3, H, W) uint8
+        image = TF.pil_to_tensor(data.load_rgb(os.path.join(folder, name)))  # (3, H, W) uint8
         paths.append(os.path.join(output_dir, out_name))
         save_png(draw_detections(image, final[index], class_names, score_threshold), paths[-1])
     return results, paths
@@ -413,7 +455,7 @@ OVERRIDES = ("dataset", "data_path", "val_json", "val_images", "device", "batch_
 
 
 def get_parser():
-    p = argparse.ArgumentParser("CLIP-DETR evaluation", description=__doc__.split("\n")[0])
+    p = ArgumentParser("CLIP-DETR evaluation", description=__doc__.split("\n")[0])
     p.add_argument("--resume", required=True, metavar="CKPT", help="a checkpoint written by train.py")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data-path", default=None)
@@ -434,7 +476,8 @@ def get_parser():
                    help="write detection and score-map PNGs of the first N val images (no AP is computed)")
     p.add_argument("--compare", default=None, metavar="CKPT2", help="with --visualize: a second row for CKPT2")
     p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
-    p.add_argument("--images", default=None, metavar="DIR", help="detect on every image of DIR (no AP)")
+    p.add_argument("--images", default=None, metavar="DIR|FILE",
+                   help="detect on every image of a folder, or on one image file (no AP)")
     p.add_argument("--output-dir", default=os.path.join("outputs", "eval"), help="where PNGs are written")
     return p
 
@@ -508,16 +551,19 @@ def detect_images(cli, ckpt, args, device, log):
 def visualize_val_set(cli, ckpt, args, device, overrides, log):
     """--visualize N [--compare CKPT2]: detections and score maps (Figure 3) of the first N val images."""
     dataset = build_dataset("val", args)
-    model, postprocess = checkpoint_detector(ckpt, args, dataset.cat_names, cli.resume)
+    _, class_names = checkpoint_classes(ckpt, args)
+    val_cat_ids(class_names, dataset)
+    model, postprocess = checkpoint_detector(ckpt, args, class_names, cli.resume)
     detectors = [(log["method"], model)]
     if cli.compare:
         ckpt2 = load_checkpoint(cli.compare, "--compare")
         # The second detector runs where the first does (its checkpoint may name a device this machine lacks).
-        args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k == "attn_impl"} | {"device": str(device)})
+        args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k == "attn_impl"}
+                                | {"device": str(device)})
         detectors.append((ckpt2["args"].get("method", "baseline"),
-                          checkpoint_detector(ckpt2, args2, dataset.cat_names, cli.compare)[0].to(device)))
+                          checkpoint_detector(ckpt2, args2, class_names, cli.compare)[0].to(device)))
     paths = visualize(detectors, dataset, postprocess, range(min(cli.visualize, len(dataset))), cli.output_dir,
-                      device=device, score_threshold=cli.score_threshold)
+                      class_names=class_names, device=device, score_threshold=cli.score_threshold)
     print(f"wrote {len(paths)} score-map PNGs to {cli.output_dir}")
     log.update(visualized=paths)
     return log
@@ -526,16 +572,23 @@ def visualize_val_set(cli, ckpt, args, device, overrides, log):
 def score_val_set(cli, ckpt, args, device, log):
     """The default mode: AP of the val set (COCO, per decoder layer, OV-COCO AP50, or LVIS); returns the results."""
     dataset = build_dataset("val", args)
-    model, postprocess = checkpoint_detector(ckpt, args, dataset.cat_names, cli.resume)
+    _, class_names = checkpoint_classes(ckpt, args)
+    cat_ids = val_cat_ids(class_names, dataset)
+    model, postprocess = checkpoint_detector(ckpt, args, class_names, cli.resume)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn, num_workers=cli.num_workers)
     title = f"{args.dataset} val, {log['method']}"
     if args.dataset == "lvis":
         final, _ = predict(model, postprocess, loader, device)
-        results = to_coco_results(final, dataset.cat_ids)
+        results = to_coco_results(final, cat_ids)
         log["lvis"] = lvis_stats(dataset.ann_file, results)
         print_table(title, list(log["lvis"]), [list(log["lvis"].values())])
         return results
-    stats, results = evaluate(model, postprocess, loader, dataset, device, per_layer=cli.per_layer)
+    stats, results = evaluate(model, postprocess, loader, dataset, device, per_layer=cli.per_layer,
+                              class_names=class_names)
+    if (stats[-1] if cli.per_layer else stats) is None:
+        log["coco_stats"] = None
+        print(nothing_to_score(dataset))
+        return results
     if cli.per_layer:
         log["per_layer"], log["coco_stats"] = stats, stats[-1]
         print_table(f"{title}, per decoder layer", STAT_NAMES, [s[:6] for s in stats], row_label="layer")

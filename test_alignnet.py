@@ -257,6 +257,27 @@ def test_cache_hit_does_not_rebuild(tmp_path, monkeypatch):
     assert len(calls) == 2, 'another prompt must be another cache entry'
 
 
+@pytest.mark.parametrize('change', [
+    dict(model_name='ViT-B-32'), dict(pretrained='openai'), dict(prompt='a drawing of a {}'),
+    dict(class_names=['red circle', 'blue triangle', 'yellow star']), dict(class_names=list(reversed(NAMES))),
+], ids=['model', 'pretrained tag', 'prompt', 'names', 'order of the names'])
+def test_every_input_of_the_table_is_in_its_cache_key(change, monkeypatch):
+    """A table cached for one (model, tag, prompt, names in order) is never served for another: a key without
+    the tag would hand a random-weight table to a run asking for CLIP's real weights."""
+    def fake_encoder(class_names, *, model_name, pretrained, prompt, device):
+        # Rows that tell every input apart: one (K, 3) table per (model, tag, prompt, name).
+        return torch.tensor([[len(model_name), len(pretrained) + 0.5, hash((prompt, name)) % 997 + 1.0]
+                             for name in class_names])
+    monkeypatch.setattr(alignnet, '_encode_with_clip', fake_encoder)
+    base = dict(class_names=NAMES, model_name='RN50', pretrained='none', prompt='a photo of a {}')
+    label_embeddings(**base)
+    other = dict(base, **change)
+    expected = torch.nn.functional.normalize(fake_encoder(other['class_names'], model_name=other['model_name'],
+                                                          pretrained=other['pretrained'], prompt=other['prompt'],
+                                                          device='cpu'), dim=-1)
+    torch.testing.assert_close(label_embeddings(**other), expected, rtol=0, atol=0)
+
+
 def test_random_text_encoder_is_deterministic_and_says_so(tmp_path, capsys):
     torch.manual_seed(123)
     before = torch.get_rng_state()

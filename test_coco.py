@@ -70,8 +70,11 @@ def coco_dir(tmp_path_factory):
 
 
 def coco_args(coco_dir, tmp_path, *extra):
-    argv = ["--dataset", "coco", "--data-path", str(coco_dir), "--label-embeddings", str(coco_dir / "labels.pt"),
-            "--device", "cpu", "--output-dir", str(tmp_path / "out"), *SMALL, *extra]
+    """The COCO configuration's arguments; a method with a label dictionary reads it from coco_dir/labels.pt."""
+    argv = ["--dataset", "coco", "--data-path", str(coco_dir), "--device", "cpu", "--output-dir", str(tmp_path / "out"),
+            *SMALL, *extra]
+    if parse_args(*argv).method != "baseline":
+        argv += ["--label-embeddings", str(coco_dir / "labels.pt")]
     return parse_args(*argv)
 
 

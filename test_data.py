@@ -484,3 +484,45 @@ def test_paper_sizes_at_800_and_scaled():
     at_400 = data.paper_sizes(400, 666)
     assert at_400["scales"] == tuple(range(240, 401, 16)) and at_400["crop"] == (192, 300)
     assert at_400["crop_resize"] == (200, 250, 300) and (at_400["eval_size"], at_400["max_size"]) == (400, 666)
+
+
+def test_an_exif_rotated_photo_is_read_as_displayed_with_its_boxes(tmp_path):
+    """A square photo stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to display), annotated
+    as displayed: the dataset gives the displayed pixels, so the box lies on the red square. (The size check
+    cannot see a square photo's rotation.)"""
+    stored = Image.new("RGB", (40, 40), (0, 0, 0))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))  # top-left when stored; top-right once turned clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    os.makedirs(tmp_path / "img")
+    stored.save(tmp_path / "img" / "photo.jpg", exif=exif, quality=100)
+    images = [{"id": 1, "file_name": "photo.jpg", "width": 40, "height": 40}]
+    with open(tmp_path / "ann.json", "w") as f:
+        json.dump({"images": images, "annotations": [ann(1, 1, 1, [30, 0, 10, 10])],
+                   "categories": [{"id": 1, "name": "red square"}]}, f)
+    image, target = data.CocoDetection(str(tmp_path / "img"), str(tmp_path / "ann.json"),
+                                       transforms=data.ToTensor())[0]
+    assert (target["boxes"][0] * 40).tolist() == [35, 5, 10, 10]  # cxcywh of the annotated box, in pixels
+    inside = image[:, 1:9, 31:39]  # (3, 8, 8) inside the box, away from JPEG's blurred edges
+    assert inside[0].min() > 0.8 and inside[1:].max() < 0.2, "the box must lie on the red square"
+
+
+def test_labels_stay_with_their_boxes_when_the_json_interleaves_images(tmp_path):
+    """Real exports interleave the annotations of different images (and crowd regions among them): every box
+    must keep its own label, in any order of the JSON."""
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2, 3)]
+    cats = [{"id": c, "name": n} for c, n in ((5, "cat"), (2, "dog"), (9, "emu"))]
+    spec = [(3, 9, [60, 60, 30, 30]), (1, 2, [0, 0, 10, 10]), (2, 5, [5, 5, 20, 20]), (1, 9, [40, 40, 20, 10]),
+            (3, 2, [0, 50, 10, 40]), (2, 2, [70, 10, 20, 20]), (1, 5, [80, 80, 15, 15]), (3, 5, [10, 10, 5, 5])]
+    anns = [ann(k + 1, img, cat, box) for k, (img, cat, box) in enumerate(spec)]
+    anns.insert(3, ann(99, 2, 9, [0, 0, 100, 100], iscrowd=1))
+    folder, ann_file = write_coco(tmp_path / "img", tmp_path / "ann.json", images, anns, cats)
+    ds = data.CocoDetection(folder, ann_file)  # no transforms: boxes are cxcywh of the 100x100 image
+    label_name = dict(enumerate(ds.cat_names))
+    for index, image_id in enumerate(ds.ids):
+        _, target = ds[index]
+        got = sorted((label_name[int(label)], [round(100 * v, 3) for v in box.tolist()])
+                     for label, box in zip(target["labels"], target["boxes"]))
+        want = sorted(({5: "cat", 2: "dog", 9: "emu"}[cat], [x + w / 2, y + h / 2, w, h])
+                      for img, cat, (x, y, w, h) in spec if img == image_id)
+        assert got == want, image_id

@@ -9,16 +9,22 @@ within the first step of a tiny model.
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import alignnet
 import build
 import data
+import errors
 import evaluate
 import train
 from conftest import HERE, TINY_MODEL, parse_args
@@ -38,9 +44,10 @@ def shapes():
             "--shapes-max-size", "64", "--shapes-max-objects", "2"]
 
 
-def write_set(root, images=None, annotations=None, categories=None, files=None):
+def write_set(root, images=None, annotations=None, categories=None, files=None, sections=None):
     """A COCO-format set under root: three W x H PNGs with one box each, parts replaceable (`files` maps a name
-    to the bytes it gets, None removing it); returns its flags."""
+    to the bytes it gets, None removing it; `sections` replaces whole JSON sections, any JSON value); returns its
+    flags."""
     os.makedirs(root / "img", exist_ok=True)
     images = images if images is not None else THREE
     if annotations is None:
@@ -55,7 +62,8 @@ def write_set(root, images=None, annotations=None, categories=None, files=None):
             (root / "img" / name).write_bytes(content)
     with open(root / "ann.json", "w") as f:
         json.dump({"images": images, "annotations": annotations,
-                   "categories": categories or [{"id": 1, "name": "box"}, {"id": 2, "name": "disc"}]}, f)
+                   "categories": categories or [{"id": 1, "name": "box"}, {"id": 2, "name": "disc"}],
+                   **(sections or {})}, f)
     paths = [str(root / "ann.json"), str(root / "img")]
     return ["--dataset", "custom", "--train-json", paths[0], "--train-images", paths[1], "--val-json", paths[0],
             "--val-images", paths[1]]
@@ -94,9 +102,10 @@ DATA_CASES = [
     pytest.param(dict(files={"2.png": None}), ["2.png"], id="missing image"),
     pytest.param(dict(files={"2.png": image_bytes((W + 1, H))}), [f"2.png is {W + 1}x{H}"],
                  id="image size differs from the JSON"),
-    pytest.param(dict(images=THREE[:2] + [{"id": 3, "file_name": "3.jpg", "width": H, "height": W}],
+    pytest.param(dict(images=THREE[:2] + [{"id": 3, "file_name": "3.jpg", "width": W, "height": H}],
                       files={"3.jpg": rotated_jpeg((W, H), 6)}),
-                 [f"3.jpg is {W}x{H} but", "EXIF-rotated view (orientation 6)"], id="JSON has the EXIF-rotated size"),
+                 [f"3.jpg is {H}x{W} but", f"EXIF orientation 6 turns the stored {W}x{H} pixels"],
+                 id="JSON has the stored size of an EXIF-rotated photo"),
     pytest.param(dict(files={"2.png": b"not an image"}), ["2.png"], id="text file named .png"),
     pytest.param(dict(files={"3.png": b""}), ["3.png"], id="zero-byte image"),
     pytest.param(dict(images=THREE + [{"id": 2, "file_name": "4.png", "width": W, "height": H}]),
@@ -108,6 +117,24 @@ DATA_CASES = [
     pytest.param(dict(annotations=[]), ["has no boxes"], id="no boxes at all"),
     pytest.param(dict(images=THREE[:1], annotations=ONE_BOX), ["has 1 images, fewer than --batch-size 2"],
                  id="fewer images than the batch"),
+    pytest.param(dict(sections={"annotations": None}), ["'annotations' is null (a NoneType), expected a list"],
+                 id="annotations null"),
+    pytest.param(dict(sections={"images": {"id": 1}}), ["'images' is {\"id\": 1} (a dict), expected a list"],
+                 id="images an object"),
+    pytest.param(dict(sections={"categories": [{"id": 1, "name": "box"}, "disc"]}),
+                 ["'categories' holds \"disc\", expected an object"], id="a category that is a string"),
+    pytest.param(dict(categories=[{"id": "c1", "name": "box"}], annotations=[dict(ONE_BOX[0], category_id="c1")]),
+                 ["category id 'c1' is a str, expected an integer"], id="string category id"),
+    pytest.param(dict(categories=[{"id": 1, "name": "box"}, {"id": 1, "name": "disc"}]),
+                 ["category id 1 is used by more than one category"], id="duplicate category id"),
+    pytest.param(dict(images=THREE[:2] + [{"id": 3, "file_name": "3.png", "width": 0, "height": H}]),
+                 ["image 3 has width 0, expected a positive integer"], id="zero image width"),
+    pytest.param(dict(images=THREE[:2] + [{"id": 3, "file_name": "3.png", "width": W, "height": 24.0}]),
+                 ["image 3 has height 24.0, expected a positive integer"], id="float image height"),
+    pytest.param(dict(images=THREE[:2] + [{"id": 3, "file_name": "3.png", "width": W, "height": -24}]),
+                 ["image 3 has height -24, expected a positive integer"], id="negative image height"),
+    pytest.param(dict(images=THREE[:2] + [{"id": 3, "file_name": "3.png", "width": True, "height": H}]),
+                 ["image 3 has width True, expected a positive integer"], id="boolean image width"),
 ]
 
 
@@ -170,7 +197,8 @@ CHECKPOINT_KINDS = ["truncated", "random bytes", "zero bytes", "text", "wrong ty
 def test_bad_checkpoint_for_train_is_one_line(kind, flag, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    path = _checkpoint_file(kind, out / "checkpoint.pth", {"hidden_dim": 32})
+    # --resume reads the output folder's own checkpoint; an official checkpoint lies elsewhere.
+    path = _checkpoint_file(kind, (tmp_path if flag == "--pretrained" else out) / "checkpoint.pth", {"hidden_dim": 32})
     argv = ["--resume", "auto"] if flag == "auto" else [flag, path]
     code, lines = run_cli(train.cli, [*QUICK, *write_set(tmp_path), "--output-dir", str(out), *argv], capsys)
     assert_one_line(code, lines, path)
@@ -232,6 +260,19 @@ FLAG_CASES = [
     (["--hidden-dim", "30"], "--hidden-dim 30"),
     (["--output-dir", "FILE"], "FILE"),
     (["--output-dir", "FILE/sub"], "FILE"),
+    (["--lr", "nan"], "--lr nan: expected a finite number"),
+    (["--lr-backbone", "inf"], "--lr-backbone inf: expected a finite number"),
+    (["--weight-decay=-inf"], "--weight-decay -inf: expected a finite number"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--method", "clip"], "argument --method: invalid choice: 'clip'"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--clip-max-norm", "nan"], "--clip-max-norm nan"),
+    (["--align-loss-coef", "nan"], "--align-loss-coef nan"),
+    (["--dynql-rho", "inf"], "--dynql-rho inf"),
+    (["--dynql-betas", "0.1", "nan"], "--dynql-betas nan"),
+    (["--dropout", "1.5"], "--dropout 1.5: expected a probability in [0, 1)"),
+    (["--label-embeddings", "missing.pt"], "--label-embeddings given to --method baseline"),
+    (["--clip-model", "RN50"], "--clip-model given to --method baseline"),
 ]
 if not torch.cuda.is_available():
     FLAG_CASES.append((["--device", "cuda"], "no CUDA GPU"))
@@ -315,7 +356,7 @@ def test_images_folder_applies_exif_orientation_and_reports_what_it_skips(tmp_pa
     good = image_bytes()
     (folder / "cut.png").write_bytes(good[:len(good) // 2])
     (folder / "notes.txt").write_text("not an image")
-    names, skipped, subfolders = evaluate.list_images(str(folder))
+    _, names, skipped, subfolders = evaluate.list_images(str(folder))
     assert (names, skipped, subfolders) == (["phone.jpg"], ["cut.png", "notes.txt"], ["holiday"])
     _, target = evaluate.ImageFolder(str(folder), names, data.make_transforms("val", eval_size=None))[0]
     assert target["orig_size"].tolist() == [40, 20]  # (H, W) of the turned photo
@@ -363,3 +404,211 @@ def test_log_keeps_an_epoch_killed_during_its_evaluation(shapes, tmp_path, monke
     log = [json.loads(line) for line in open(log_path)]
     assert [record["epoch"] for record in log] == [0, 1]
     assert all(len(record["coco_stats"]) == 12 for record in log)
+
+
+# ---------------------------------------------------------------------------------------------- runs and resumes
+def test_a_second_run_never_overwrites_the_first_runs_checkpoint(shapes, tmp_path, capsys):
+    """A finished run's folder: a new run refuses it (its checkpoint stays byte for byte); while a live run holds
+    the folder's lock, even --resume auto is refused; a lock whose process has ended is taken over."""
+    out = tmp_path / "out"
+    argv = [*QUICK, *shapes, "--output-dir", str(out)]
+    train.main(parse_args(*argv))
+    first = (out / "checkpoint.pth").read_bytes()
+    code, lines = run_cli(train.cli, argv, capsys)
+    assert_one_line(code, lines, "holds the checkpoint of an earlier run, which this run would overwrite")
+    assert (out / "checkpoint.pth").read_bytes() == first and not (out / train.LOCK_NAME).exists()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / train.LOCK_NAME).write_text(f"{socket.gethostname()} {live.pid}\n")
+        code, lines = run_cli(train.cli, [*argv, "--epochs", "2", "--resume", "auto"], capsys)
+        assert_one_line(code, lines, f"is in use by another training run ({socket.gethostname()} {live.pid}")
+        assert (out / "checkpoint.pth").read_bytes() == first
+    finally:
+        live.kill()
+        live.wait()
+    train.main(parse_args(*argv, "--epochs", "2", "--resume", "auto"))  # the lock's process has ended
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    assert not (out / train.LOCK_NAME).exists()
+
+
+def test_resume_refuses_every_flag_the_checkpoint_fixes_and_allows_the_others(tmp_path):
+    """One rule for every flag: each one outside RESUME_MAY_CHANGE, changed, is refused by name."""
+    args = parse_args(*QUICK, *write_set(tmp_path), "--output-dir", str(tmp_path / "out"))
+    saved = dict(vars(args))
+    for key, value in saved.items():
+        changed = dict(saved, **{key: [value, value] if isinstance(value, list) else
+                                 (not value if isinstance(value, bool) else f"{value}-other")})
+        if key in train.RESUME_MAY_CHANGE:
+            if key not in ("pretrained", "pretrained_backbone"):  # these are the trained-weights rule's
+                train.check_resume_args(changed, args, "ckpt")
+        else:
+            with pytest.raises(InputError, match=f"--{key.replace('_', '-')} "):
+                train.check_resume_args(changed, args, "ckpt")
+
+
+def test_resume_with_a_changed_lr_is_refused_and_the_checkpoint_kept(shapes, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [*QUICK, *shapes, "--output-dir", str(out)]
+    train.main(parse_args(*argv))
+    before = (out / "checkpoint.pth").read_bytes()
+    for flags, named in ((["--lr", "0.002"], "--lr 0.001 in the checkpoint, 0.002 now"),
+                         (["--num-queries", "7"], "--num-queries 10 in the checkpoint, 7 now")):
+        code, lines = run_cli(train.cli, [*argv, "--epochs", "2", "--resume", "auto", *flags], capsys)
+        assert_one_line(code, lines, named)
+    assert (out / "checkpoint.pth").read_bytes() == before
+
+
+def test_resume_auto_after_the_last_epoch_says_so(shapes, tmp_path, capsys):
+    argv = [*QUICK, *shapes, "--output-dir", str(tmp_path / "out")]
+    train.main(parse_args(*argv))
+    capsys.readouterr()
+    train.cli([*argv, "--resume", "auto"])
+    assert "nothing to train: " in capsys.readouterr().out
+
+
+def test_resume_given_a_folder_names_the_folder(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(b"")
+    for cli in (train.cli, evaluate.cli):
+        argv = [*QUICK, *write_set(tmp_path), "--output-dir", str(tmp_path / "out")] if cli is train.cli else []
+        code, lines = run_cli(cli, [*argv, "--resume", str(tmp_path / "run")], capsys)
+        assert_one_line(code, lines, f"{tmp_path / 'run'} is a folder, expected a checkpoint file (did you mean "
+                                     f"{tmp_path / 'run' / 'checkpoint.pth'}?)")
+
+
+def test_ctrl_c_mid_epoch_is_one_line_and_the_checkpoint_resumes(shapes, tmp_path):
+    """SIGINT in epoch 1 (with a loader worker): one line saying where it stopped, exit 130, epoch 0 kept."""
+    out = tmp_path / "out"
+    steps = QUICK.index("--max-steps")
+    quick = QUICK[:steps] + QUICK[steps + 2:]  # every epoch runs to its end
+    argv = [*quick, *shapes, "--output-dir", str(out), "--epochs", "3", "--num-workers", "1",
+            "--shapes-num-train", "24"]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    # Past the start of epoch 1, where the loader forks its worker: Python's fork hooks swallow an interrupt.
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 130, stderr
+    assert lines == [f"error: interrupted in epoch 1 of 3 (epochs count from 0); {out / 'checkpoint.pth'} holds "
+                     "epoch 0: continue with --resume auto"], stderr
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 0
+    assert not (out / train.LOCK_NAME).exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(shapes, tmp_path, capsys,
+                                                                              monkeypatch):
+    out = tmp_path / "out"
+    argv = [*QUICK, *shapes, "--output-dir", str(out), "--epochs", "2"]
+    real_open, writes = open, []
+
+    def open_filling_the_disk_at_the_second_checkpoint(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".tmp") and "checkpoint.pth" in str(path):
+            writes.append(path)
+            if len(writes) == 2:
+                with real_open(path, "wb") as half:
+                    half.write(b"half a checkpoint")
+                return real_open("/dev/full", mode)
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(errors, "open", open_filling_the_disk_at_the_second_checkpoint, raising=False)
+    code, lines = run_cli(train.cli, argv, capsys)
+    assert_one_line(code, lines, f"cannot write {out / 'checkpoint.pth'}: No space left on device (the previous "
+                                 "file is kept)")
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 0
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]
+
+
+def unwritable_folder():
+    """A folder this process cannot write into even as root (sysfs), or None where there is none."""
+    try:
+        with tempfile.NamedTemporaryFile(dir="/sys"):
+            return None
+    except OSError:
+        return "/sys"
+
+
+@pytest.mark.skipif(unwritable_folder() is None, reason="no folder here refuses writes to this user")
+def test_unwritable_outputs_fail_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    folder = unwritable_folder()
+    monkeypatch.setattr(train, "build_dataset", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(evaluate, "build_dataset", lambda *a, **k: pytest.fail("evaluation started"))
+    code, lines = run_cli(train.cli, [*QUICK, *write_set(tmp_path), "--output-dir", f"{folder}/run"], capsys)
+    assert_one_line(code, lines, f"--output-dir {folder}/run: cannot write into {folder}")
+    for flag in ("--output", "--log"):
+        code, lines = run_cli(evaluate.cli, ["--resume", checkpoint, flag, f"{folder}/x.json"], capsys)
+        assert_one_line(code, lines, f"{flag} {folder}/x.json: cannot write into {folder}")
+
+
+def test_a_cached_label_table_that_cannot_be_read_is_recomputed(tmp_path, capsys):
+    """A 0-byte, truncated or wrong-shaped cache file is the project's own file gone bad: recomputed, said once."""
+    names = ["red circle", "blue triangle"]
+    first = alignnet.label_embeddings(names, model_name="RN50", pretrained="none", cache_dir=tmp_path)
+    cached = alignnet._cache_path(tmp_path, "RN50", "none", "a photo of a {}", names)
+    for damage in (b"", b"PK\x03\x04 cut short", torch.zeros(3, 4)):
+        if isinstance(damage, bytes):
+            cached.write_bytes(damage)
+        else:
+            torch.save(damage, cached)
+        capsys.readouterr()
+        again = alignnet.label_embeddings(names, model_name="RN50", pretrained="none", cache_dir=tmp_path)
+        said = capsys.readouterr().out
+        assert f"label dictionary cache {cached}" in said and "recomputing it" in said, said
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        assert torch.load(cached, weights_only=True).shape == (2, first.shape[1])  # the cache is whole again
+
+
+# ---------------------------------------------------------------------------------------------- evaluation inputs
+def evaluate_to_json(checkpoint, tmp_path, capsys, *flags):
+    """(status, stderr lines, stdout, detections written) of evaluate.cli with --output."""
+    out = tmp_path / f"results-{len(list(tmp_path.glob('results-*')))}.json"
+    try:
+        evaluate.cli(["--resume", checkpoint, "--output", str(out), *flags])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    detections = json.loads(out.read_text()) if out.exists() else None
+    return code, captured.err.strip().splitlines(), captured.out, detections
+
+
+def test_evaluate_matches_the_checkpoints_classes_by_name_not_by_id(checkpoint, tmp_path, capsys):
+    """A val JSON that numbers box/disc the other way round: every detection keeps its class name."""
+    flags = write_set(tmp_path / "a")
+    code, _, _, plain = evaluate_to_json(checkpoint, tmp_path, capsys, *flags[6:])
+    swapped = [{"id": 1, "name": "disc"}, {"id": 2, "name": "box"}]
+    flags = write_set(tmp_path / "b", categories=swapped, annotations=[dict(ONE_BOX[0], category_id=2)])
+    code2, _, _, renumbered = evaluate_to_json(checkpoint, tmp_path, capsys, *flags[6:])
+    assert code == code2 == 0 and len(plain) == len(renumbered) > 0
+    name_a, name_b = {1: "box", 2: "disc"}, {1: "disc", 2: "box"}
+    assert [(d["image_id"], name_a[d["category_id"]], d["score"]) for d in plain] == \
+        [(d["image_id"], name_b[d["category_id"]], d["score"]) for d in renumbered]
+
+
+def test_evaluate_on_a_val_set_with_other_classes_names_them(checkpoint, tmp_path, capsys):
+    cats = [{"id": 1, "name": "box"}, {"id": 2, "name": "disc"}, {"id": 3, "name": "star"}]
+    flags = write_set(tmp_path, categories=cats)
+    code, lines, _, written = evaluate_to_json(checkpoint, tmp_path, capsys, *flags[6:])
+    assert_one_line(code, lines, "the model has 2 classes and ")
+    assert "3: only the model has [], only the val set has ['star']" in lines[0] and written is None
+
+
+def test_a_val_set_without_annotations_says_so_and_still_writes_the_detections(checkpoint, tmp_path, capsys):
+    flags = write_set(tmp_path, annotations=[])
+    code, lines, out, written = evaluate_to_json(checkpoint, tmp_path, capsys, *flags[6:])
+    assert code == 0 and not lines
+    assert f"nothing to score: {flags[7]} has no (non-crowd) annotation on its 3 images" in out, out
+    assert "-100.0" not in out and len(written) == 3 * 10 * 2  # per image the top 100 of 10 queries x 2 classes
+
+
+def test_images_given_one_file_detects_on_that_image(checkpoint, tmp_path, capsys):
+    write_set(tmp_path)
+    code, lines, out, written = evaluate_to_json(checkpoint, tmp_path, capsys, "--images",
+                                                 str(tmp_path / "img" / "2.png"), "--output-dir",
+                                                 str(tmp_path / "pngs"))
+    assert code == 0, lines
+    assert {d["file_name"] for d in written} == {"2.png"} and os.listdir(tmp_path / "pngs") == ["2.png"]

@@ -399,6 +399,81 @@ def test_coco_results_map_labels_to_non_contiguous_category_ids():
         (7, 90, [10.0, 20.0, 30.0, 40.0]), (7, 1, [0.0, 0.0, 5.0, 5.0])]
 
 
+def test_predictions_are_not_changed_by_what_reads_them():
+    """The same predictions feed the JSON, the per-layer table and the PNGs: converting or drawing them must leave
+    them as they were (an in-place xyxy -> xywh would hand the next reader converted boxes)."""
+    predictions = {7: {"scores": torch.tensor([0.9, 0.5]), "labels": torch.tensor([1, 0]),
+                       "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 5.0, 5.0]])}}
+    before = {k: v.clone() for k, v in predictions[7].items()}
+    first = evaluate.to_coco_results(predictions, cat_ids=[1, 2])
+    assert evaluate.to_coco_results(predictions, cat_ids=[1, 2]) == first
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    evaluate.draw_detections(image, predictions[7], ["a", "b"], score_threshold=0.0)
+    assert all(torch.equal(predictions[7][k], before[k]) for k in before) and not image.any()
+
+
+def test_folder_pngs_draw_the_boxes_the_json_holds(checkpoint, cache, tmp_path, monkeypatch):
+    """--images: the PNG of an image draws exactly the JSON's detections above the threshold (xywh -> xyxy)."""
+    drawn = {}
+    real_draw = evaluate.draw_detections
+
+    def recording_draw(image, pred, class_names, score_threshold=0.3):
+        drawn[len(drawn)] = {k: v.clone() for k, v in pred.items()}
+        return real_draw(image, pred, class_names, score_threshold)
+    monkeypatch.setattr(evaluate, "draw_detections", recording_draw)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for source in val_files(cache)[:2]:
+        (folder / os.path.basename(source)).write_bytes(open(source, "rb").read())
+    log, _ = run_main("--resume", checkpoint, "--images", str(folder), "--output-dir", str(tmp_path / "out"))
+    results = json.load(open(tmp_path / "out" / "results.json"))
+    for index, pred in drawn.items():
+        json_boxes = torch.tensor([r["bbox"] for r in results if r["image_id"] == index])  # (n, 4) xywh
+        json_boxes[:, 2:] += json_boxes[:, :2]
+        torch.testing.assert_close(pred["boxes"], json_boxes, atol=1e-3, rtol=0)
+
+
+def _override_cases(cache, tmp_path):
+    """Each flag that overrides a checkpoint's argument: (its flags, how to see that it reached the evaluation)."""
+    val_json = sorted(glob.glob(str(cache / "shapes" / "*" / "annotations" / "instances_val.json")))[0]
+    val_images = os.path.join(os.path.dirname(os.path.dirname(val_json)), "val")
+    custom = ["--dataset", "custom", "--val-json", val_json, "--val-images", val_images]
+    other = str(tmp_path / "other-shapes")
+    return {
+        "dataset": (custom, lambda run: run["dataset"].ann_file == val_json),
+        "data_path": (["--data-path", other], lambda run: run["dataset"].ann_file.startswith(other)),
+        "val_json": (custom, lambda run: run["dataset"].ann_file == val_json),
+        "val_images": (custom, lambda run: run["dataset"].img_folders == [val_images]),
+        "device": (["--device", "cpu"], lambda run: run["device"] == torch.device("cpu")),
+        "batch_size": (["--batch-size", "1"], lambda run: run["loader"].batch_size == 1),
+        "attn_impl": (["--attn-impl", "gather"],
+                      lambda run: run["model"].transformer.encoder.layers[0].self_attn.attn_impl == "gather"),
+        "min_size": (["--min-size", "48"], lambda run: min(run["dataset"][0][0].shape[1:]) == 48),
+        "max_size": (["--min-size", "80", "--max-size", "88"], lambda run: max(run["dataset"][0][0].shape[1:]) <= 88),
+    }
+
+
+@pytest.mark.parametrize("key", list(evaluate.OVERRIDES))
+def test_every_override_reaches_the_evaluation(key, checkpoint, cache, tmp_path, monkeypatch):
+    """A flag parsed but not applied would evaluate the checkpoint's own setting and say nothing."""
+    cases = _override_cases(cache, tmp_path)
+    assert set(cases) == set(evaluate.OVERRIDES), "every override needs a case here"
+    flags, reached = cases[key]
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["args"]["device"] = "cuda:7"  # a device this machine lacks: only --device cpu makes it run
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    run = {}
+    real_build, real_predict = evaluate.build_dataset, evaluate.predict
+    monkeypatch.setattr(evaluate, "build_dataset", lambda *a: run.setdefault("dataset", real_build(*a)))
+
+    def recording_predict(model, postprocess, loader, device, *rest):
+        run.update(model=model, loader=loader, device=device)
+        return real_predict(model, postprocess, loader, device, *rest)
+    monkeypatch.setattr(evaluate, "predict", recording_predict)
+    run_main("--resume", str(tmp_path / "ckpt.pth"), *flags, *([] if key == "device" else ["--device", "cpu"]))
+    assert reached(run), key
+
+
 def test_coco_stats_accepts_annotations_without_iscrowd():
     gt = COCO()
     gt.dataset = {"images": [{"id": 1, "width": 50, "height": 50}], "categories": [{"id": 3, "name": "a"}],

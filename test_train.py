@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import build
-import evaluate
+import errors
 import train
 from conftest import HERE, TINY
+from errors import InputError
 
 
 def run_cli(script, *argv, env_extra=None, timeout=240):
@@ -176,17 +177,25 @@ def test_resume_restores_the_lr_scheduler_across_an_lr_drop(tmp_path, tiny_args)
     assert [json.loads(line)["lr"] for line in open(tmp_path / "out" / "log.jsonl")] == pytest.approx([1e-3, 1e-4])
 
 
+def full_disk_open(real_open):
+    """open() as on a full disk for the temporary files of atomic writes: the file appears, half written, and
+    every write to it fails with ENOSPC (/dev/full), as torch.save meets it."""
+    def fake(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            with real_open(path, "wb") as half:
+                half.write(b"half a checkpoint")
+            return real_open("/dev/full", mode)
+        return real_open(path, mode, *args, **kwargs)
+    return fake
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
-    train.save_checkpoint(path, epoch=0)
-
-    def disk_full(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:
-            out.write(b"half a checkpoint")
-        raise OSError("No space left on device")
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        train.save_checkpoint(path, epoch=1)
+    train.save_checkpoint(path, epoch=0, weights=torch.zeros(1000))
+    monkeypatch.setattr(errors, "open", full_disk_open(open), raising=False)
+    with pytest.raises(InputError, match=f"cannot write {path}: No space left on device \\(the previous file is kept"):
+        train.save_checkpoint(path, epoch=1, weights=torch.zeros(1000))
+    monkeypatch.undo()
     assert build.load_checkpoint(path, keys=("epoch",))["epoch"] == 0
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
 
@@ -226,7 +235,8 @@ def test_cli_errors_are_one_line(tmp_path, cache, argv, expected):
 def test_resume_from_a_mismatching_checkpoint_is_a_clear_error(tmp_path, cache, tiny_args):
     args = tiny_args("--epochs", "1", "--method", "baseline", "--eval-every", "0")
     train.main(args)
-    for extra, expected in [(["--method", "baseline", "--hidden-dim", "64"], "does not match the model"),
+    for extra, expected in [(["--method", "baseline", "--hidden-dim", "64"],
+                             "--hidden-dim 32 in the checkpoint, 64 now"),
                             (["--method", "clip-detr"], "--method 'baseline' in the checkpoint, 'clip-detr' now")]:
         result = run_cli("train.py", *TINY, "--data-path", str(cache / "shapes"), "--output-dir",
                          str(tmp_path / "o2"), *extra, "--resume", str(tmp_path / "out" / "checkpoint.pth"),
@@ -259,6 +269,55 @@ def test_torchrun_two_processes_gloo(tmp_path, cache):
     assert "2 process(es)" in result.stdout
     assert result.stdout.count("epoch 0:") == 1  # only rank 0 prints
     assert os.path.isfile(tmp_path / "ddp" / "checkpoint.pth")
+
+
+# Two processes with one image each must lose what one process with both images loses (the mean of the ranks'
+# losses, which is what DDP's averaged gradients descend): the images hold 1 and 3 boxes, so every term's box
+# normalizer matters. The model is the tiny baseline, dropout 0, identical on every rank (same seed).
+DDP_LOSSES = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {here!r})
+import build, train
+from conftest import TINY
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+args = train.finalize_args(train.get_parser().parse_args([*TINY, "--method", "baseline", "--output-dir", {out!r}]))
+images, targets = torch.load({batch!r}, weights_only=False)
+torch.manual_seed(0)
+model, criterion, _ = build.build_model(args, ["a", "b", "c"])
+model.train()
+sl = slice(rank, rank + 1) if dist.get_world_size() > 1 else slice(0, 2)
+outputs = model(images[sl], torch.zeros_like(images[sl, 0], dtype=torch.bool), targets[sl])
+losses = train.compute_losses(criterion, outputs, targets[sl])
+values = torch.stack([losses[k].detach() for k in sorted(losses)])
+dist.all_reduce(values)
+if rank == 0:
+    json.dump(dict(zip(sorted(losses), (values / dist.get_world_size()).tolist())), open({result!r}, "w"))
+"""
+
+
+def test_losses_of_two_processes_equal_one_process_on_the_same_images(tmp_path, cache):
+    g = torch.Generator().manual_seed(1)
+    targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3]]), "labels": torch.tensor([1])},
+               {"boxes": torch.rand(3, 2, generator=g).mul(0.5).add(0.25).repeat(1, 2).mul(
+                   torch.tensor([1.0, 1.0, 0.3, 0.3])), "labels": torch.tensor([0, 2, 1])}]
+    torch.save((torch.randn(2, 3, 128, 128, generator=g), targets), tmp_path / "batch.pt")  # (B, 3, H, W)
+    results = {}
+    for world, port in ((1, 29541), (2, 29542)):
+        script = tmp_path / f"ddp_{world}.py"
+        result = tmp_path / f"losses_{world}.json"
+        script.write_text(DDP_LOSSES.format(here=HERE, out=str(tmp_path / "out"), batch=str(tmp_path / "batch.pt"),
+                                            result=str(result)))
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                              f"--master_port={port}", str(script)], capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[world] = json.loads(result.read_text())
+    assert set(results[1]) == set(results[2]) and "loss_ce_enc" in results[1]
+    for name, value in results[1].items():
+        assert results[2][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
 def test_amp_auto_is_bf16_only_where_the_device_multiplies_bf16(tmp_path, monkeypatch, tiny_args):

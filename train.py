@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ import evaluate
 from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, load_checkpoint,
                    load_model_state, load_official_checkpoint)
 from dynql import dynql_loss, dynql_set_losses
-from errors import TEMP_SUFFIX, InputError, error_line, is_main, write_atomically
+from errors import ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, write_atomically
 from matcher import global_num_boxes, weight_dict
 from model import check_variant
 
@@ -95,7 +96,7 @@ def document_defaults(parser):
 
 
 def get_parser():
-    p = argparse.ArgumentParser("CLIP-DETR training", description=__doc__.split("\n")[0],
+    p = ArgumentParser("CLIP-DETR training", description=__doc__.split("\n")[0],
                                 epilog="custom, ov-coco and lvis take the coco defaults.")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="shapes", choices=["shapes", "coco", "custom", "ov-coco", "lvis"])
@@ -208,11 +209,13 @@ def native_bf16(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(getattr(cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def finalize_args(args):
-    """Fill dataset-dependent defaults; reject combinations that cannot run."""
+    """Fill dataset-dependent defaults; reject values and combinations that cannot run or would be ignored."""
+    explicit = {key: getattr(args, key) for key in ("clip_model", "clip_pretrained")}
     if args.dataset == "shapes":
         # shapes trains at the size it generates unless told otherwise (its defaults are those sizes' defaults).
         args.min_size = args.min_size or args.shapes_min_size
@@ -220,10 +223,25 @@ def finalize_args(args):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for action in get_parser()._actions:
+        values = getattr(args, action.dest, None)
+        if action.type is float and values is not None:
+            for value in values if isinstance(values, list) else [values]:
+                if not math.isfinite(value):
+                    raise InputError(f"{action.option_strings[0]} {value}: expected a finite number")
     for key, low in FLAG_MINIMUM.items():
         value = getattr(args, key)
         if value is not None and value < low:
             raise InputError(f"--{key.replace('_', '-')} {value}: expected a number >= {low}")
+    if not 0 <= args.dropout < 1:
+        raise InputError(f"--dropout {args.dropout}: expected a probability in [0, 1)")
+    if args.method == "baseline" and args.dataset != "ov-coco":
+        given = [flag for flag, value in (("--label-embeddings", args.label_embeddings),
+                                          ("--clip-model", explicit.get("clip_model")),
+                                          ("--clip-pretrained", explicit.get("clip_pretrained"))) if value]
+        if given:
+            raise InputError(f"{' and '.join(given)} given to --method baseline, which builds no label dictionary: "
+                             "drop it, or train --method alignnet, dynql or clip-detr")
     if any(epoch < 0 for epoch in args.lr_drop):
         raise InputError(f"--lr-drop {' '.join(map(str, args.lr_drop))}: expected epochs >= 0")
     if args.hidden_dim % (2 * args.nheads):
@@ -322,18 +340,23 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, **state):
-    """A kill leaves the previous checkpoint intact (errors.write_atomically)."""
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    """A kill, a full disk or a failed write leaves the previous checkpoint intact (errors.save_torch)."""
+    save_torch(path, state)
 
 
-RESUME_MUST_MATCH = ("dataset", "method", "two_stage", "with_box_refine", "dynql_betas", "dynql_rho",
-                     "align_feature", "lr_drop", "batch_size")
+# What may differ between a checkpoint's run and the run that resumes it: where and how the run executes, not
+# what it trains. Every other flag is fixed by the checkpoint (model, method, data, optimisation, seed).
+RESUME_MAY_CHANGE = ("resume", "epochs", "output_dir", "device", "num_workers", "no_progress", "eval_every",
+                     "max_steps", "attn_impl", "amp", "data_path", "train_json", "train_images", "val_json",
+                     "val_images", "pretrained", "pretrained_backbone")
 
 
 def check_resume_args(saved, args, source):
-    """A resumed run must train what the checkpoint trained; the stored scheduler would override --lr-drop."""
-    diff = [f"--{k.replace('_', '-')} {saved[k]!r} in the checkpoint, {getattr(args, k)!r} now"
-            for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+    """A resumed run must train what the checkpoint trained: one rule for every flag, those of RESUME_MAY_CHANGE
+    aside (a flag the checkpoint predates is not compared). The stored optimizer and scheduler would silently
+    keep the old --lr and --lr-drop, a changed --num-queries would resume another model."""
+    diff = [f"--{k.replace('_', '-')} {saved[k]!r} in the checkpoint, {value!r} now" for k, value in vars(args).items()
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != value]
     # Trained ResNet weights (--pretrained-backbone or --pretrained) freeze the stem and layer1, so the optimizer's
     # parameter groups stored in the checkpoint only fit a run that starts from trained weights too.
     trained = [bool(a.get("pretrained") or a.get("pretrained_backbone")) for a in (saved, vars(args))]
@@ -342,7 +365,9 @@ def check_resume_args(saved, args, source):
                     "(--pretrained-backbone or --pretrained) in the checkpoint, "
                     f"{'does' if trained[1] else 'does not'} now")
     if diff:
-        raise InputError(f"--resume {source}: the checkpoint was trained with other settings: {'; '.join(diff)}")
+        may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE if k != "resume")
+        raise InputError(f"--resume {source}: the checkpoint was trained with other settings: {'; '.join(diff)} "
+                         f"(only {may} may change when resuming)")
 
 
 RESUME_KEYS = ("model", "args", "optimizer", "scheduler", "epoch", "rng")
@@ -522,6 +547,7 @@ class Run:
     train_sampler: DistributedSampler
     val_loader: DataLoader
     history: list = field(default_factory=list)
+    saved_epoch: int = None  # the epoch checkpoint.pth holds, None before the first save
 
     @property
     def log_path(self):
@@ -534,20 +560,20 @@ def seed_everything(seed):
     random.seed(seed)
 
 
-def read_resume_checkpoint(args):
-    """(path, checkpoint) of --resume, checked against this run's arguments; (None, None) for a fresh start."""
-    resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
+def read_resume_checkpoint(args, resume):
+    """The checkpoint at `resume`, checked against this run's arguments; None for a fresh start."""
     if not resume:
-        return None, None
+        return None
     ckpt = load_checkpoint(resume, keys=RESUME_KEYS)
     check_resume_args(ckpt["args"], args, resume)
-    return resume, ckpt
+    return ckpt
 
 
 def build_run(args, rank, world, ckpt, resume):
     """Datasets, model, optimizer, scheduler and loaders of a run, checked against the checkpoint it resumes."""
     train_set, val_set = build_dataset("train", args), build_dataset("val", args)
     check_datasets(train_set, val_set, args, world)
+    evaluate.val_cat_ids(train_set.cat_names, val_set)  # the val set names the same classes (in any numbering)
     if ckpt is not None:
         check_resume_classes(ckpt, train_set, resume)
     device = torch.device(args.device)
@@ -575,13 +601,15 @@ def restore(run, ckpt, resume):
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    run.saved_epoch = ckpt["epoch"]
     if is_main():
         print(f"resumed from {resume} at epoch {ckpt['epoch'] + 1}")
     run.history = merge_log(run.log_path, ckpt.get("log", []), ckpt["epoch"])
     last = run.history[-1] if run.history and run.history[-1]["epoch"] == ckpt["epoch"] else None
     if last is not None and "coco_stats" not in last and evaluation_due(ckpt["epoch"], run.args):
         # Killed between the checkpoint and its evaluation: evaluate that epoch now (no RNG is drawn).
-        last["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device)
+        last["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device,
+                                                  class_names=run.train_set.cat_names)
     if is_main():
         write_log(run.log_path, run.history)
     return ckpt["epoch"] + 1
@@ -595,6 +623,8 @@ def announce(run):
     if args.dataset != "shapes" and not (args.pretrained_backbone or args.pretrained):
         print("warning: training from a random ResNet (no --pretrained-backbone, no --pretrained): the paper "
               "starts from ImageNet weights; expect far lower AP")
+    if not evaluate.has_ground_truth(run.val_set.coco):
+        print(f"warning: {evaluate.nothing_to_score(run.val_set)}: epochs are trained, not scored")
     n_params = sum(p.numel() for p in run.detr.parameters() if p.requires_grad)
     print(f"{args.method} on {args.dataset}: {len(run.train_set)} train / {len(run.val_set)} val images, "
           f"{len(run.train_set.cat_names)} classes, {n_params / 1e6:.2f} M trainable parameters, "
@@ -614,6 +644,7 @@ def save_epoch_checkpoint(run, epoch):
                         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=epoch,
                         args=vars(run.args), rng=rngs, scaler=run.scaler.state_dict() if run.scaler else None,
                         classes={"ids": run.train_set.cat_ids, "names": run.train_set.cat_names}, log=run.history)
+    run.saved_epoch = epoch
 
 
 def epoch_line(epoch, log):
@@ -621,7 +652,8 @@ def epoch_line(epoch, log):
     proposals'), the epoch's time, and AP when it was evaluated."""
     losses = " ".join(f"{k[6:]}={v:.3f}" for k, v in log.items()
                       if k.startswith("train_loss") and not re.search(r"_(\d+|enc)$", k))
-    ap = f" AP={log['coco_stats'][0]:.3f} AP50={log['coco_stats'][1]:.3f}" if "coco_stats" in log else ""
+    stats = log.get("coco_stats")
+    ap = f" AP={stats[0]:.3f} AP50={stats[1]:.3f}" if stats else " (nothing to score)" if "coco_stats" in log else ""
     return f"epoch {epoch}: {losses} ({log['time_s']} s){ap}"
 
 
@@ -637,11 +669,113 @@ def run_epoch(run, epoch):
     run.history.append(log)
     save_epoch_checkpoint(run, epoch)
     if evaluation_due(epoch, run.args):
-        log["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device)
+        log["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device,
+                                                 class_names=run.train_set.cat_names)
     if is_main():
         write_log(run.log_path, run.history)
         print(epoch_line(epoch, log), flush=True)
     return log.get("coco_stats")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training; the message says where it stopped and how to go on."""
+
+
+LOCK_NAME = "run.lock"
+
+
+def _lock_owner_alive(owner):
+    """Whether the process named in a lock file ("host pid") still runs; one on another host counts as alive."""
+    host, _, pid = owner.partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return host != socket.gethostname()
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def claim_output_dir(output_dir, resume):
+    """Make `output_dir` this run's: refuse while another live run writes there (its run.lock names it), and when
+    it holds a checkpoint this run does not resume from (the first epoch would overwrite it). A lock left by a
+    killed run is taken over. Returns the lock's path; the caller removes it when the run ends."""
+    lock = os.path.join(output_dir, LOCK_NAME)
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            with open(lock) as f:
+                owner = f.read().strip()
+            if attempt or _lock_owner_alive(owner):
+                raise InputError(f"--output-dir {output_dir} is in use by another training run ({owner or 'unknown'}, "
+                                 f"see {lock}): wait for it, choose another --output-dir, or delete the lock if that "
+                                 "run has ended") from None
+            os.remove(lock)
+            print(f"removed {lock} of an ended run ({owner})")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    checkpoint = os.path.join(output_dir, "checkpoint.pth")
+    if os.path.isfile(checkpoint) and not (resume and os.path.samefile(resume, checkpoint)):
+        os.remove(lock)
+        raise InputError(f"--output-dir {output_dir} holds the checkpoint of an earlier run, which this run would "
+                         "overwrite: continue it with --resume auto, or choose another --output-dir")
+    return lock
+
+
+def claim_output_dir_on_every_rank(args, resume, world):
+    """Rank 0 claims the output folder; every rank stops with its answer, so none waits for a peer that left."""
+    lock, problem = None, None
+    if is_main():
+        try:
+            lock = claim_output_dir(args.output_dir, resume)
+        except InputError as err:
+            problem = str(err)
+    if world > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise InputError(problem)
+    return lock
+
+
+def train_epochs(run, start_epoch):
+    """Epochs start_epoch .. args.epochs - 1; returns the last COCO stats. Ctrl-C becomes Interrupted, saying
+    which epoch it stopped and which one the checkpoint holds."""
+    args, stats, epoch = run.args, None, start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            stats = run_epoch(run, epoch) or stats
+    except KeyboardInterrupt:
+        path = os.path.join(args.output_dir, "checkpoint.pth")
+        kept = ("no checkpoint was written yet" if run.saved_epoch is None else
+                f"{path} holds epoch {run.saved_epoch}: continue with --resume auto")
+        raise Interrupted(f"interrupted in epoch {epoch} of {args.epochs} (epochs count from 0); {kept}") from None
+    return stats
+
+
+def train(args, rank, world, ckpt, resume):
+    """Build the run, restore the checkpoint if any (a --resume past the last epoch only says so), train the
+    epochs left and print the final AP table."""
+    run = build_run(args, rank, world, ckpt, resume)
+    start_epoch = restore(run, ckpt, resume) if ckpt is not None else 0
+    if start_epoch >= args.epochs:
+        if is_main():
+            print(f"nothing to train: {resume} finished epoch {start_epoch} of --epochs {args.epochs}; give a "
+                  "larger --epochs to train on")
+        return None
+    announce(run)
+    t_start = time.time()
+    stats = train_epochs(run, start_epoch)
+    if is_main():
+        print(f"training time {datetime.timedelta(seconds=int(time.time() - t_start))}")
+        if stats is not None:
+            evaluate.print_table(f"{args.dataset} val, {args.method}", evaluate.STAT_NAMES, [stats[:6]])
+    return stats
 
 
 def main(args):
@@ -651,20 +785,15 @@ def main(args):
         print(config_line(args), flush=True)
     seed_everything(args.seed + rank)
     os.makedirs(args.output_dir, exist_ok=True)
-    if is_main():
-        remove_stale_temporaries(args.output_dir)
-    resume, ckpt = read_resume_checkpoint(args)
-    run = build_run(args, rank, world, ckpt, resume)
-    start_epoch = restore(run, ckpt, resume) if ckpt is not None else 0
-    announce(run)
-    stats = None
-    t_start = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        stats = run_epoch(run, epoch) or stats
-    if is_main():
-        print(f"training time {datetime.timedelta(seconds=int(time.time() - t_start))}")
-        if stats is not None:
-            evaluate.print_table(f"{args.dataset} val, {args.method}", evaluate.STAT_NAMES, [stats[:6]])
+    resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
+    lock = claim_output_dir_on_every_rank(args, resume, world)
+    try:
+        if is_main():
+            remove_stale_temporaries(args.output_dir)
+        stats = train(args, rank, world, read_resume_checkpoint(args, resume), resume)
+    finally:
+        if lock is not None and os.path.exists(lock):
+            os.remove(lock)
     if world > 1:
         dist.destroy_process_group()
     return stats
@@ -678,6 +807,10 @@ def cli(argv=None):
         # Bad input (and a diverged run, named by its loss terms) is one line; a genuine bug keeps its traceback.
         print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as err:
+        print(f"error: {err}" if isinstance(err, Interrupted) else "error: interrupted before training started",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
