@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 import train  # noqa: E402
 from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine  # noqa: E402
@@ -212,3 +212,43 @@ def official_checkpoint(shapes, *, shared_heads):
         if k.startswith(HEAD_ALIASES):
             state[k] = state[k.removeprefix('transformer.decoder.')]
     return state
+
+
+# COCO 2017's 80 categories in id order; ids run 1-90 with these ten unused.
+COCO_UNUSED_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+COCO_IDS = [i for i in range(1, 91) if i not in COCO_UNUSED_IDS]
+DOG = 18  # COCO's id of 'dog'
+# (height, width) and (COCO id, xywh box) of the generated images.
+IMAGES = {"train": [((64, 96), [(1, (8, 6, 30, 40)), (DOG, (50, 20, 40, 36))]), ((80, 64), [(90, (10, 30, 40, 30))])],
+          "val": [((72, 72), [(DOG, (12, 10, 40, 50))])]}
+
+
+def write_coco_split(root, split, images):
+    folder = root / f"{split}2017"
+    folder.mkdir(parents=True)
+    entries, annotations = [], []
+    for img_id, ((h, w), objects) in enumerate(images, start=1):
+        image = Image.new("RGB", (w, h), (120, 120, 120))
+        draw = ImageDraw.Draw(image)
+        for cat, (x, y, bw, bh) in objects:
+            draw.rectangle([x, y, x + bw - 1, y + bh - 1], fill=(cat * 2, 255 - cat, 90))
+            annotations.append({"id": len(annotations) + 1, "image_id": img_id, "category_id": cat,
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+        name = f"{img_id:012d}.jpg"
+        image.save(folder / name)
+        entries.append({"id": img_id, "file_name": name, "height": h, "width": w})
+    categories = [{"id": i, "name": n, "supercategory": "thing"} for i, n in zip(COCO_IDS, COCO_80)]
+    with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
+        json.dump({"images": entries, "annotations": annotations, "categories": categories}, f)
+
+
+@pytest.fixture(scope="session")
+def coco_dir(tmp_path_factory):
+    """A COCO-layout folder (train2017, val2017, annotations) with a few generated images, and a random
+    label dictionary (--label-embeddings) so that no CLIP model is built or downloaded."""
+    root = tmp_path_factory.mktemp("coco")
+    (root / "annotations").mkdir()
+    for split, images in IMAGES.items():
+        write_coco_split(root, split, images)
+    torch.save(torch.randn(len(COCO_80), 64, generator=torch.Generator().manual_seed(0)), root / "labels.pt")
+    return root

@@ -284,7 +284,11 @@ class Normalize:
         return TF.normalize(image, mean=self.mean, std=self.std), target
 
 
-def paper_sizes(min_size=800, max_size=1333):
+# Deformable DETR's evaluation size on COCO: shorter side 800, longer side at most 1333.
+COCO_MIN_SIZE, COCO_MAX_SIZE = 800, 1333
+
+
+def paper_sizes(min_size=COCO_MIN_SIZE, max_size=COCO_MAX_SIZE):
     """make_transforms arguments of Deformable DETR for a shorter side `min_size`: at 800 the paper's 11 training
     scales 480..800 step 32, resize to 400/500/600 and crop 384-600 px, evaluation at 800; other sizes scale all
     of these by min_size / 800."""

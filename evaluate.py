@@ -5,7 +5,8 @@ on a folder of images (paper §4.1-4.2, Tables 1-4 and 9, Appendix A.1 and A.3, 
 build.py, which train.py imports too; this module never imports train.py.
 `python evaluate.py --resume CKPT` rebuilds the detector from the checkpoint's own arguments (--dataset,
 --data-path, --val-json/--val-images, --device, --batch-size, --attn-impl and --min-size/--max-size override
-them) as a plain Deformable DETR (AlignNet and DynQL act during training only) and runs one of three modes:
+them) as a plain Deformable DETR (AlignNet and DynQL act during training only) and runs one of three modes
+(`--pretrained FOLDER|hf:ORG/NAME` instead scores transformers' Deformable DETR on a COCO-format val set):
   default          AP of the val set with pycocotools: AP, AP50, AP75, APs, APm, APl (Tables 1, 4-8);
                    --per-layer: one row per decoder layer (Table 9, Appendix A.3);
                    --dataset ov-coco: AP50 on the novel, base and all categories too (Table 3);
@@ -52,7 +53,7 @@ from torchvision.utils import draw_bounding_boxes
 
 import data
 from build import (build_dataset, build_transforms, check_device, check_output_path, checkpoint_args,
-                   checkpoint_classes, checkpoint_detector, load_checkpoint)
+                   checkpoint_classes, checkpoint_detector, hf_detector, hf_evaluation_checkpoint, load_checkpoint)
 from errors import ArgumentParser, InputError, error_line, is_distributed, write_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -456,7 +457,10 @@ OVERRIDES = ("dataset", "data_path", "val_json", "val_images", "device", "batch_
 
 def get_parser():
     p = ArgumentParser("CLIP-DETR evaluation", description=__doc__.split("\n")[0])
-    p.add_argument("--resume", required=True, metavar="CKPT", help="a checkpoint written by train.py")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="a checkpoint written by train.py")
+    p.add_argument("--pretrained", default=None, metavar="FOLDER|hf:ORG/NAME",
+                   help="instead of --resume: transformers' Deformable DETR (a save_pretrained folder or hub id), "
+                        "scored on --dataset coco --data-path DIR or --dataset custom --val-json/--val-images")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data-path", default=None)
     p.add_argument("--val-json", default=None)
@@ -484,6 +488,11 @@ def get_parser():
 
 def check_cli(cli):
     """Reject flag combinations that mean nothing, before any work is done."""
+    if (cli.resume is None) == (cli.pretrained is None):
+        raise InputError("give one of --resume CKPT (written by train.py) and --pretrained FOLDER|hf:ORG/NAME")
+    if cli.pretrained and (cli.images or cli.visualize is not None):
+        raise InputError("--pretrained is scored on a val set; --images and --visualize take a train.py checkpoint "
+                         "(--resume), whose class names they draw")
     if cli.compare and cli.visualize is None:
         raise InputError("--compare CKPT2 needs --visualize N (it adds a second row to the score-map PNGs)")
     if cli.visualize is not None and cli.visualize < 1:
@@ -504,7 +513,7 @@ def main(argv=None):
     """Run one mode (see the module docstring); returns the dict that --log appends."""
     cli = get_parser().parse_args(argv)
     check_cli(cli)
-    ckpt = load_checkpoint(cli.resume)
+    ckpt = hf_evaluation_checkpoint(cli.pretrained) if cli.pretrained else load_checkpoint(cli.resume)
     if cli.images or cli.visualize is not None:
         check_output_path(cli.output_dir, "--output-dir")
     for path, flag in ((cli.output, "--output"), (cli.log, "--log")):
@@ -512,7 +521,8 @@ def main(argv=None):
             check_output_path(path, flag, folder=False)
     overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
     args = checkpoint_args(ckpt, overrides, cli.num_workers)
-    log = {"checkpoint": cli.resume, "method": ckpt["args"].get("method", "baseline"), "dataset": args.dataset}
+    log = {"checkpoint": cli.resume or cli.pretrained, "method": ckpt["args"].get("method", "baseline"),
+           "dataset": args.dataset}
     if args.dataset == "lvis":
         if cli.per_layer:
             raise InputError("--per-layer reports COCO AP (Table 9); LVIS is scored with its own protocol")
@@ -572,9 +582,11 @@ def visualize_val_set(cli, ckpt, args, device, overrides, log):
 def score_val_set(cli, ckpt, args, device, log):
     """The default mode: AP of the val set (COCO, per decoder layer, OV-COCO AP50, or LVIS); returns the results."""
     dataset = build_dataset("val", args)
-    _, class_names = checkpoint_classes(ckpt, args)
+    # A released COCO model's head is laid out for the val set's categories when it is loaded.
+    class_names = dataset.cat_names if cli.pretrained else checkpoint_classes(ckpt, args)[1]
     cat_ids = val_cat_ids(class_names, dataset)
-    model, postprocess = checkpoint_detector(ckpt, args, class_names, cli.resume)
+    model, postprocess = (hf_detector(cli.pretrained, args, dataset) if cli.pretrained
+                          else checkpoint_detector(ckpt, args, class_names, cli.resume))
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn, num_workers=cli.num_workers)
     title = f"{args.dataset} val, {log['method']}"
     if args.dataset == "lvis":

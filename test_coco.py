@@ -16,59 +16,18 @@ import sys
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 import build
 import data
 import train
-from conftest import COCO_80, HERE, official_checkpoint, official_state_shapes, parse_args
+from conftest import COCO_80, COCO_IDS, DOG, HERE, official_checkpoint, official_state_shapes, parse_args
 from model import Backbone
 
-# COCO 2017's 80 categories in id order; ids run 1-90 with these ten unused.
-COCO_UNUSED_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
-COCO_IDS = [i for i in range(1, 91) if i not in COCO_UNUSED_IDS]
-DOG = 18
 # Fewer layers and queries than the paper's 6 + 6 and 300; everything else is the --dataset coco model.
 SMALL = ["--enc-layers", "1", "--dec-layers", "2", "--num-queries", "20"]
 # The checkpoint test's detector: the loader sees only names and shapes, so the ResNet and width shrink too.
 SMALL_R18 = ["--backbone", "resnet18", "--hidden-dim", "32", "--dim-feedforward", "64", "--nheads", "4",
              "--dropout", "0"]
-# (height, width) and (COCO id, xywh box) of the generated images.
-IMAGES = {"train": [((64, 96), [(1, (8, 6, 30, 40)), (DOG, (50, 20, 40, 36))]), ((80, 64), [(90, (10, 30, 40, 30))])],
-          "val": [((72, 72), [(DOG, (12, 10, 40, 50))])]}
-
-
-def write_coco_split(root, split, images):
-    folder = root / f"{split}2017"
-    folder.mkdir(parents=True)
-    entries, annotations = [], []
-    for img_id, ((h, w), objects) in enumerate(images, start=1):
-        image = Image.new("RGB", (w, h), (120, 120, 120))
-        draw = ImageDraw.Draw(image)
-        for cat, (x, y, bw, bh) in objects:
-            draw.rectangle([x, y, x + bw - 1, y + bh - 1], fill=(cat * 2, 255 - cat, 90))
-            annotations.append({"id": len(annotations) + 1, "image_id": img_id, "category_id": cat,
-                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
-        name = f"{img_id:012d}.jpg"
-        image.save(folder / name)
-        entries.append({"id": img_id, "file_name": name, "height": h, "width": w})
-    categories = [{"id": i, "name": n, "supercategory": "thing"} for i, n in zip(COCO_IDS, COCO_80)]
-    with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
-        json.dump({"images": entries, "annotations": annotations, "categories": categories}, f)
-
-
-@pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory):
-    """A COCO-layout folder (train2017, val2017, annotations) with a few generated images, and a random
-    label dictionary (--label-embeddings) so that no CLIP model is built or downloaded."""
-    root = tmp_path_factory.mktemp("coco")
-    (root / "annotations").mkdir()
-    for split, images in IMAGES.items():
-        write_coco_split(root, split, images)
-    torch.save(torch.randn(len(COCO_80), 64, generator=torch.Generator().manual_seed(0)), root / "labels.pt")
-    return root
-
-
 def coco_args(coco_dir, tmp_path, *extra):
     """The COCO configuration's arguments; a method with a label dictionary reads it from coco_dir/labels.pt."""
     argv = ["--dataset", "coco", "--data-path", str(coco_dir), "--device", "cpu", "--output-dir", str(tmp_path / "out"),
@@ -141,7 +100,7 @@ def test_official_coco_checkpoint_through_pretrained(coco_dir, tmp_path):
 
     train_set = build.build_dataset("train", args)
     model, _, _ = build.build_model(args, train_set.cat_names)
-    build.load_official_checkpoint(model, args.pretrained, train_set.cat_ids)
+    build.load_pretrained(model, args.pretrained, train_set.cat_ids)
 
     k_dog = train_set.cat_ids.index(DOG)
     rows = torch.as_tensor(train_set.cat_ids)
@@ -170,7 +129,7 @@ def test_official_coco_checkpoint_through_pretrained(coco_dir, tmp_path):
     assert all(p.requires_grad for p in body.layer2.parameters())
 
     with pytest.raises(ValueError, match=r"category id 0-90; the dataset's category ids \[200\]"):
-        build.load_official_checkpoint(model, args.pretrained, [*train_set.cat_ids[:-1], 200])
+        build.load_pretrained(model, args.pretrained, [*train_set.cat_ids[:-1], 200])
 
 
 @pytest.mark.parametrize("refine", [False, True], ids=["plain", "box-refine"])
@@ -187,7 +146,7 @@ def test_official_single_stage_checkpoints_through_pretrained(coco_dir, tmp_path
     torch.save({"model": state}, args.pretrained)
     train_set = build.build_dataset("train", args)
     model, _, _ = build.build_model(args, train_set.cat_names)
-    build.load_official_checkpoint(model, args.pretrained, train_set.cat_ids)
+    build.load_pretrained(model, args.pretrained, train_set.cat_ids)
     rows = torch.as_tensor(train_set.cat_ids)
     assert len(model.class_embed) == args.dec_layers
     for layer, head in enumerate(model.class_embed):

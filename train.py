@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, load_checkpoint,
-                   load_model_state, load_official_checkpoint)
+from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, default_device,
+                   load_checkpoint, load_model_state, load_pretrained)
 from dynql import dynql_loss, dynql_set_losses
 from errors import ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, write_atomically
 from matcher import global_num_boxes, weight_dict
@@ -65,7 +65,7 @@ DATASET_DEFAULTS = {
     "coco": dict(backbone="resnet50", hidden_dim=256, dim_feedforward=1024, enc_layers=6, dec_layers=6, nheads=8,
                  num_queries=300, enc_n_points=4, dec_n_points=4, batch_size=2, epochs=12, lr_drop=[10],
                  lr=2e-4, lr_backbone=2e-5, dropout=0.1, clip_model="RN50x64", clip_pretrained="openai",
-                 device="cuda" if torch.cuda.is_available() else "cpu", num_workers=2, min_size=800, max_size=1333,
+                 device=default_device(), num_workers=2, min_size=data.COCO_MIN_SIZE, max_size=data.COCO_MAX_SIZE,
                  amp="off", eval_every=1),
 }
 for _name in ("custom", "ov-coco", "lvis"):
@@ -122,7 +122,8 @@ def get_parser():
     m = p.add_argument_group("detector (Deformable DETR)")
     m.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     m.add_argument("--pretrained-backbone", action="store_true", help="ImageNet weights via torchvision")
-    m.add_argument("--pretrained", default=None, metavar="PATH", help="official Deformable DETR checkpoint")
+    m.add_argument("--pretrained", default=None, metavar="PATH", help="official Deformable DETR checkpoint (.pth), or "
+                   "transformers' (a save_pretrained folder or hf:ORG/NAME, e.g. hf:SenseTime/deformable-detr)")
     m.add_argument("--hidden-dim", type=int, default=None)
     m.add_argument("--dim-feedforward", type=int, default=None)
     m.add_argument("--enc-layers", type=int, default=None)
@@ -580,7 +581,7 @@ def build_run(args, rank, world, ckpt, resume):
     detr, criterion, postprocess = build_model(args, train_set.cat_names)
     detr.to(device)
     if args.pretrained:
-        load_official_checkpoint(detr, args.pretrained, train_set.cat_ids)
+        load_pretrained(detr, args.pretrained, train_set.cat_ids)
     model = detr
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
