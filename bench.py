@@ -14,6 +14,10 @@
                                             training step (forward, loss, backward, clipping, AdamW) and inference,
                                             alternating rounds in one process, min and median seconds and ratios;
                                             bf16 is CPU autocast around every model. Needs `pip install transformers`
+  python bench.py profile [--steps 3] [-- FLAGS]   torch.profiler of demo training steps (train.py's flags, default
+                                            the demo's): self CPU time by operator, forward/backward time by
+                                            stage (backbone, encoder, decoder, deformable sampling, matcher and
+                                            losses, AlignNet, DynQL, data loading, optimizer)
   python bench.py gpu [--steps 20]          on a CUDA machine: the CUDA tests, `attn` (Triton vs reference, fwd and
                                             fwd+bwd, peak memory) and 20 training steps of the COCO model for
                                             baseline and clip-detr with --amp bf16 --attn-impl triton, one table;
@@ -431,6 +435,126 @@ def bench_hf(args):
         print(f"{kind:>6} {prec:>9} {name:>17} {mn:7.2f} {md:9.2f} {mn / ref[0]:19.2f}x {md / ref[1]:6.2f}x")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Profile of one demo training step, by operator and by stage
+# ----------------------------------------------------------------------------------------------------------
+class _Stages:
+    """Profiler ranges around the stages of a training step. Forward: a record_function range per stage (module
+    hooks, or wrapped functions). Backward: each autograd node is charged to the stage whose forward op created it
+    (the profiler gives a forward op and its backward node one sequence number)."""
+
+    def __init__(self):
+        self.open = []
+
+    def enter(self, name):
+        scope = torch.autograd.profiler.record_function(name)
+        scope.__enter__()
+        self.open.append(scope)
+
+    def exit(self):
+        self.open.pop().__exit__(None, None, None)
+
+    def hook(self, module, name):
+        module.register_forward_pre_hook(lambda *_: self.enter(name))
+        module.register_forward_hook(lambda *_: self.exit())
+
+    def wrap(self, owner, attribute, name):
+        """Replace owner.attribute (a function) by the same function inside a `name` range."""
+        fn = getattr(owner, attribute)
+
+        def wrapped(*args, **kwargs):
+            with torch.autograd.profiler.record_function(name):
+                return fn(*args, **kwargs)
+        setattr(owner, attribute, wrapped)
+
+
+STAGES = ("data loading", "backbone", "input_proj", "encoder", "decoder", "heads", "AlignNet", "DynQL",
+          "deformable sampling", "matcher and losses", "optimizer")
+
+
+def _stage_table(events, steps):
+    """{stage: (forward ms, backward ms)} per step. A range's own time excludes the stages nested in it (the
+    sampling inside the encoder and decoder, the heads inside the refining decoder); a backward node is charged to
+    the innermost stage around the forward op that made it."""
+    ranges = [e for e in events if e.name in STAGES]
+
+    def innermost(start, exclude=None):
+        around = [r for r in ranges if r is not exclude and r.time_range.start <= start <= r.time_range.end]
+        return min(around, key=lambda r: r.time_range.end - r.time_range.start, default=None)
+
+    forward, backward = dict.fromkeys(STAGES, 0.0), dict.fromkeys(STAGES, 0.0)
+    for r in ranges:
+        forward[r.name] += r.cpu_time_total
+        parent = innermost(r.time_range.start, exclude=r)
+        if parent is not None and parent.time_range.end >= r.time_range.end:
+            forward[parent.name] -= r.cpu_time_total
+    stage_of = {}
+    for e in events:
+        if e.sequence_nr >= 0 and not e.name.startswith("autograd::") and e.name not in STAGES:
+            around = innermost(e.time_range.start)
+            if around is not None:
+                stage_of.setdefault(e.sequence_nr, around.name)
+    for e in events:
+        if e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in stage_of:
+            backward[stage_of[e.sequence_nr]] += e.cpu_time_total
+    return {name: (forward[name] / steps / 1e3, backward[name] / steps / 1e3) for name in STAGES}
+
+
+def bench_profile(args):
+    """torch.profiler over `steps` demo training steps (after 2 warm-up steps): self CPU time by operator, and
+    forward/backward time by stage. Data loading is the main process's own (num_workers 0) so that it is seen."""
+    import build
+    import data
+    import model as model_module
+    import train
+    from torch.profiler import ProfilerActivity, profile
+    targs = train.finalize_args(train.get_parser().parse_args([*args.extra, "--num-workers", "0"]))
+    torch.manual_seed(targs.seed)
+    ds = build.build_dataset("train", targs)
+    detr, criterion, _ = build.build_model(targs, ds.cat_names)
+    detr.train()
+    optimizer = build.build_optimizer(detr, targs)
+    stages = _Stages()
+    for module, name in ((detr.backbone, "backbone"), (detr.transformer.encoder, "encoder"),
+                         (detr.transformer.decoder, "decoder"), (detr.alignnet, "AlignNet"), (detr.dynql, "DynQL")):
+        if module is not None:
+            stages.hook(module, name)
+    for proj in detr.input_proj:
+        stages.hook(proj, "input_proj")
+    for head in [*detr.class_embed, *detr.bbox_embed]:
+        stages.hook(head, "heads")
+    for fn in ("ms_deform_attn_pytorch", "ms_deform_attn_gather"):
+        stages.wrap(model_module, fn, "deformable sampling")
+    stages.wrap(train, "compute_losses", "matcher and losses")
+    stages.wrap(optimizer, "step", "optimizer")
+    loader = iter(torch.utils.data.DataLoader(ds, batch_size=targs.batch_size, shuffle=True, drop_last=True,
+                                              collate_fn=data.collate_fn))
+    amp_dtype = {"bf16": torch.bfloat16}.get(targs.amp)
+
+    def step():
+        with torch.autograd.profiler.record_function("data loading"):
+            batch = next(loader)
+        train.train_step(detr, criterion, batch, optimizer, torch.device("cpu"), clip_max_norm=targs.clip_max_norm,
+                         align_loss_coef=targs.align_loss_coef, amp_dtype=amp_dtype)
+
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    wall = (time.perf_counter() - t0) / args.steps * 1e3
+    print(f"demo training step ({targs.method}, batch {targs.batch_size} at {targs.min_size}/{targs.max_size} px, "
+          f"--amp {targs.amp}, {torch.get_num_threads()} threads): {wall:.0f} ms per step under the profiler, "
+          f"mean of {args.steps}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
+    table = _stage_table(prof.events(), args.steps)
+    table["rest (proposals, queries, clipping, ...)"] = (wall - sum(f + b for f, b in table.values()), 0.0)
+    print(f"{'stage':>40} {'forward ms':>11} {'backward ms':>12} {'share':>6}")
+    for name, (fwd, bwd) in table.items():
+        print(f"{name:>40} {fwd:11.1f} {bwd:12.1f} {100 * (fwd + bwd) / wall:5.1f}%")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser("bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -459,6 +583,10 @@ def main(argv=None):
                         "--attn-impl auto would take the reference for the decoder's small calls")
     h.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="bf16: CPU autocast around every model's step")
+    pr = sub.add_parser("profile", help="torch.profiler of demo training steps: by operator and by stage")
+    pr.add_argument("--steps", type=int, default=3)
+    pr.add_argument("--rows", type=int, default=20)
+    pr.add_argument("extra", nargs="*", help="train.py flags after -- (default: the demo's)")
     w = sub.add_parser("_worker")
     w.add_argument("--steps", type=int)
     w.add_argument("argv", nargs="*")
@@ -473,6 +601,8 @@ def main(argv=None):
         bench_gpu(args)
     elif args.what == "hf":
         bench_hf(args)
+    elif args.what == "profile":
+        bench_profile(args)
     else:
         _train_worker(args.argv, args.steps, os.path.join(HERE, ".bench_tmp.json"))
 
