@@ -13,6 +13,7 @@ Paper ablations as flags:
   Table 5   --align-feature {label,label+bbox,label+scale}
   Table 6/7 --dynql-betas 0.1 0.3 0.5 0.7 0.9   (a list; give it twice for "x2")
   Table 8   --dynql-rho 1.0
+  Table 3   --dataset ov-coco; --novel-classes NAME [NAME ...] holds out any categories of any dataset
 
 Every loss term of one step (Eq. 5 `loss_align`, Eq. 10 `loss_dynql_*`, the set-prediction terms) is
 logged separately, one JSON line per epoch in OUTPUT_DIR/log.jsonl; with DynQL also `z_attr_norm` (mean
@@ -45,8 +46,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, load_checkpoint,
-                   load_model_state, load_official_checkpoint)
+from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, class_split,
+                   load_checkpoint, load_model_state, load_official_checkpoint)
 from dynql import dynql_loss, dynql_set_losses
 from errors import TEMP_SUFFIX, InputError, error_line, is_main, write_atomically
 from matcher import global_num_boxes, weight_dict
@@ -117,6 +118,11 @@ def get_parser():
                    help="longest side of generated shapes images, pixels")
     d.add_argument("--shapes-max-objects", type=int, default=data.SHAPES_DEFAULTS["max_objects"])
     d.add_argument("--shapes-seed", type=int, default=data.SHAPES_DEFAULTS["seed"])
+    d.add_argument("--novel-classes", nargs="+", default=None, metavar="NAME",
+                   help="open vocabulary (shapes, coco, custom, lvis): hold these categories out of training (their "
+                        "annotations removed, never trained as positives or negatives), score every class against "
+                        "the CLIP label dictionary, and report AP50 on novel, base and all categories (Table 3); "
+                        "ov-coco holds out OVR-CNN's 17 itself")
 
     m = p.add_argument_group("detector (Deformable DETR)")
     m.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
@@ -226,6 +232,9 @@ def finalize_args(args):
             raise InputError(f"--{key.replace('_', '-')} {value}: expected a number >= {low}")
     if any(epoch < 0 for epoch in args.lr_drop):
         raise InputError(f"--lr-drop {' '.join(map(str, args.lr_drop))}: expected epochs >= 0")
+    if args.dataset == "ov-coco" and args.novel_classes:
+        raise InputError("--novel-classes with --dataset ov-coco: ov-coco holds out OVR-CNN's 17 novel categories "
+                         "itself; for another split use --dataset coco --novel-classes NAME [NAME ...]")
     if args.hidden_dim % (2 * args.nheads):
         raise InputError(f"--hidden-dim {args.hidden_dim}: expected a multiple of 2 x --nheads ({2 * args.nheads}); "
                          "the sine position embedding takes half the channels for x and half for y")
@@ -327,7 +336,7 @@ def save_checkpoint(path, **state):
 
 
 RESUME_MUST_MATCH = ("dataset", "method", "two_stage", "with_box_refine", "dynql_betas", "dynql_rho",
-                     "align_feature", "lr_drop", "batch_size")
+                     "align_feature", "lr_drop", "batch_size", "novel_classes")
 
 
 def check_resume_args(saved, args, source):
@@ -581,7 +590,7 @@ def restore(run, ckpt, resume):
     last = run.history[-1] if run.history and run.history[-1]["epoch"] == ckpt["epoch"] else None
     if last is not None and "coco_stats" not in last and evaluation_due(ckpt["epoch"], run.args):
         # Killed between the checkpoint and its evaluation: evaluate that epoch now (no RNG is drawn).
-        last["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device)
+        evaluate_epoch(run, last)
     if is_main():
         write_log(run.log_path, run.history)
     return ckpt["epoch"] + 1
@@ -616,6 +625,15 @@ def save_epoch_checkpoint(run, epoch):
                         classes={"ids": run.train_set.cat_ids, "names": run.train_set.cat_names}, log=run.history)
 
 
+def evaluate_epoch(run, log):
+    """COCO stats of the val set into `log`, and for an open-vocabulary run AP50 on novel, base and all (Table 3)."""
+    log["coco_stats"], results = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device)
+    split = class_split(run.args, run.val_set.cat_names)
+    if split is not None and is_main():
+        log[evaluate.ov_key(run.args.dataset)] = evaluate.ov_coco_ap50(run.val_set.coco, results, *split,
+                                                                       image_ids=run.val_set.ids)
+
+
 def epoch_line(epoch, log):
     """The console line of an epoch: the last decoder layer's loss terms (log.jsonl has every layer's and the
     proposals'), the epoch's time, and AP when it was evaluated."""
@@ -637,7 +655,7 @@ def run_epoch(run, epoch):
     run.history.append(log)
     save_epoch_checkpoint(run, epoch)
     if evaluation_due(epoch, run.args):
-        log["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device)
+        evaluate_epoch(run, log)
     if is_main():
         write_log(run.log_path, run.history)
         print(epoch_line(epoch, log), flush=True)
@@ -665,6 +683,9 @@ def main(args):
         print(f"training time {datetime.timedelta(seconds=int(time.time() - t_start))}")
         if stats is not None:
             evaluate.print_table(f"{args.dataset} val, {args.method}", evaluate.STAT_NAMES, [stats[:6]])
+        ov = run.history[-1].get(evaluate.ov_key(args.dataset)) if run.history else None
+        if ov is not None:
+            evaluate.print_table(f"{args.dataset} val, {args.method}, AP50 (Table 3)", list(ov), [list(ov.values())])
     if world > 1:
         dist.destroy_process_group()
     return stats
