@@ -414,7 +414,7 @@ def detect_folder(model, postprocess, folder, *, class_names, cat_ids, device, t
                          "one image PIL can read")
     loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn)
     final, _ = predict(model, postprocess, loader, device)
-    results = to_coco_results(final, cat_ids)
+    results = to_coco_results(final, cat_ids, class_names)
     for det in results:
         det["file_name"] = names[det["image_id"]]
     os.makedirs(output_dir, exist_ok=True)

@@ -370,6 +370,7 @@ def check_resume_classes(ckpt, train_set, source):
 
 def check_datasets(train_set, val_set, args, world):
     """Sets a run cannot learn from or would finish without a step on, which would otherwise exit 0."""
+    class_split(args, train_set.cat_names)  # held-out classes that leave no base class are named as such
     if train_set.num_boxes == 0:
         raise InputError(f"train set {train_set.ann_file} has no boxes ({len(train_set)} images, no non-crowd "
                          "annotation of a training category), expected at least one to learn from")
