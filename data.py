@@ -27,7 +27,8 @@ Deviations from the paper:
     - OV-COCO: the class head lists every category of the JSON (80 for COCO). Training keeps only the 48 base
       categories' annotations as targets and evaluation keeps the 65 benchmark categories; the `coco`
       attribute holds only the kept annotations, so pycocotools scores exactly those categories. Images left
-      without targets are kept as negatives, as Deformable DETR keeps empty images.
+      without targets are kept as negatives, as Deformable DETR keeps empty images. Open vocabulary on any
+      dataset (train.py --novel-classes) is the same with the held-out categories dropped from training only.
     - LVIS v1 is read as a COCO-format JSON (names as written there, e.g. 'aerosol_can'); its federated
       evaluation protocol is not reproduced by this loader.
     - Resizing under a max_size truncates the lowered shorter side where Deformable DETR rounds it, so the
