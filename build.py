@@ -60,8 +60,9 @@ def build_transforms(image_set, args):
 def build_dataset(image_set, args):
     """The `image_set` ('train' or 'val') split of args.dataset as a data.CocoDetection.
 
-    Reads args.dataset, args.data_path, args.min_size/max_size, for 'custom' args.{train,val}_{json,images},
-    and for 'shapes' args.shapes_{num_train, num_val, seed, min_size, max_size, max_objects}.
+    Reads args.dataset, args.data_path, args.min_size/max_size, args.novel_classes (held out of 'train'), for
+    'custom' args.{train,val}_{json,images}, and for 'shapes' args.shapes_{num_train, num_val, seed, min_size,
+    max_size, max_objects}.
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
