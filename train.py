@@ -154,7 +154,9 @@ def get_parser():
     c.add_argument("--dynql-rho", type=float, default=1.0, help="Table 8")
     c.add_argument("--clip-model", default=None, help="open_clip model name (paper: RN50x64)")
     c.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag, or 'none' (random weights)")
-    c.add_argument("--label-embeddings", default=None, metavar="FILE", help=".pt/.npy table, one row per class")
+    c.add_argument("--label-embeddings", default=None, metavar="FILE",
+                   help=".pt/.npy table, one row per class in category order, or a .pt of {'names': [...], "
+                        "'embeddings': (K, D) tensor} whose rows are looked up by category name")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=None)
