@@ -8,7 +8,13 @@ DynQL (dynql.py) reuses the attribute feature z_attr of Eq. 3 as its well-inform
 
 The label dictionary f_cls is the L2-normalized CLIP text embedding of "a photo of a {name}" for every
 category, in category order. It is computed once per (model, pretrained tag, prompt, names) and cached
-on disk, so that later runs need neither the network nor the CLIP weights.
+on disk, so that later runs need neither the network nor the CLIP weights. Each name is encoded on its own,
+so its row depends on the name alone: a name asked for at inference, among any other names, gets exactly
+the row it had in training.
+
+A label-embeddings file is a (K, D) table (.pt or .npy) whose rows follow the class order, or a named table:
+a .pt holding {"names": [K strings], "embeddings": (K, D) float tensor}, whose rows are looked up by name
+(training picks its categories' rows; inference the names asked for).
 
 Shapes:
     B  images in the batch
@@ -55,25 +61,35 @@ class ClipWeightsUnavailableError(InputError):
     """The CLIP weights for the label dictionary cannot be had (no network, no cache, no file)."""
 
 
+TABLE_VERSION = 2
+
+
 def _cache_path(cache_dir, model_name, pretrained, prompt, class_names):
     """Cache file of one label dictionary, keyed by everything that changes its rows."""
     if cache_dir is None:
         cache_dir = default_cache_dir()
-    key = json.dumps([model_name, pretrained, prompt, list(class_names)])
+    # The last item names how rows are computed (one name per forward pass since version 2): a table computed
+    # otherwise differs in the last bits and must not be served for it.
+    key = json.dumps([model_name, pretrained, prompt, list(class_names), TABLE_VERSION])
     digest = hashlib.sha1(key.encode('utf-8')).hexdigest()
     return Path(cache_dir).expanduser() / 'label_embeddings' / f'{digest}.pt'
 
 
-def _load_embeddings_file(path, num_classes):
-    """Read a (K, D) table of finite numbers from a .pt or .npy file and check it against the K class names."""
+def read_embeddings_file(path):
+    """(names, table): a label-embeddings file's names (None for a plain table) and its (K, D) rows of finite
+    numbers. A .pt holds a plain tensor or {"names": [K strings], "embeddings": (K, D) tensor}; a .npy a plain
+    array."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label embeddings file '{path}' not found (expected a .pt or .npy file "
                                 f"with one row per class)")
     if path.suffix not in ('.pt', '.npy'):
         raise InputError(f"label embeddings file '{path}' has suffix '{path.suffix}', expected .pt or .npy")
+    names = None
     if path.suffix == '.pt':
         table = read_torch_file(path, 'label embeddings file', weights_only=True)
+        if isinstance(table, dict):
+            names, table = _named_table(path, table)
     else:
         try:
             table = np.load(path, allow_pickle=False)
@@ -87,9 +103,9 @@ def _load_embeddings_file(path, num_classes):
     if table.ndim != 2:
         raise InputError(f"label embeddings file '{path}' holds a tensor of shape {tuple(table.shape)}, "
                          f"expected 2 dimensions (classes, embedding width)")
-    if table.shape[0] != num_classes:
-        raise InputError(f"label embeddings file '{path}' has {table.shape[0]} rows, "
-                         f"expected {num_classes} (one per class)")
+    if names is not None and len(names) != table.shape[0]:
+        raise InputError(f"label embeddings file '{path}' has {len(names)} names and {table.shape[0]} rows, "
+                         "expected one name per row")
     bad_rows = (~torch.isfinite(table)).any(dim=1).nonzero().flatten().tolist()  # (rows with a NaN/Inf,)
     if bad_rows:
         raise InputError(f"label embeddings file '{path}' has NaN or Inf in rows {bad_rows[:10]}"
@@ -99,7 +115,7 @@ def _load_embeddings_file(path, num_classes):
     if zero_rows:
         raise InputError(f"label embeddings file '{path}' has all-zero rows {zero_rows[:10]}"
                          f"{' ...' if len(zero_rows) > 10 else ''}, expected a non-zero embedding for every class")
-    return table
+    return names, table
 
 
 def _read_cache(path, num_classes):
@@ -117,6 +133,39 @@ def _read_cache(path, num_classes):
         print(f"{err}: recomputing it")
         return None
     return table
+
+
+def _named_table(path, content):
+    """(names, embeddings) of a named table {"names": [...], "embeddings": tensor}, names checked."""
+    if set(content) != {'names', 'embeddings'}:
+        raise InputError(f"label embeddings file '{path}' holds a dict with keys {sorted(map(str, content))}, "
+                         "expected exactly 'names' (a list of K strings) and 'embeddings' (a (K, D) tensor)")
+    names = content['names']
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"label embeddings file '{path}': 'names' is a {type(names).__name__}, expected a list "
+                         "of strings")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"label embeddings file '{path}' names {twice[:5]} more than once, expected each name "
+                         "once")
+    return list(names), content['embeddings']
+
+
+def _load_embeddings_file(path, class_names):
+    """The (K, D) rows of `class_names` from a label-embeddings file: a plain table's rows in class order, a
+    named table's rows looked up by name."""
+    names, table = read_embeddings_file(path)
+    if names is None:
+        if table.shape[0] != len(class_names):
+            raise InputError(f"label embeddings file '{path}' has {table.shape[0]} rows, "
+                             f"expected {len(class_names)} (one per class)")
+        return table
+    missing = [n for n in class_names if n not in names]
+    if missing:
+        raise InputError(f"label embeddings file '{path}' has no row named {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}; its {len(names)} names: "
+                         f"{', '.join(map(repr, names[:50]))}{' ...' if len(names) > 50 else ''}")
+    return table[[names.index(n) for n in class_names]]  # (K, D) in class order
 
 
 def _clip_checkpoint(model_name, pretrained, num_classes):
@@ -156,9 +205,11 @@ def _encode_with_clip(class_names, *, model_name, pretrained, prompt, device):
                                        pretrained_text=False, device=device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
-    tokens = tokenizer([prompt.format(name) for name in class_names]).to(device)
+    tokens = tokenizer([prompt.format(name) for name in class_names]).to(device)  # (K, context length)
+    # One name per forward pass: a batch's matrix products round differently with its size, so a row would
+    # depend on the names beside it, and a name asked for at inference would not score as it did in training.
     with torch.no_grad():
-        f_cls = model.encode_text(tokens)
+        f_cls = torch.cat([model.encode_text(tokens[k:k + 1]) for k in range(len(class_names))])  # (K, D)
     return f_cls.float().cpu()
 
 
@@ -166,7 +217,8 @@ def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', 
                      cache_dir=None, embeddings_file=None, device='cpu'):
     """The label dictionary f_cls (Sec. 3.2): one L2-normalized CLIP text embedding per class, (K, D).
 
-    Sources, first match wins: `embeddings_file` (.pt/.npy, rows in class order); the on-disk cache under
+    Sources, first match wins: `embeddings_file` (.pt/.npy: rows in class order, or a named table whose rows
+    are looked up by name, see `read_embeddings_file`); the on-disk cache under
     `cache_dir` (default $CLIP_DETR_CACHE or ~/.cache/clip-detr); the open_clip text encoder of
     `model_name`/`pretrained`, whose table is then cached. pretrained='none' uses random weights seeded
     with 0 (for offline smoke runs; it says so).
@@ -175,7 +227,7 @@ def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', 
     if not class_names:
         raise ValueError("class_names is empty, expected at least one class name")
     if embeddings_file is not None:
-        table = _load_embeddings_file(embeddings_file, len(class_names))
+        table = _load_embeddings_file(embeddings_file, class_names)
     else:
         if '{}' not in prompt:
             raise ValueError(f"prompt '{prompt}' has no '{{}}' placeholder for the class name")
@@ -305,6 +357,7 @@ class LabelEmbeddingClassifier(nn.Module):
     (-inf gives 0 * inf = NaN) and is representable in float16. In eval mode all K classes are scored.
 
     The dictionary is a persistent buffer: a checkpoint carries the exact rows its projection was trained on.
+    `set_label_embeddings` swaps it for the rows of any other names (any vocabulary at inference).
     """
 
     MASKED_LOGIT = -1e4
@@ -345,6 +398,16 @@ class LabelEmbeddingClassifier(nn.Module):
         if not mask.any():
             raise ValueError("train_classes selects no class, expected at least one class with annotations")
         return mask
+
+    def set_label_embeddings(self, label_embeddings):
+        """Score against `label_embeddings` (K', D) from now on, normalized as at construction; D must be the
+        width the projection was trained into. The training mask named rows of the old dictionary: it goes."""
+        width = self.label_embeddings.shape[1]
+        if label_embeddings.ndim != 2 or label_embeddings.shape[1] != width:
+            raise ValueError(f"label_embeddings has shape {tuple(label_embeddings.shape)}, expected (K, {width}): "
+                             f"the class head projects into a {width}-wide text embedding space")
+        self.label_embeddings = F.normalize(label_embeddings.detach().float(), dim=-1).to(self.proj.weight.device)
+        self.train_mask = None
 
     @property
     def scale(self):

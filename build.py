@@ -5,6 +5,7 @@ namespace. Everything that turns `args` (train.py's parser, or a checkpoint's st
 here, each in one `build_*` function:
   build_dataset        the datasets of §4 (COCO, OV-COCO, LVIS, a custom COCO-format JSON, the `shapes` demo)
   build_label_table    the CLIP label dictionary f_cls of AlignNet (Eq. 1-3), computed once per machine
+  class_split          an open-vocabulary run's base and novel classes (--novel-classes, or ov-coco's split)
   build_model          Deformable DETR (§3.1) with AlignNet (Eq. 1-5) and DynQL (Eq. 6-10) attached for training,
                        the set-prediction criterion and the post-processing
   build_optimizer      AdamW with the official parameter groups (§4.1)
@@ -13,6 +14,8 @@ from or resumes: `load_checkpoint` (a checkpoint train.py wrote), `load_model_st
 differs), `load_pretrained` (a released Deformable DETR: an official .pth, or transformers' save_pretrained folder
 or hub id hf:ORG/NAME, mapped onto the official names without transformers), `checkpoint_args` /
 `checkpoint_detector` (evaluate.py's plain detector from a checkpoint) and `hf_detector` (from a transformers one).
+An open-vocabulary checkpoint scores any names at inference: `checkpoint_vocabulary` embeds them,
+`checkpoint_detector(..., vocabulary=...)` swaps them in.
 
 No equations of their own. Shape legend: K classes (91 COCO category ids in released heads), D CLIP text width,
 C model width; transformers' q, k, v projections (C, C) stack into in_proj (3C, C).
@@ -31,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from alignnet import AlignNet, LabelEmbeddingClassifier, label_embeddings
+from alignnet import (AlignNet, ClipWeightsUnavailableError, LabelEmbeddingClassifier, label_embeddings,
+                      read_embeddings_file)
 from dynql import DynQL
 from errors import InputError, cache_dir, is_distributed, is_main, read_torch_file
 from matcher import SetCriterion
@@ -65,24 +69,33 @@ def build_transforms(image_set, args):
 def build_dataset(image_set, args):
     """The `image_set` ('train' or 'val') split of args.dataset as a data.CocoDetection.
 
-    Reads args.dataset, args.data_path, args.min_size/max_size, for 'custom' args.{train,val}_{json,images},
-    and for 'shapes' args.shapes_{num_train, num_val, seed, min_size, max_size, max_objects}.
+    Reads args.dataset, args.data_path, args.min_size/max_size, args.novel_classes (held out of 'train'), for
+    'custom' args.{train,val}_{json,images}, and for 'shapes' args.shapes_{num_train, num_val, seed, min_size,
+    max_size, max_objects}.
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     transforms = build_transforms(image_set, args)
+    # An open-vocabulary run trains on its base categories' annotations only and evaluates base and novel ones.
+    kept = {"transforms": transforms, "drop_flag": "--novel-classes"}
+    split = novel_split(args)
+    if split is not None:
+        base, novel = split
+        kept["drop_cat_names"] = novel if image_set == "train" else ()
+        if base is not None:
+            kept["keep_cat_names"] = base if image_set == "train" else base + novel
     if args.dataset == "shapes":
         paths = data.make_shapes(args.data_path or cache_dir(), num_train=args.shapes_num_train,
                                  num_val=args.shapes_num_val, seed=args.shapes_seed, min_size=args.shapes_min_size,
                                  max_size=args.shapes_max_size, max_objects=args.shapes_max_objects)
-        return data.CocoDetection(paths[f"{image_set}_images"], paths[f"{image_set}_json"], transforms=transforms)
+        return data.CocoDetection(paths[f"{image_set}_images"], paths[f"{image_set}_json"], **kept)
     if args.dataset == "custom":
         ann_file, img_folder = getattr(args, f"{image_set}_json"), getattr(args, f"{image_set}_images")
         if not ann_file or not img_folder:
             missing = [flag for flag, value in ((f"--{image_set}-json", ann_file),
                                                 (f"--{image_set}-images", img_folder)) if not value]
             raise InputError(f"dataset 'custom' needs {', '.join(missing)}: a COCO-format JSON and its image folder")
-        return data.CocoDetection(img_folder, ann_file, transforms=transforms)
+        return data.CocoDetection(img_folder, ann_file, **kept)
     if args.dataset not in DATASETS:
         raise InputError(f"unknown dataset {args.dataset!r}; expected one of {', '.join(map(repr, DATASETS))}")
     layout = LVIS_LAYOUT if args.dataset == "lvis" else COCO_LAYOUT
@@ -95,14 +108,39 @@ def build_dataset(image_set, args):
         folders = [os.path.join(args.data_path, "train2017"), os.path.join(args.data_path, "val2017")]
         ann_file = os.path.join(args.data_path, "annotations", f"lvis_v1_{image_set}.json")
         _require([*folders, ann_file], args.dataset, layout)
-        return data.CocoDetection(folders, ann_file, transforms=transforms)
+        return data.CocoDetection(folders, ann_file, **kept)
     img_folder = os.path.join(args.data_path, f"{image_set}2017")
     ann_file = os.path.join(args.data_path, "annotations", f"instances_{image_set}2017.json")
     _require([img_folder, ann_file], args.dataset, layout)
-    keep = None
+    return data.CocoDetection(img_folder, ann_file, **kept)
+
+
+def novel_split(args):
+    """(base names, novel names) that an open-vocabulary run trains on and holds out, read from args alone
+    (before the dataset's categories are known); None for a closed-set run. ov-coco is COCO with OVR-CNN's 48
+    base / 17 novel split (its other 15 categories are in neither); with --novel-classes base is None: every
+    other category of the dataset."""
     if args.dataset == "ov-coco":
-        keep = data.OV_COCO_BASE if image_set == "train" else data.OV_COCO_BASE + data.OV_COCO_NOVEL
-    return data.CocoDetection(img_folder, ann_file, transforms=transforms, keep_cat_names=keep)
+        return list(data.OV_COCO_BASE), list(data.OV_COCO_NOVEL)
+    novel = getattr(args, "novel_classes", None)  # absent from checkpoints written before the flag existed
+    return (None, list(dict.fromkeys(novel))) if novel else None
+
+
+def class_split(args, class_names):
+    """(base, novel): the names among `class_names` an open-vocabulary run trains on and holds out, each in
+    class_names order; None for a closed-set run."""
+    split = novel_split(args)
+    if split is None:
+        return None
+    if args.dataset == "ov-coco":
+        return data.ov_coco_split(class_names)
+    novel = set(split[1])
+    data.check_category_names(split[1], list(class_names), what="--novel-classes", where=f"dataset {args.dataset!r}")
+    base = [n for n in class_names if n not in novel]
+    if not base:
+        raise InputError(f"--novel-classes holds out all {len(class_names)} categories of dataset {args.dataset!r}, "
+                         "expected at least one base category to train on")
+    return base, [n for n in class_names if n in novel]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,7 +160,8 @@ def build_label_table(args, class_names):
 
 def build_model(args, class_names, label_table=None):
     """(model, criterion, postprocess) for `class_names`: Deformable DETR of args' sizes and variant, with the
-    training modules of args.method, and for ov-coco the open-vocabulary class head.
+    training modules of args.method, and for an open-vocabulary run (--novel-classes, ov-coco) the class head
+    that scores the CLIP label dictionary, trained on the base classes only.
 
     `label_table` (K, D) replaces the CLIP label dictionary, e.g. the one an open-vocabulary checkpoint carries.
     """
@@ -133,7 +172,8 @@ def build_model(args, class_names, label_table=None):
         num_decoder_layers=args.dec_layers, d_ffn=args.dim_feedforward, dropout=args.dropout,
         n_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
         two_stage=args.two_stage, two_stage_num_proposals=args.num_queries, attn_impl=args.attn_impl)
-    open_vocabulary = args.dataset == "ov-coco"
+    split = class_split(args, class_names)
+    open_vocabulary = split is not None
     table = align = dyn = class_head = None
     if args.method != "baseline" or open_vocabulary:
         table = build_label_table(args, class_names) if label_table is None else label_table
@@ -143,7 +183,7 @@ def build_model(args, class_names, label_table=None):
         # Classes are named by their CLIP rows, so novel ones can be scored at test time; only base classes have
         # training annotations (§4.2). The decoder layers score with it; the two-stage encoder keeps a
         # class-agnostic objectness head (DeformableDETR), so proposals are not ranked by one class's CLIP row.
-        base = set(data.OV_COCO_BASE)
+        base = set(split[0])
         class_head = LabelEmbeddingClassifier(label_embeddings=table, d_model=args.hidden_dim,
                                               train_classes=[k for k, name in enumerate(class_names) if name in base])
     if args.method == "dynql":
@@ -154,8 +194,12 @@ def build_model(args, class_names, label_table=None):
                            num_feature_levels=args.num_feature_levels, with_box_refine=args.with_box_refine,
                            two_stage=args.two_stage, alignnet=align, dynql=dyn,
                            align_loss=args.method in ("alignnet", "clip-detr"), class_head=class_head)
-    num_select = LVIS_DETECTIONS_PER_IMAGE if args.dataset == "lvis" else 100
-    return model, SetCriterion(len(class_names)), PostProcess(num_select=num_select)
+    return model, SetCriterion(len(class_names)), build_postprocess(args)
+
+
+def build_postprocess(args):
+    """Top-k post-processing: LVIS keeps 300 detections per image, the others 100."""
+    return PostProcess(num_select=LVIS_DETECTIONS_PER_IMAGE if args.dataset == "lvis" else 100)
 
 
 def param_groups(model, args):
@@ -644,7 +688,7 @@ def load_pretrained(model, source, cat_ids):
     says; then the ResNet's stem and layer1 freeze, as the official code freezes a pretrained ResNet's."""
     if isinstance(model.class_embed[0], LabelEmbeddingClassifier):
         raise InputError(f"--pretrained {source}: a checkpoint's linear class head cannot initialise the "
-                         "open-vocabulary head of --dataset ov-coco; train ov-coco without --pretrained")
+                         "open-vocabulary head (--novel-classes, --dataset ov-coco); train it without --pretrained")
     state, what = (hf_checkpoint_state(model, source) if is_hf_checkpoint(source)
                    else official_checkpoint_state(source))
     coco_class_heads(state, model, cat_ids, f"--pretrained {source}")
@@ -666,13 +710,70 @@ def checkpoint_args(ckpt, overrides, num_workers=0):
     return args
 
 
-def checkpoint_detector(ckpt, args, class_names, source):
-    """(model in eval mode on args.device, postprocess) with the checkpoint's weights."""
+def checkpoint_detector(ckpt, args, class_names, source, vocabulary=None):
+    """(model in eval mode on args.device, postprocess) with the checkpoint's weights; `class_names` are the
+    checkpoint's classes. An open-vocabulary checkpoint then scores the rows of `vocabulary` (K', D) instead of
+    its own dictionary (`checkpoint_vocabulary`)."""
+    # The class head is the one the checkpoint trained (its dataset's, its split's), whatever set it is run on now.
+    trained = argparse.Namespace(**{**vars(args), "dataset": ckpt["args"]["dataset"],
+                                    "novel_classes": ckpt["args"].get("novel_classes")})
     # An open-vocabulary head carries its label dictionary: evaluating it needs neither CLIP nor its cache.
-    model, _, postprocess = build_model(args, class_names,
-                                        label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
+    model, _, _ = build_model(trained, class_names, label_table=ckpt["model"].get("class_embed.0.label_embeddings"))
     load_model_state(model, ckpt["model"], source)
-    return model.to(torch.device(args.device)).eval(), postprocess
+    if vocabulary is not None:
+        set_vocabulary(model, vocabulary)
+    return model.to(torch.device(args.device)).eval(), build_postprocess(args)
+
+
+def set_vocabulary(model, table):
+    """Every open-vocabulary class head of `model` scores the rows of `table` (K', D) from now on."""
+    heads = [head for head in model.class_embed if isinstance(head, LabelEmbeddingClassifier)]
+    if not heads:
+        raise ValueError("the model has a fixed linear class head, expected an open-vocabulary one")
+    for head in {id(head): head for head in heads}.values():  # without box refinement the layers share one head
+        head.set_label_embeddings(table)
+    model.num_classes = table.shape[0]
+
+
+def checkpoint_vocabulary(ckpt, args, names=None, embeddings_file=None, source="--resume"):
+    """(names, table (K, D)): the vocabulary an open-vocabulary checkpoint is asked to score.
+
+    `names` are embedded as the training label dictionary was: the checkpoint's CLIP model and tag
+    (args.clip_model / clip_pretrained), the default prompt, the same disk cache; with --clip-pretrained none the
+    same seeded random encoder, so a training name gets exactly its training row. `embeddings_file` is read
+    instead (a named table, rows looked up by name; or a plain one, rows in `names` order); without `names`
+    its names are the vocabulary.
+    """
+    trained = ckpt["model"].get("class_embed.0.label_embeddings")
+    if trained is None:
+        count = len(ckpt.get("classes", {}).get("names", [])) or "training"
+        raise InputError(f"--classes / --label-embeddings: checkpoint {source} has a fixed class head (a linear layer "
+                         f"over its {count} classes) and cannot score other names; train an open-vocabulary one "
+                         "with train.py --novel-classes NAME [NAME ...] (any dataset) or --dataset ov-coco")
+    if embeddings_file is None and getattr(args, "label_embeddings", None):
+        raise InputError(f"checkpoint {source} was trained on the label table of {args.label_embeddings}, not on "
+                         "its CLIP model's embeddings: pass --label-embeddings FILE with rows for the names (a .pt "
+                         "of {'names': [...], 'embeddings': (K, D) tensor})")
+    if names is None:
+        names, _ = read_embeddings_file(embeddings_file)
+        if names is None:
+            raise InputError(f"--label-embeddings {embeddings_file} is a plain table that names no classes: give "
+                             "--classes NAME [NAME ...] (one per row, in row order), or a .pt of {'names': [...], "
+                             "'embeddings': (K, D) tensor}")
+    try:
+        table = label_embeddings(names, model_name=args.clip_model, pretrained=args.clip_pretrained,
+                                 embeddings_file=embeddings_file, device=args.device)
+    except ClipWeightsUnavailableError:
+        raise ClipWeightsUnavailableError(
+            f"cannot load the checkpoint's CLIP weights '{args.clip_model}/{args.clip_pretrained}' to embed "
+            f"{len(names)} name(s), and no cached table holds them (offline?): connect to the internet once (the "
+            "table is then cached), pass --label-embeddings FILE (a .pt of {'names': [...], 'embeddings': (K, D) "
+            "tensor} from that CLIP model), or drop --classes to score the checkpoint's own "
+            f"{trained.shape[0]} classes") from None
+    if table.shape[1] != trained.shape[1]:
+        raise InputError(f"the label embeddings of the names are {table.shape[1]} wide, the checkpoint's class head "
+                         f"projects into {trained.shape[1]}: expected embeddings of its CLIP model {args.clip_model}")
+    return list(names), table
 
 
 def checkpoint_classes(ckpt, args):

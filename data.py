@@ -27,7 +27,8 @@ Deviations from the paper:
     - OV-COCO: the class head lists every category of the JSON (80 for COCO). Training keeps only the 48 base
       categories' annotations as targets and evaluation keeps the 65 benchmark categories; the `coco`
       attribute holds only the kept annotations, so pycocotools scores exactly those categories. Images left
-      without targets are kept as negatives, as Deformable DETR keeps empty images.
+      without targets are kept as negatives, as Deformable DETR keeps empty images. Open vocabulary on any
+      dataset (train.py --novel-classes) is the same with the held-out categories dropped from training only.
     - LVIS v1 is read as a COCO-format JSON (names as written there, e.g. 'aerosol_can'); its federated
       evaluation protocol is not reproduced by this loader.
     - Resizing under a max_size truncates the lowered shorter side where Deformable DETR rounds it, so the
@@ -41,6 +42,7 @@ Deviations from the paper:
 """
 
 import contextlib
+import difflib
 import inspect
 import io
 import json
@@ -374,6 +376,20 @@ def _check_categories(categories, ann_file):
     return cat_ids, [names[c] for c in cat_ids]
 
 
+def check_category_names(names, categories, *, what, where):
+    """Raise an InputError naming those of `names` that are not among `categories` (with close spellings),
+    and listing the categories: `what` says whose names they are (a flag), `where` whose categories."""
+    unknown = [n for n in names if n not in set(categories)]
+    if not unknown:
+        return
+    close = {n: difflib.get_close_matches(n, categories, n=1) for n in unknown}
+    hints = "; ".join(f"{n!r}: did you mean {m[0]!r}?" for n, m in close.items() if m)
+    shown = ", ".join(map(repr, categories[:100])) + (f" ... ({len(categories)} in all)" if len(categories) > 100
+                                                      else "")
+    raise InputError(f"{what}: {unknown} {'is' if len(unknown) == 1 else 'are'} not among the categories of "
+                     f"{where}{' (' + hints + ')' if hints else ''}; its categories: {shown}")
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -407,8 +423,9 @@ class CocoDetection(Dataset):
 
     `img_folder` is one folder or a sequence of folders searched in order (LVIS v1 draws its images from both
     COCO train2017 and val2017). `keep_cat_names` keeps only those categories' annotations as targets (and in
-    `coco`), while `cat_ids` / `cat_names` / `label_of` still cover every category of the JSON, so the class
-    head's rows are the same for training and evaluation.
+    `coco`), and `drop_cat_names` removes those categories' (an open-vocabulary run's held-out novel classes,
+    named by `drop_flag` in errors), while `cat_ids` / `cat_names` / `label_of` still cover every category of
+    the JSON, so the class head's rows are the same for training and evaluation.
 
     Target: boxes (N, 4) float32 normalized cxcywh w.r.t. the transformed image, labels (N,) int64 in
     [0, K), image_id int64 scalar, orig_size [h, w] of the file, size [h, w] after transforms, area, iscrowd.
@@ -416,7 +433,8 @@ class CocoDetection(Dataset):
     image are dropped and counted in one warning for the whole dataset.
     """
 
-    def __init__(self, img_folder, ann_file, transforms=None, keep_cat_names=None):
+    def __init__(self, img_folder, ann_file, transforms=None, keep_cat_names=None, drop_cat_names=(),
+                 drop_flag="drop_cat_names"):
         folders = [img_folder] if isinstance(img_folder, (str, os.PathLike)) else list(img_folder)
         for folder in folders:
             if not os.path.isdir(folder):
@@ -440,6 +458,8 @@ class CocoDetection(Dataset):
                 raise InputError(f"keep_cat_names {unknown} are not categories of {ann_file}")
             keep = set(keep_cat_names)
             kept_ids = {c for c, n in zip(self.cat_ids, self.cat_names) if n in keep}
+        check_category_names(drop_cat_names, self.cat_names, what=drop_flag, where=ann_file)
+        kept_ids -= {c for c, n in zip(self.cat_ids, self.cat_names) if n in set(drop_cat_names)}
         data["annotations"] = [a for a in data["annotations"] if self._checked_cat(a) in kept_ids]
 
         self.coco = COCO()

@@ -9,12 +9,21 @@ them) as a plain Deformable DETR (AlignNet and DynQL act during training only) a
 (`--pretrained FOLDER|hf:ORG/NAME` instead scores transformers' Deformable DETR on a COCO-format val set):
   default          AP of the val set with pycocotools: AP, AP50, AP75, APs, APm, APl (Tables 1, 4-8);
                    --per-layer: one row per decoder layer (Table 9, Appendix A.3);
-                   --dataset ov-coco: AP50 on the novel, base and all categories too (Table 3);
+                   an open-vocabulary checkpoint (--novel-classes, ov-coco): AP50 on the novel, base and all
+                   categories too (Table 3);
                    --dataset lvis: AP, AP50, AP75, APr, APc, APf with the optional `lvis` package (Table 2).
   --visualize N    one PNG per val image for the first N: detections | discriminative score map (Appendix A.1,
                    Figure 3); --compare CKPT2 adds a row for a second checkpoint (e.g. baseline vs CLIP-DETR).
   --images DIR     detections on every image of a folder, or on one image file (photos turned as their EXIF
                    orientation says): a COCO-style results JSON and annotated PNGs.
+Every results record carries its `category_name`. An open-vocabulary checkpoint detects any names:
+--classes NAME [NAME ...] (or --classes-file, one name per line) scores each query against the text embeddings of
+exactly those names, computed as its training label dictionary was (its CLIP model and tag, cached), or read from
+--label-embeddings FILE: a .pt of {"names": [K strings], "embeddings": (K, D) tensor} (rows looked up by name), or a
+plain (K, D) .pt/.npy table with rows in --classes order. With --images the PNGs and records name those classes
+(category_id is the name's 1-based place in --classes); on a val set the names are matched to its categories by
+name, every name must be one of them, and AP covers the named categories (novel: those the checkpoint did not
+train on).
 
 The file holds no equation; the paper content is the protocols above and the score map of Appendix A.1:
 the l2-norm over C of the encoder memory at every location, min-max normalized, values below 0.5 left out.
@@ -35,6 +44,7 @@ Deviations from the paper:
     detection slots without entering any number.
   - `coco_stats` treats an annotation without 'iscrowd' (LVIS has none) as not crowd, which pycocotools needs.
 """
+import argparse
 import contextlib
 import io
 import json
@@ -53,7 +63,8 @@ from torchvision.utils import draw_bounding_boxes
 
 import data
 from build import (build_dataset, build_transforms, check_device, check_output_path, checkpoint_args,
-                   checkpoint_classes, checkpoint_detector, hf_detector, hf_evaluation_checkpoint, load_checkpoint)
+                   checkpoint_classes, checkpoint_detector, checkpoint_vocabulary, class_split, hf_detector,
+                   hf_evaluation_checkpoint, load_checkpoint)
 from errors import ArgumentParser, InputError, error_line, is_distributed, write_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -80,14 +91,16 @@ def gather_predictions(store):
     return {k: v for part in parts for k, v in part.items()}
 
 
-def to_coco_results(predictions, cat_ids):
-    """Post-processed predictions {image_id: {scores, labels, boxes xyxy}} -> COCO results list (xywh)."""
+def to_coco_results(predictions, cat_ids, cat_names=None):
+    """Post-processed predictions {image_id: {scores, labels, boxes xyxy}} -> COCO results list (xywh); label k
+    is category cat_ids[k], named cat_names[k] in the record's 'category_name' when names are given."""
     results = []
     for image_id, pred in predictions.items():
         boxes = pred["boxes"].clone()
         boxes[:, 2:] -= boxes[:, :2]
         for score, label, box in zip(pred["scores"].tolist(), pred["labels"].tolist(), boxes.tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(cat_ids[label]),
+            named = {} if cat_names is None else {"category_name": cat_names[label]}
+            results.append({"image_id": int(image_id), "category_id": int(cat_ids[label]), **named,
                             "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
     return results
 
@@ -145,13 +158,15 @@ def predict(model, postprocess, loader, device, per_layer=False):
     return layers[-1], layers
 
 
-def val_cat_ids(class_names, dataset):
+def val_cat_ids(class_names, dataset, *, subset=False):
     """The val set's category id of each of the model's classes (its head's rows, `class_names`), matched by name:
-    a val JSON may number its categories otherwise. Names that only one side has are an InputError naming them."""
+    a val JSON may number its categories otherwise. Names that only one side has are an InputError naming them;
+    with `subset` (a vocabulary asked for with --classes) the val set may have categories the model is not asked
+    for, which are left out of the AP."""
     if list(class_names) == list(dataset.cat_names):
         return list(dataset.cat_ids)
     only_model = [n for n in class_names if n not in dataset.cat_names]
-    only_val = [n for n in dataset.cat_names if n not in class_names]
+    only_val = [] if subset else [n for n in dataset.cat_names if n not in class_names]
     if only_model or only_val:
         raise InputError(f"the model has {len(class_names)} classes and {dataset.ann_file} {len(dataset.cat_names)}: "
                          f"only the model has {only_model[:5]}{' ...' if len(only_model) > 5 else ''}, only the val "
@@ -161,15 +176,18 @@ def val_cat_ids(class_names, dataset):
     return [id_of[name] for name in class_names]
 
 
-def evaluate(model, postprocess, loader, dataset, device, per_layer=False, class_names=None):
+def evaluate(model, postprocess, loader, dataset, device, per_layer=False, class_names=None, subset=False):
     """(stats, results): the 12 COCO stats of the last decoder layer (with per_layer a list of them, decoder layer 1
     first, Table 9) and the COCO results list of the last layer, predictions gathered from every rank.
-    `class_names`: the model's classes, matched to the val set's categories by name (default: the val set's)."""
-    cat_ids = val_cat_ids(dataset.cat_names if class_names is None else class_names, dataset)
+
+    `class_names`: the model's classes (default: the val set's), matched to the val categories by name; the stats
+    cover those categories (`val_cat_ids`, `subset`) and every record carries its `category_name`."""
+    class_names = dataset.cat_names if class_names is None else class_names
+    cat_ids = val_cat_ids(class_names, dataset, subset=subset)
     _, layers = predict(model, postprocess, loader, device, per_layer)
     layers = [gather_predictions(store) for store in layers]
-    results = [to_coco_results(store, cat_ids) for store in layers]
-    per = [coco_stats(dataset.coco, r, list(store)) for r, store in zip(results, layers)]
+    results = [to_coco_results(store, cat_ids, class_names) for store in layers]
+    per = [coco_stats(dataset.coco, r, list(store), cat_ids) for r, store in zip(results, layers)]
     return (per if per_layer else per[-1]), results[-1]
 
 
@@ -194,7 +212,8 @@ def nothing_to_score(dataset):
 # OV-COCO (Table 3) and LVIS (Table 2)
 # ----------------------------------------------------------------------------------------------------------
 def ov_coco_ap50(coco_gt, results, base_names, novel_names, image_ids=None):
-    """OV-COCO's numbers: AP50 over the novel, the base and all (base + novel) categories, as a dict.
+    """Table 3's numbers (OV-COCO, or any open-vocabulary split): AP50 over the novel, the base and all
+    (base + novel) categories, as a dict; a group without categories is left out.
 
     Each is pycocotools' AP at IoU 0.5 with the evaluated categories restricted, so a detection or an
     annotation of a category outside a group cannot move that group's number.
@@ -202,13 +221,19 @@ def ov_coco_ap50(coco_gt, results, base_names, novel_names, image_ids=None):
     ids_of = {cat["name"]: cat_id for cat_id, cat in coco_gt.cats.items()}
     unknown = sorted((set(base_names) | set(novel_names)) - set(ids_of))
     if unknown:
-        raise InputError(f"OV-COCO categories {unknown} are not in the ground truth; expected COCO 2017 names")
+        raise InputError(f"open-vocabulary categories {unknown} are not in the ground truth, expected names of its "
+                         "categories")
     if set(base_names) & set(novel_names):
         raise InputError(f"categories {sorted(set(base_names) & set(novel_names))} are both base and novel")
     groups = {"novel": novel_names, "base": base_names, "all": list(base_names) + list(novel_names)}
     stats = {group: coco_stats(coco_gt, results, image_ids, [ids_of[n] for n in names])
-             for group, names in groups.items()}
+             for group, names in groups.items() if names}
     return {group: None if s is None else s[1] for group, s in stats.items()}
+
+
+def ov_key(dataset):
+    """The log key of Table 3's numbers: 'ov_coco' for ov-coco (as before open vocabulary on any dataset)."""
+    return "ov_coco" if dataset == "ov-coco" else "ov_ap50"
 
 
 def lvis_api():
@@ -435,7 +460,7 @@ def detect_folder(model, postprocess, path, *, class_names, cat_ids, device, tra
                          "one image PIL can read")
     loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn)
     final, _ = predict(model, postprocess, loader, device)
-    results = to_coco_results(final, cat_ids)
+    results = to_coco_results(final, cat_ids, class_names)
     for det in results:
         det["file_name"] = names[det["image_id"]]
     os.makedirs(output_dir, exist_ok=True)
@@ -483,6 +508,16 @@ def get_parser():
     p.add_argument("--images", default=None, metavar="DIR|FILE",
                    help="detect on every image of a folder, or on one image file (no AP)")
     p.add_argument("--output-dir", default=os.path.join("outputs", "eval"), help="where PNGs are written")
+    v = p.add_argument_group("vocabulary (open-vocabulary checkpoints: train.py --novel-classes, --dataset ov-coco)")
+    v.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                   help="detect exactly these names (default: the checkpoint's classes), embedded with the "
+                        "checkpoint's CLIP model and tag as its training label dictionary was (cached); with --images "
+                        "and on a val set whose categories are matched by name")
+    v.add_argument("--classes-file", default=None, metavar="FILE", help="--classes read from a file, one name a line")
+    v.add_argument("--label-embeddings", default=None, metavar="FILE",
+                   help="read the names' text embeddings from FILE instead of CLIP: a .pt holding {'names': [K "
+                        "strings], 'embeddings': (K, D) float tensor} (rows looked up by name; without --classes "
+                        "its names are the vocabulary), or a plain (K, D) .pt/.npy table, rows in --classes order")
     return p
 
 
@@ -490,6 +525,10 @@ def check_cli(cli):
     """Reject flag combinations that mean nothing, before any work is done."""
     if (cli.resume is None) == (cli.pretrained is None):
         raise InputError("give one of --resume CKPT (written by train.py) and --pretrained FOLDER|hf:ORG/NAME")
+    if cli.pretrained and (cli.classes or cli.classes_file or cli.label_embeddings):
+        raise InputError("--pretrained: a released Deformable DETR has a fixed class head and cannot score other names; "
+                         "--classes needs an open-vocabulary checkpoint of train.py (--novel-classes or --dataset "
+                         "ov-coco), given with --resume")
     if cli.pretrained and (cli.images or cli.visualize is not None):
         raise InputError("--pretrained is scored on a val set; --images and --visualize take a train.py checkpoint "
                          "(--resume), whose class names they draw")
@@ -507,6 +546,33 @@ def check_cli(cli):
         raise InputError(f"--num-workers {cli.num_workers}: expected a number >= 0")
     if not 0 <= cli.score_threshold <= 1:
         raise InputError(f"--score-threshold {cli.score_threshold}: expected a score in [0, 1]")
+    if cli.classes and cli.classes_file:
+        raise InputError("--classes and --classes-file both name the vocabulary: give one of them")
+    if cli.visualize is not None and (cli.classes or cli.classes_file or cli.label_embeddings):
+        raise InputError("--visualize draws the checkpoints' own classes: drop --classes/--classes-file/"
+                         "--label-embeddings, or detect the names with --images")
+
+
+def requested_classes(cli):
+    """The names of --classes or --classes-file (stripped, blank lines skipped), each once; None if neither."""
+    if cli.classes_file:
+        if not os.path.isfile(cli.classes_file):
+            raise FileNotFoundError(f"--classes-file {cli.classes_file} not found (expected a text file, one name a "
+                                    "line)")
+        with open(cli.classes_file, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+        if not names:
+            raise InputError(f"--classes-file {cli.classes_file} names no class, expected one name a line")
+    else:
+        names = [n.strip() for n in cli.classes] if cli.classes else None
+    if names is not None:
+        flag = "--classes-file" if cli.classes_file else "--classes"
+        if not all(names):
+            raise InputError(f"{flag}: an empty name, expected non-empty class names")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InputError(f"{flag} names {twice} more than once, expected each name once")
+    return names
 
 
 def main(argv=None):
@@ -526,14 +592,22 @@ def main(argv=None):
     if args.dataset == "lvis":
         if cli.per_layer:
             raise InputError("--per-layer reports COCO AP (Table 9); LVIS is scored with its own protocol")
+        if not cli.images and (cli.classes or cli.classes_file or cli.label_embeddings):
+            raise InputError("--classes on LVIS: its federated AP covers all of its categories; detect the names "
+                             "with --images, or evaluate LVIS with the checkpoint's own classes")
         lvis_api()  # a missing package must fail before a whole inference run, not after
     device = check_device(args.device, "--device" if cli.device else "--device (the checkpoint's; override it)")
+    names = requested_classes(cli)
+    vocabulary = None
+    if names is not None or cli.label_embeddings:
+        vocabulary = checkpoint_vocabulary(ckpt, args, names, cli.label_embeddings, cli.resume)
+        log["classes"] = vocabulary[0]
     if cli.images:
-        results = detect_images(cli, ckpt, args, device, log)
+        results = detect_images(cli, ckpt, args, device, log, vocabulary)
     elif cli.visualize is not None:
         return visualize_val_set(cli, ckpt, args, device, overrides, log)
     else:
-        results = score_val_set(cli, ckpt, args, device, log)
+        results = score_val_set(cli, ckpt, args, device, log, vocabulary)
     output = cli.output or (os.path.join(cli.output_dir, "results.json") if cli.images else None)
     if output:
         write_json(output, results)
@@ -545,10 +619,15 @@ def main(argv=None):
     return log
 
 
-def detect_images(cli, ckpt, args, device, log):
-    """--images DIR: detections on every image of a folder, with the checkpoint's val pipeline and classes."""
+def detect_images(cli, ckpt, args, device, log, vocabulary=None):
+    """--images DIR: detections on every image of a folder, with the checkpoint's val pipeline, of its classes or of
+    `vocabulary` (names, table), whose name k is category_id k + 1."""
     cat_ids, cat_names = checkpoint_classes(ckpt, args)
-    model, postprocess = checkpoint_detector(ckpt, args, cat_names, cli.resume)
+    model, postprocess = checkpoint_detector(ckpt, args, cat_names, cli.resume,
+                                             None if vocabulary is None else vocabulary[1])
+    if vocabulary is not None:
+        cat_names = vocabulary[0]
+        cat_ids = list(range(1, len(cat_names) + 1))
     results, paths = detect_folder(model, postprocess, cli.images, class_names=cat_names, cat_ids=cat_ids,
                                    device=device, transforms=build_transforms("val", args),
                                    output_dir=cli.output_dir, batch_size=args.batch_size,
@@ -579,24 +658,41 @@ def visualize_val_set(cli, ckpt, args, device, overrides, log):
     return log
 
 
-def score_val_set(cli, ckpt, args, device, log):
-    """The default mode: AP of the val set (COCO, per decoder layer, OV-COCO AP50, or LVIS); returns the results."""
+def score_val_set(cli, ckpt, args, device, log, vocabulary=None):
+    """The default mode: AP of the val set (COCO, per decoder layer, open-vocabulary AP50, or LVIS); returns the
+    results. With `vocabulary` (names, table) the model scores those names, each matched to the val category
+    of that name, and AP covers those categories."""
     dataset = build_dataset("val", args)
-    # A released COCO model's head is laid out for the val set's categories when it is loaded.
-    class_names = dataset.cat_names if cli.pretrained else checkpoint_classes(ckpt, args)[1]
-    cat_ids = val_cat_ids(class_names, dataset)
-    model, postprocess = (hf_detector(cli.pretrained, args, dataset) if cli.pretrained
-                          else checkpoint_detector(ckpt, args, class_names, cli.resume))
+    if vocabulary is None:
+        # A released COCO model's head is laid out for the val set's categories when it is loaded.
+        class_names = dataset.cat_names if cli.pretrained else checkpoint_classes(ckpt, args)[1]
+        val_cat_ids(class_names, dataset)  # the same names, before a model is built
+        model, postprocess = (hf_detector(cli.pretrained, args, dataset) if cli.pretrained
+                              else checkpoint_detector(ckpt, args, class_names, cli.resume))
+        split = class_split(args, class_names)
+    else:
+        class_names = vocabulary[0]
+        data.check_category_names(class_names, dataset.cat_names, what="--classes",
+                                  where=f"the val set {dataset.ann_file}")
+        trained_on = checkpoint_classes(ckpt, args)[1]
+        model, postprocess = checkpoint_detector(ckpt, args, trained_on, cli.resume, vocabulary[1])
+        left_out = [n for n in dataset.cat_names if n not in set(class_names)]
+        if left_out:
+            print(f"note: AP covers the {len(class_names)} categories of --classes; the val set's other "
+                  f"{len(left_out)} are left out: {', '.join(left_out[:20])}{' ...' if len(left_out) > 20 else ''}")
+        # Novel: every name the checkpoint did not train on, whether held out in training or never in its dataset.
+        base = set(class_split(argparse.Namespace(**ckpt["args"]), trained_on)[0])
+        split = [n for n in class_names if n in base], [n for n in class_names if n not in base]
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn, num_workers=cli.num_workers)
     title = f"{args.dataset} val, {log['method']}"
     if args.dataset == "lvis":
         final, _ = predict(model, postprocess, loader, device)
-        results = to_coco_results(final, cat_ids)
+        results = to_coco_results(final, val_cat_ids(class_names, dataset, subset=vocabulary is not None), class_names)
         log["lvis"] = lvis_stats(dataset.ann_file, results)
         print_table(title, list(log["lvis"]), [list(log["lvis"].values())])
         return results
     stats, results = evaluate(model, postprocess, loader, dataset, device, per_layer=cli.per_layer,
-                              class_names=class_names)
+                              class_names=class_names, subset=vocabulary is not None)
     if (stats[-1] if cli.per_layer else stats) is None:
         log["coco_stats"] = None
         print(nothing_to_score(dataset))
@@ -607,10 +703,9 @@ def score_val_set(cli, ckpt, args, device, log):
     else:
         log["coco_stats"] = stats
         print_table(title, STAT_NAMES, [stats[:6]])
-    if args.dataset == "ov-coco":
-        base, novel = data.ov_coco_split(dataset.cat_names)
-        log["ov_coco"] = ov_coco_ap50(dataset.coco, results, base, novel, image_ids=dataset.ids)
-        print_table(f"{title}, AP50 (Table 3)", list(log["ov_coco"]), [list(log["ov_coco"].values())])
+    if split is not None:
+        ov = log[ov_key(args.dataset)] = ov_coco_ap50(dataset.coco, results, *split, image_ids=dataset.ids)
+        print_table(f"{title}, AP50 (Table 3)", list(ov), [list(ov.values())])
     return results
 
 

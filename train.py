@@ -13,6 +13,7 @@ Paper ablations as flags:
   Table 5   --align-feature {label,label+bbox,label+scale}
   Table 6/7 --dynql-betas 0.1 0.3 0.5 0.7 0.9   (a list; give it twice for "x2")
   Table 8   --dynql-rho 1.0
+  Table 3   --dataset ov-coco; --novel-classes NAME [NAME ...] holds out any categories of any dataset
 
 Every loss term of one step (Eq. 5 `loss_align`, Eq. 10 `loss_dynql_*`, the set-prediction terms) is
 logged separately, one JSON line per epoch in OUTPUT_DIR/log.jsonl; with DynQL also `z_attr_norm` (mean
@@ -46,8 +47,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, default_device,
-                   load_checkpoint, load_model_state, load_pretrained)
+from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, class_split,
+                   default_device, load_checkpoint, load_model_state, load_pretrained)
 from dynql import dynql_loss, dynql_set_losses
 from errors import ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, write_atomically
 from matcher import global_num_boxes, weight_dict
@@ -118,6 +119,11 @@ def get_parser():
                    help="longest side of generated shapes images, pixels")
     d.add_argument("--shapes-max-objects", type=int, default=data.SHAPES_DEFAULTS["max_objects"])
     d.add_argument("--shapes-seed", type=int, default=data.SHAPES_DEFAULTS["seed"])
+    d.add_argument("--novel-classes", nargs="+", default=None, metavar="NAME",
+                   help="open vocabulary (shapes, coco, custom, lvis): hold these categories out of training (their "
+                        "annotations removed, never trained as positives or negatives), score every class against "
+                        "the CLIP label dictionary, and report AP50 on novel, base and all categories (Table 3); "
+                        "ov-coco holds out OVR-CNN's 17 itself")
 
     m = p.add_argument_group("detector (Deformable DETR)")
     m.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
@@ -150,7 +156,9 @@ def get_parser():
     c.add_argument("--dynql-rho", type=float, default=1.0, help="Table 8")
     c.add_argument("--clip-model", default=None, help="open_clip model name (paper: RN50x64)")
     c.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag, or 'none' (random weights)")
-    c.add_argument("--label-embeddings", default=None, metavar="FILE", help=".pt/.npy table, one row per class")
+    c.add_argument("--label-embeddings", default=None, metavar="FILE",
+                   help=".pt/.npy table, one row per class in category order, or a .pt of {'names': [...], "
+                        "'embeddings': (K, D) tensor} whose rows are looked up by category name")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=None)
@@ -236,15 +244,18 @@ def finalize_args(args):
             raise InputError(f"--{key.replace('_', '-')} {value}: expected a number >= {low}")
     if not 0 <= args.dropout < 1:
         raise InputError(f"--dropout {args.dropout}: expected a probability in [0, 1)")
-    if args.method == "baseline" and args.dataset != "ov-coco":
+    if args.method == "baseline" and args.dataset != "ov-coco" and not args.novel_classes:
         given = [flag for flag, value in (("--label-embeddings", args.label_embeddings),
                                           ("--clip-model", explicit.get("clip_model")),
                                           ("--clip-pretrained", explicit.get("clip_pretrained"))) if value]
         if given:
-            raise InputError(f"{' and '.join(given)} given to --method baseline, which builds no label dictionary: "
-                             "drop it, or train --method alignnet, dynql or clip-detr")
+            raise InputError(f"{' and '.join(given)} given to --method baseline without --novel-classes, which builds no label "
+                             "dictionary: drop it, or train --method alignnet, dynql or clip-detr")
     if any(epoch < 0 for epoch in args.lr_drop):
         raise InputError(f"--lr-drop {' '.join(map(str, args.lr_drop))}: expected epochs >= 0")
+    if args.dataset == "ov-coco" and args.novel_classes:
+        raise InputError("--novel-classes with --dataset ov-coco: ov-coco holds out OVR-CNN's 17 novel categories "
+                         "itself; for another split use --dataset coco --novel-classes NAME [NAME ...]")
     if args.hidden_dim % (2 * args.nheads):
         raise InputError(f"--hidden-dim {args.hidden_dim}: expected a multiple of 2 x --nheads ({2 * args.nheads}); "
                          "the sine position embedding takes half the channels for x and half for y")
@@ -387,6 +398,7 @@ def check_resume_classes(ckpt, train_set, source):
 
 def check_datasets(train_set, val_set, args, world):
     """Sets a run cannot learn from or would finish without a step on, which would otherwise exit 0."""
+    class_split(args, train_set.cat_names)  # held-out classes that leave no base class are named as such
     if train_set.num_boxes == 0:
         raise InputError(f"train set {train_set.ann_file} has no boxes ({len(train_set)} images, no non-crowd "
                          "annotation of a training category), expected at least one to learn from")
@@ -609,8 +621,7 @@ def restore(run, ckpt, resume):
     last = run.history[-1] if run.history and run.history[-1]["epoch"] == ckpt["epoch"] else None
     if last is not None and "coco_stats" not in last and evaluation_due(ckpt["epoch"], run.args):
         # Killed between the checkpoint and its evaluation: evaluate that epoch now (no RNG is drawn).
-        last["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device,
-                                                  class_names=run.train_set.cat_names)
+        evaluate_epoch(run, last)
     if is_main():
         write_log(run.log_path, run.history)
     return ckpt["epoch"] + 1
@@ -648,6 +659,16 @@ def save_epoch_checkpoint(run, epoch):
     run.saved_epoch = epoch
 
 
+def evaluate_epoch(run, log):
+    """COCO stats of the val set into `log`, and for an open-vocabulary run AP50 on novel, base and all (Table 3)."""
+    log["coco_stats"], results = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device,
+                                                   class_names=run.train_set.cat_names)
+    split = class_split(run.args, run.val_set.cat_names)
+    if split is not None and is_main():
+        log[evaluate.ov_key(run.args.dataset)] = evaluate.ov_coco_ap50(run.val_set.coco, results, *split,
+                                                                       image_ids=run.val_set.ids)
+
+
 def epoch_line(epoch, log):
     """The console line of an epoch: the last decoder layer's loss terms (log.jsonl has every layer's and the
     proposals'), the epoch's time, and AP when it was evaluated."""
@@ -670,8 +691,7 @@ def run_epoch(run, epoch):
     run.history.append(log)
     save_epoch_checkpoint(run, epoch)
     if evaluation_due(epoch, run.args):
-        log["coco_stats"], _ = evaluate.evaluate(run.detr, run.postprocess, run.val_loader, run.val_set, run.device,
-                                                 class_names=run.train_set.cat_names)
+        evaluate_epoch(run, log)
     if is_main():
         write_log(run.log_path, run.history)
         print(epoch_line(epoch, log), flush=True)
@@ -776,6 +796,9 @@ def train(args, rank, world, ckpt, resume):
         print(f"training time {datetime.timedelta(seconds=int(time.time() - t_start))}")
         if stats is not None:
             evaluate.print_table(f"{args.dataset} val, {args.method}", evaluate.STAT_NAMES, [stats[:6]])
+        ov = run.history[-1].get(evaluate.ov_key(args.dataset)) if run.history else None
+        if ov is not None:
+            evaluate.print_table(f"{args.dataset} val, {args.method}, AP50 (Table 3)", list(ov), [list(ov.values())])
     return stats
 
 
