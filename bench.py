@@ -14,6 +14,12 @@
                                             training step (forward, loss, backward, clipping, AdamW) and inference,
                                             alternating rounds in one process, min and median seconds and ratios;
                                             bf16 is CPU autocast around every model. Needs `pip install transformers`
+  python bench.py onnx [--rounds 5] [--models demo coco]
+                                            onnxruntime (CPU) against eager PyTorch with the reference and with `auto`
+                                            attention: inference latency of the exported graph (random weights) for
+                                            the demo model at its evaluation size (128x192) and the default COCO
+                                            model at 800x1333, batch 1, alternating in one process; min and median
+                                            ms, ratios, file size. Needs pip install -r requirements-test.txt
   python bench.py profile [--steps 3] [-- FLAGS]   torch.profiler of demo training steps (train.py's flags, default
                                             the demo's): self CPU time by operator, forward/backward time by
                                             stage (backbone, encoder, decoder, deformable sampling, matcher and
@@ -436,6 +442,78 @@ def bench_hf(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# (train.py flags, (H, W) of the one image, number of classes) of the models `bench.py onnx` measures.
+ONNX_MODELS = {
+    "demo": (["--dataset", "shapes"], (128, 192), 8),
+    "coco": (["--dataset", "coco", "--clip-pretrained", "none", "--clip-model", "RN50"], (800, 1333), 80),
+}
+
+
+def _onnx_runs(name, tmp):
+    """Export one model of ONNX_MODELS (random weights); its eager (reference and auto attention) and onnxruntime
+    inference as closures, and (file size, export seconds, max |box difference| of onnxruntime vs reference)."""
+    import build
+    import evaluate
+    import train
+    flags, (H, W), num_classes = ONNX_MODELS[name]
+    targs = train.finalize_args(train.get_parser().parse_args(
+        [*flags, "--method", "baseline", "--device", "cpu", "--attn-impl", "auto"]))
+    names = [f"class {k}" for k in range(num_classes)]
+    torch.manual_seed(0)
+    model = build.build_model(targs, names)[0].eval()
+    path = os.path.join(tmp, f"{name}.onnx")
+    metadata = dict(format=evaluate.ONNX_FORMAT, class_names=names, cat_ids=list(range(num_classes)),
+                    dataset=targs.dataset, min_size=targs.min_size, max_size=targs.max_size, batch_size=1,
+                    num_select=100, min_side=evaluate.ONNX_MIN_SIDE)
+    t0 = time.perf_counter()
+    size = evaluate.export_onnx(model, path, metadata=metadata)
+    export_s = time.perf_counter() - t0
+    detector = evaluate.OnnxDetector(path, flag="bench.py onnx", spin=False)
+    g = torch.Generator().manual_seed(0)
+    images, mask = torch.randn(1, 3, H, W, generator=g), torch.zeros(1, H, W, dtype=torch.bool)
+
+    def reference():
+        with evaluate.reference_attention(model), torch.no_grad():
+            return model(images, mask)
+
+    def auto():
+        with torch.no_grad():
+            return model(images, mask)
+    runs = {"eager reference": reference, "eager auto": auto, "onnxruntime": lambda: detector(images, mask)}
+    diff = (runs["onnxruntime"]()["pred_boxes"] - reference()["pred_boxes"]).abs().max().item()
+    return f"{name} {H}x{W}", runs, (size, export_s, diff)
+
+
+def bench_onnx(args):
+    """onnxruntime (CPU) against eager PyTorch, reference and `auto` attention: inference latency, file size."""
+    import tempfile
+    import evaluate
+    from errors import InputError
+    try:
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            evaluate.require_package(module, "bench.py onnx")
+    except InputError as err:
+        sys.exit(f"error: {err}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            label, runs, (size, export_s, diff) = _onnx_runs(name, tmp)
+            times = alternate({run: (fn, contextlib.nullcontext) for run, fn in runs.items()}, args.rounds)
+            ref = times["eager reference"]
+            for run, ts in times.items():
+                rows.append((label, run, 1e3 * min(ts), 1e3 * statistics.median(ts), min(ts) / min(ref),
+                             statistics.median(ts) / statistics.median(ref),
+                             f"{size / 2**20:.1f} MiB, export {export_s:.0f} s, max |box diff| {diff:.1e}"
+                             if run == "onnxruntime" else ""))
+    print(f"batch 1, random weights, float32; torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"onnxruntime {sys.modules['onnxruntime'].__version__} (its default threads); {args.rounds} alternating "
+          "rounds after one warm-up")
+    print(f"{'model':>14} {'run':>16} {'min ms':>9} {'median ms':>10} {'vs reference min':>17} {'median':>7}  file")
+    for model_name, run, mn, md, rmn, rmd, note in rows:
+        print(f"{model_name:>14} {run:>16} {mn:9.1f} {md:10.1f} {rmn:16.2f}x {rmd:6.2f}x  {note}".rstrip())
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Profile of one demo training step, by operator and by stage
 # ----------------------------------------------------------------------------------------------------------
 class _Stages:
@@ -583,6 +661,9 @@ def main(argv=None):
                         "--attn-impl auto would take the reference for the decoder's small calls")
     h.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="bf16: CPU autocast around every model's step")
+    o = sub.add_parser("onnx", help="onnxruntime (CPU) against eager PyTorch: inference latency and file size")
+    o.add_argument("--rounds", type=int, default=5)
+    o.add_argument("--models", nargs="+", default=["demo", "coco"], choices=list(ONNX_MODELS))
     pr = sub.add_parser("profile", help="torch.profiler of demo training steps: by operator and by stage")
     pr.add_argument("--steps", type=int, default=3)
     pr.add_argument("--rows", type=int, default=20)
@@ -603,6 +684,8 @@ def main(argv=None):
         bench_hf(args)
     elif args.what == "profile":
         bench_profile(args)
+    elif args.what == "onnx":
+        bench_onnx(args)
     else:
         _train_worker(args.argv, args.steps, os.path.join(HERE, ".bench_tmp.json"))
 

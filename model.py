@@ -236,17 +236,18 @@ def box_sine_embed(boxes, d_model=256, temperature=10000):
 def ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights):
     """Readable reference of multi-scale deformable attention (Zhu et al., Eq. 3), built on grid_sample.
 
-    value (B, S_all, M, C/M); spatial_shapes (L, 2) as (H_l, W_l); sampling_locations (B, Lq, M, L, P, 2) as
-    normalized (x, y) in [0, 1] of each level's (padded) map, pixel centres at (i + 0.5) / W; attention_weights
-    (B, Lq, M, L, P). Bilinear sampling, zero outside the map. Returns (B, Lq, M*C/M).
+    value (B, S_all, M, C/M); spatial_shapes (L, 2) as (H_l, W_l), a tensor or L pairs of Python ints (see
+    `encode`); sampling_locations (B, Lq, M, L, P, 2) as normalized (x, y) in [0, 1] of each level's (padded)
+    map, pixel centres at (i + 0.5) / W; attention_weights (B, Lq, M, L, P). Bilinear sampling, zero outside the
+    map. Returns (B, Lq, M*C/M).
     """
     B, _, M, Dh = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_list = value.split(sizes, dim=1)
+    shapes = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
+    value_list = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sampled = []
-    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+    for lvl, (H, W) in enumerate(shapes):
         v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * M, Dh, H, W)  # (B*M, Dh, H_l, W_l)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
@@ -286,7 +287,8 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.constant_(lin.bias, 0.0)
 
-    def forward(self, query, reference_points, value_in, spatial_shapes, level_start_index, padding_mask=None):
+    def forward(self, query, reference_points, value_in, spatial_shapes, level_start_index, padding_mask=None,
+                level_shapes=None):
         """query (B, Lq, C); reference_points (B, Lq, L, 2 or 4) normalized; value_in (B, S_all, C)."""
         B, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
@@ -316,7 +318,8 @@ class MSDeformAttn(nn.Module):
         elif impl == "gather":
             out = ms_deform_attn_gather(value, spatial_shapes, loc, weights)
         else:
-            out = ms_deform_attn_pytorch(value, spatial_shapes, loc, weights)
+            shapes = spatial_shapes if level_shapes is None else level_shapes
+            out = ms_deform_attn_pytorch(value, shapes, loc, weights)
         return self.output_proj(out)
 
 
@@ -335,9 +338,9 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
-        src = self.norm1(src + self.dropout1(
-            self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)))
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, level_shapes=None):
+        src = self.norm1(src + self.dropout1(self.self_attn(src + pos, reference_points, src, spatial_shapes,
+                                                            level_start_index, padding_mask, level_shapes)))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
 
@@ -348,22 +351,23 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList([DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)])
 
     @staticmethod
-    def reference_points(spatial_shapes, valid_ratios, device):
+    def reference_points(spatial_shapes, valid_ratios, device, level_shapes=None):
         """Every pixel centre of every level, in the coordinates of each level: (B, S_all, L, 2)."""
         refs = []
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            ys, xs = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, device=device),
-                                    torch.linspace(0.5, W - 0.5, W, device=device), indexing="ij")
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist() if level_shapes is None else level_shapes):
+            # arange + 0.5, not linspace: the same floats, and torch.export keeps H, W symbolic through arange.
+            ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=device) + 0.5,
+                                    torch.arange(W, dtype=torch.float32, device=device) + 0.5, indexing="ij")
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)  # (B, H*W)
             xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)  # (B, H*W)
             refs.append(torch.stack((xs, ys), -1))  # (B, H*W, 2)
         ref = torch.cat(refs, 1)  # (B, S_all, 2)
         return ref[:, :, None] * valid_ratios[:, None]  # (B, S_all, L, 2)
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
-        ref = self.reference_points(spatial_shapes, valid_ratios, src.device)
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask, level_shapes=None):
+        ref = self.reference_points(spatial_shapes, valid_ratios, src.device, level_shapes)
         for layer in self.layers:
-            src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
+            src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask, level_shapes)
         return src
 
 
@@ -384,7 +388,7 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                memory_padding_mask, self_attn_mask=None):
+                memory_padding_mask, self_attn_mask=None, level_shapes=None):
         """self_attn_mask (B, Lq, Lq) bool, True = this query may NOT attend to that key."""
         q = k = tgt + query_pos
         mask = None
@@ -392,7 +396,8 @@ class DeformableDecoderLayer(nn.Module):
             mask = self_attn_mask.repeat_interleave(self.n_heads, dim=0)  # (B*M, Lq, Lq)
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=mask, need_weights=False)[0]))
         tgt = self.norm1(tgt + self.dropout1(self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask)))
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask,
+            level_shapes)))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
 
@@ -408,7 +413,7 @@ class DeformableDecoder(nn.Module):
         self.class_embed = None
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                valid_ratios, memory_padding_mask, self_attn_mask=None):
+                valid_ratios, memory_padding_mask, self_attn_mask=None, level_shapes=None):
         """Returns the hidden states of every layer (n, B, Lq, C) and the reference each layer started from."""
         hs, refs = [], []
         for lid, layer in enumerate(self.layers):
@@ -418,7 +423,7 @@ class DeformableDecoder(nn.Module):
                 ref_in = reference_points[:, :, None] * valid_ratios[:, None]  # (B, Lq, L, 2)
             refs.append(reference_points)
             tgt = layer(tgt, query_pos, ref_in, memory, spatial_shapes, level_start_index,
-                        memory_padding_mask, self_attn_mask)
+                        memory_padding_mask, self_attn_mask, level_shapes)
             hs.append(tgt)
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[lid](tgt)
@@ -484,22 +489,25 @@ class DeformableTransformer(nn.Module):
             mask_flat.append(mask.flatten(1))  # (B, H_l*W_l)
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))  # (B, H_l*W_l, C)
         src_flat, mask_flat, pos_flat = torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)  # (L, 2)
+        # The sizes travel twice: as a tensor for the kernels, and as Python ints (SymInts under torch.export, where
+        # a tensor's values are unknown; torch.tensor keeps them symbolic, torch.as_tensor would fix them).
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=src_flat.device)  # (L, 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)  # (B, L, 2)
-        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)
-        return dict(memory=memory, mask=mask_flat, spatial_shapes=spatial_shapes,
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat, shapes)
+        return dict(memory=memory, mask=mask_flat, spatial_shapes=spatial_shapes, level_shapes=shapes,
                     level_start_index=level_start_index, valid_ratios=valid_ratios)
 
-    def encoder_proposals(self, memory, memory_padding_mask, spatial_shapes):
+    def encoder_proposals(self, memory, memory_padding_mask, spatial_shapes, level_shapes=None):
         """Two-stage: one proposal per memory location, a box of size 0.05*2^l centred on it (logit space)."""
         B = memory.shape[0]
         proposals, start = [], 0
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist() if level_shapes is None else level_shapes):
             m = memory_padding_mask[:, start:start + H * W].view(B, H, W)  # (B, H_l, W_l)
             valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
-            ys, xs = torch.meshgrid(torch.linspace(0, H - 1, H, device=memory.device),
-                                    torch.linspace(0, W - 1, W, device=memory.device), indexing="ij")
+            # arange, not linspace: the same floats, and torch.export keeps H, W symbolic through arange.
+            ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=memory.device),
+                                    torch.arange(W, dtype=torch.float32, device=memory.device), indexing="ij")
             grid = torch.stack([xs, ys], -1)  # (H, W, 2)
             scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)  # (B, 1, 1, 2)
             grid = (grid[None] + 0.5) / scale  # (B, H, W, 2)
@@ -528,7 +536,8 @@ class DeformableTransformer(nn.Module):
         memory = enc["memory"]
         B, C = memory.shape[0], self.d_model
         if self.two_stage:
-            out_memory, proposals = self.encoder_proposals(memory, enc["mask"], enc["spatial_shapes"])
+            out_memory, proposals = self.encoder_proposals(memory, enc["mask"], enc["spatial_shapes"],
+                                                           enc["level_shapes"])
             head = self.decoder.num_layers
             enc_logits = self.decoder.class_embed[head](out_memory)  # (B, S_all, K)
             enc_coord_logit = self.decoder.bbox_embed[head](out_memory) + proposals  # (B, S_all, 4)
@@ -547,7 +556,8 @@ class DeformableTransformer(nn.Module):
 
     def decode(self, enc, tgt, query_pos, reference, self_attn_mask=None):
         return self.decoder(tgt, query_pos, reference, enc["memory"], enc["spatial_shapes"],
-                            enc["level_start_index"], enc["valid_ratios"], enc["mask"], self_attn_mask)
+                            enc["level_start_index"], enc["valid_ratios"], enc["mask"], self_attn_mask,
+                            enc["level_shapes"])
 
 
 # ----------------------------------------------------------------------------------------------------------
