@@ -20,6 +20,9 @@
                                             the demo model at its evaluation size (128x192) and the default COCO
                                             model at 800x1333, batch 1, alternating in one process; min and median
                                             ms, ratios, file size. Needs pip install -r requirements-test.txt
+  python bench.py amp [--rounds 8] [-- FLAGS]   demo training steps in float32 and under --amp bf16, alternating on
+                                            the same batches in one process, with the CPU's model name and bf16
+                                            flags: what `--amp auto` gives on this machine
   python bench.py profile [--steps 3] [-- FLAGS]   torch.profiler of demo training steps (train.py's flags, default
                                             the demo's): self CPU time by operator, forward/backward time by
                                             stage (backbone, encoder, decoder, deformable sampling, matcher and
@@ -39,8 +42,11 @@ Deviations from the paper: none (the paper reports no timings).
 """
 import argparse
 import contextlib
+import functools
+import itertools
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -132,7 +138,6 @@ def bench_attn(args):
 def _train_worker(argv, steps, out_path):
     """One configuration in this (fresh) process: median step time over `steps` steps on fixed batches."""
     import build
-    import data
     import train
     args = train.finalize_args(train.get_parser().parse_args(argv))
     device = torch.device(args.device)
@@ -141,7 +146,8 @@ def _train_worker(argv, steps, out_path):
     model, criterion, _ = build.build_model(args, ds.cat_names)
     model.to(device).train()
     optimizer = build.build_optimizer(model, args)
-    batches = [data.collate_fn([ds[(i * args.batch_size + j) % len(ds)] for j in range(args.batch_size)])
+    _, collate = build.build_train_batches(args, ds, range(len(ds)))
+    batches = [collate([ds[(i * args.batch_size + j) % len(ds)] for j in range(args.batch_size)])
                for i in range(steps + 2)]
 
     amp_dtype = {"bf16": torch.bfloat16}.get(args.amp)
@@ -513,6 +519,48 @@ def bench_onnx(args):
         print(f"{model_name:>14} {run:>16} {mn:9.1f} {md:10.1f} {rmn:16.2f}x {rmd:6.2f}x  {note}".rstrip())
 
 
+def cpu_model():
+    """The CPU's model name and its bf16 flags, from /proc/cpuinfo (Linux), as a README row names its machine."""
+    with open("/proc/cpuinfo") as f:
+        lines = f.read().splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
+    return f"{name} ({', '.join(bf16) or 'no bf16 flags'})"
+
+
+def bench_amp(args):
+    """The demo's training step in float32 and under --amp bf16, alternating on the same batches in one process:
+    what `--amp auto` (bf16 wherever the CPU has AVX512-BF16 or AMX) gives on this machine."""
+    import build
+    import train
+    steps, batches = {}, None
+    for amp in ("off", "bf16"):
+        targs = train.finalize_args(train.get_parser().parse_args([*args.extra, "--amp", amp, "--num-workers", "0"]))
+        torch.manual_seed(targs.seed)
+        ds = build.build_dataset("train", targs)
+        detr, criterion, _ = build.build_model(targs, ds.cat_names)
+        detr.train()
+        optimizer = build.build_optimizer(detr, targs)
+        if batches is None:
+            random.seed(targs.seed)
+            batch_sampler, collate = build.build_train_batches(targs, ds, torch.randperm(len(ds)).tolist())
+            batches = [collate([ds[i] for i in b]) for b, _ in zip(batch_sampler, range(args.rounds + 1))]
+        # Each precision walks the same batches in the same order, one per round.
+        steps[amp] = functools.partial(
+            lambda feed, **kw: train.train_step(batch=next(feed), **kw), itertools.cycle(batches),
+            model=detr, criterion=criterion, optimizer=optimizer, device=torch.device("cpu"),
+            clip_max_norm=targs.clip_max_norm, align_loss_coef=targs.align_loss_coef,
+            amp_dtype={"bf16": torch.bfloat16}.get(amp))
+    times = alternate({amp: (fn, contextlib.nullcontext) for amp, fn in steps.items()}, args.rounds)
+    print(f"demo training step, batch {targs.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+          f", {cpu_model()}; `--amp auto` picks {'bf16' if train.native_bf16('cpu') else 'float32'} here")
+    print(f"{'--amp':>6} {'min ms':>8} {'median ms':>10} {'vs float32 (median)':>20}")
+    for amp, ts in times.items():
+        print(f"{amp:>6} {1e3 * min(ts):8.0f} {1e3 * statistics.median(ts):10.0f} "
+              f"{statistics.median(ts) / statistics.median(times['off']):19.2f}x")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Profile of one demo training step, by operator and by stage
 # ----------------------------------------------------------------------------------------------------------
@@ -582,7 +630,6 @@ def bench_profile(args):
     """torch.profiler over `steps` demo training steps (after 2 warm-up steps): self CPU time by operator, and
     forward/backward time by stage. Data loading is the main process's own (num_workers 0) so that it is seen."""
     import build
-    import data
     import model as model_module
     import train
     from torch.profiler import ProfilerActivity, profile
@@ -605,8 +652,8 @@ def bench_profile(args):
         stages.wrap(model_module, fn, "deformable sampling")
     stages.wrap(train, "compute_losses", "matcher and losses")
     stages.wrap(optimizer, "step", "optimizer")
-    loader = iter(torch.utils.data.DataLoader(ds, batch_size=targs.batch_size, shuffle=True, drop_last=True,
-                                              collate_fn=data.collate_fn))
+    batch_sampler, collate = build.build_train_batches(targs, ds, torch.utils.data.RandomSampler(ds))
+    loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, collate_fn=collate))
     amp_dtype = {"bf16": torch.bfloat16}.get(targs.amp)
 
     def step():
@@ -664,6 +711,9 @@ def main(argv=None):
     o = sub.add_parser("onnx", help="onnxruntime (CPU) against eager PyTorch: inference latency and file size")
     o.add_argument("--rounds", type=int, default=5)
     o.add_argument("--models", nargs="+", default=["demo", "coco"], choices=list(ONNX_MODELS))
+    am = sub.add_parser("amp", help="demo training steps in float32 and bf16 autocast, alternating")
+    am.add_argument("--rounds", type=int, default=8)
+    am.add_argument("extra", nargs="*", help="train.py flags after -- (default: the demo's)")
     pr = sub.add_parser("profile", help="torch.profiler of demo training steps: by operator and by stage")
     pr.add_argument("--steps", type=int, default=3)
     pr.add_argument("--rows", type=int, default=20)
@@ -682,6 +732,8 @@ def main(argv=None):
         bench_gpu(args)
     elif args.what == "hf":
         bench_hf(args)
+    elif args.what == "amp":
+        bench_amp(args)
     elif args.what == "profile":
         bench_profile(args)
     elif args.what == "onnx":

@@ -68,9 +68,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import draw_bounding_boxes
 
 import data
-from build import (build_dataset, build_transforms, check_device, check_output_path, checkpoint_args,
-                   checkpoint_classes, checkpoint_detector, checkpoint_vocabulary, class_split, hf_detector,
-                   hf_evaluation_checkpoint, load_checkpoint)
+from build import (build_dataset, build_transforms, build_val_batches, check_device, check_output_path,
+                   checkpoint_args, checkpoint_classes, checkpoint_detector, checkpoint_vocabulary, class_split,
+                   hf_detector, hf_evaluation_checkpoint, load_checkpoint)
 from errors import ArgumentParser, InputError, error_line, is_distributed, write_atomically, write_json
 from model import MSDeformAttn, PostProcess
 
@@ -908,7 +908,8 @@ def score_val_set(cli, ckpt, args, device, log, vocabulary=None):
         # Novel: every name the checkpoint did not train on, whether held out in training or never in its dataset.
         base = set(class_split(argparse.Namespace(**ckpt["args"]), trained_on)[0])
         split = [n for n in class_names if n in base], [n for n in class_names if n not in base]
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_fn, num_workers=cli.num_workers)
+    loader = DataLoader(dataset, batch_sampler=build_val_batches(args, dataset, range(len(dataset))),
+                        collate_fn=data.collate_fn, num_workers=cli.num_workers)
     title = f"{args.dataset} val, {log['method']}"
     if args.dataset == "lvis":
         final, _ = predict(model, postprocess, loader, device)

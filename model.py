@@ -46,8 +46,12 @@ Deviations from the paper / official code, first those of the model itself:
     code runs the conv, then FrozenBatchNorm2d): the same function up to float rounding.
   - The decoder self-attention accepts an attention mask (the official decoder has none): DynQL needs it.
   - Under autocast (--amp) the deformable attention samples in float32 on every device (softmax weights,
-    locations, bilinear sum); the linear projections around it follow autocast. The official code has no
-    mixed precision.
+    locations, bilinear sum); the linear projections around it follow autocast on CUDA. Under CPU autocast only
+    the convolutions (backbone, input_proj) take bf16 and the transformer runs in float32: its small operations
+    lose more to casts than they gain (measured: 0.88x of a demo training step). The official code has no mixed
+    precision.
+  - The backbone keeps its weights and activations channels-last (the same function, oneDNN and cuDNN
+    convolutions run without reordering; measured: 0.86x of a demo training step).
 then those of the fast paths (the official code ships a compiled CUDA C++ extension instead):
   - The GPU kernel is Triton (`ms_deform_attn_triton`), compiled on first use on CUDA tensors, with no build
     step. With TRITON_INTERPRET=1 set before triton is first imported, the same kernels run on CPU tensors (tests).
@@ -157,6 +161,9 @@ class Backbone(nn.Module):
         self.body = torchvision.models._utils.IntermediateLayerGetter(
             resnet, return_layers={"layer2": "0", "layer3": "1", "layer4": "2"})
         self.strides = (8, 16, 32)
+        # Channels-last: oneDNN's convolutions (and cuDNN's under AMP) run without reordering every activation;
+        # measured 0.86x of a CPU demo step (README, "The demo's time").
+        self.body.to(memory_format=torch.channels_last)
         if pretrained:
             self.freeze_stem_and_layer1()
 
@@ -170,6 +177,7 @@ class Backbone(nn.Module):
     def forward(self, images, mask):
         """Feature maps (B, C_l, H_l, W_l) and their padding masks (B, H_l, W_l), True on padding."""
         body = self.body
+        images = images.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W), stored as (B, H, W, 3)
         x = body.maxpool(F.relu(conv_frozen_bn(images, body.conv1, body.bn1)))
         feats = []
         for name in ("layer1", "layer2", "layer3", "layer4"):
@@ -705,6 +713,15 @@ class DeformableDETR(nn.Module):
     def forward(self, images, mask, targets=None):
         """images (B, 3, H, W), mask (B, H, W) True on padding; targets only drive the training modules."""
         srcs, masks, pos = self.features(images, mask)
+        if images.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # CPU autocast stops after the convolutions: bf16 pays there (AMX, AVX512-BF16), while the transformer's
+            # many small operations lose more to casts than their matrix products gain (README, "The demo's time").
+            with torch.autocast("cpu", enabled=False):
+                return self.detect([s.float() for s in srcs], masks, [p.float() for p in pos], targets)
+        return self.detect(srcs, masks, pos, targets)
+
+    def detect(self, srcs, masks, pos, targets=None):
+        """The transformer and the heads on the L projected feature maps: forward's output contract."""
         enc = self.transformer.encode(srcs, masks, pos)
         query_embed = None if self.two_stage else self.query_embed.weight
         tgt, query_pos, reference, enc_out = self.transformer.select_queries(enc, query_embed)

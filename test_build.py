@@ -67,19 +67,28 @@ def test_custom_dataset_min_size_max_size(small_coco):
 
 
 def test_build_shapes_dataset(tmp_path):
-    args = dataset_args("--dataset", "shapes", "--data-path", tmp_path, "--shapes-num-train", 2,
-                        "--shapes-num-val", 1, "--shapes-min-size", 48, "--shapes-max-size", 64,
+    """shapes is evaluated with its shorter side at shapes_min_size (longer side at most shapes_max_size); its
+    training batches are resized as one, to a shorter side drawn among its scales per batch."""
+    args = dataset_args("--dataset", "shapes", "--data-path", tmp_path, "--shapes-num-train", 6,
+                        "--shapes-num-val", 1, "--shapes-min-size", 64, "--shapes-max-size", 80,
                         "--shapes-max-objects", 2)
     train, val = build.build_dataset("train", args), build.build_dataset("val", args)
-    assert len(train) == 2 and len(val) == 1 and train.cat_names == val.cat_names
+    assert len(train) == 6 and len(val) == 1 and train.cat_names == val.cat_names
     _, target = val[0]
-    assert min(target["size"].tolist()) == 48 or max(target["size"].tolist()) == 64, \
-        "shapes is evaluated with its shorter side at shapes_min_size, longer side at most shapes_max_size"
-    for seed in range(5):
+    assert min(target["size"].tolist()) == 64 or max(target["size"].tolist()) == 80
+    batch_sampler, collate = build.build_train_batches(args, train, range(len(train)))
+    assert isinstance(batch_sampler, data.GroupedBatchSampler) and isinstance(collate, data.BatchResize)
+    assert data.shapes_scales(64) == (48, 64)
+    drawn = set()
+    for seed in range(8):
         random.seed(seed)
-        image, _ = train[0]
-        assert min(image.shape[1:]) in (36, 48) or max(image.shape[1:]) == 64, image.shape
-        assert max(image.shape[1:]) <= 64
+        _, _, targets = collate([train[i] for i in range(4)])
+        sizes = [t["size"].tolist() for t in targets]
+        capped = [s for s in sizes if max(s) == 80]  # the longer side at its cap: the shorter one lowered
+        sides = {min(s) for s in sizes if s not in capped}
+        assert len(sides) <= 1 and all(max(s) <= 80 for s in sizes), sizes
+        drawn |= sides
+    assert drawn == {48, 64}
 
 
 def test_build_ov_coco_keeps_base_for_training_and_65_for_evaluation(tmp_path):

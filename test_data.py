@@ -526,3 +526,53 @@ def test_labels_stay_with_their_boxes_when_the_json_interleaves_images(tmp_path)
         want = sorted(({5: "cat", 2: "dog", 9: "emu"}[cat], [x + w / 2, y + h / 2, w, h])
                       for img, cat, (x, y, w, h) in spec if img == image_id)
         assert got == want, image_id
+
+
+def test_grouped_batches_hold_one_group_each_and_every_index_once():
+    groups = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]  # index -> group
+    order = [3, 8, 0, 1, 10, 2, 5, 4, 9, 6, 7]
+    batches = list(data.GroupedBatchSampler(order, groups, batch_size=2))
+    # A batch as soon as a group holds two, in the sampler's order; 6 is left alone at the end and dropped.
+    assert batches == [[3, 0], [8, 1], [10, 5], [2, 4], [9, 7]]
+    assert len(data.GroupedBatchSampler(order, groups, batch_size=2)) == len(batches) == 11 // 2
+    mixed = list(data.GroupedBatchSampler([0, 1, 2, 3, 4], [0, 1, 0, 1, 2], batch_size=2))
+    assert mixed == [[0, 2], [1, 3]], "leftovers of different groups make mixed batches, a short one is dropped"
+    leftovers = list(data.GroupedBatchSampler([0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2], batch_size=4))
+    assert leftovers == [[0, 3, 1, 4]] and len(data.GroupedBatchSampler(range(6), [0] * 6, 4)) == 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 20])
+def test_grouped_evaluation_batches_keep_every_index(batch_size):
+    """drop_last=False (evaluation): every index exactly once, the short batches at the end, len() = what comes."""
+    groups = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]
+    order = [3, 8, 0, 1, 10, 2, 5, 4, 9, 6, 7]
+    sampler = data.GroupedBatchSampler(order, groups, batch_size=batch_size, drop_last=False)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(11)) and len(sampler) == len(batches)
+    pure = 5 // batch_size + 6 // batch_size  # group 0 holds 5 indices, group 1 holds 6
+    assert all(len({groups[i] for i in b}) == 1 for b in batches[:pure]), batches
+    assert all(len(b) == batch_size for b in batches[:-1]), "only the last batch is short"
+
+
+def test_batch_resize_gives_a_batch_one_scale_and_keeps_the_boxes():
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
+    batch = [(torch.rand(3, h, w), {"boxes": boxes, "labels": torch.tensor([1]), "area": torch.tensor([80.0]),
+                                   "size": torch.tensor([h, w])}) for h, w in ((40, 60), (50, 50), (30, 90))]
+    random.seed(0)
+    images, mask, targets = data.BatchResize([20, 24], max_size=48)(batch)
+    sizes = [t["size"].tolist() for t in targets]
+    side = min(sizes[0])
+    assert side in (20, 24) and sizes[1] == [side, side], sizes
+    assert max(sizes[2]) <= 48 and sizes[2][0] == min(side, 48 // 3), "the longer side capped at max_size"
+    assert all(torch.equal(t["boxes"], boxes) for t in targets), "normalized boxes do not change with the scale"
+    h, w = sizes[0]
+    assert targets[0]["area"].item() == pytest.approx(80.0 * h * w / (40 * 60))
+    assert images.shape[-2:] == (max(s[0] for s in sizes), max(s[1] for s in sizes))
+    assert (~mask[0, :h, :w]).all() and mask[0].sum() == mask.shape[1] * mask.shape[2] - h * w
+
+
+def test_aspect_groups_read_the_json_sizes(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.png", "width": w, "height": h}
+              for i, (w, h) in enumerate(((30, 20), (20, 30), (25, 25)), start=1)]
+    folder, ann_file = write_coco(tmp_path / "img", tmp_path / "ann.json", images, [], [{"id": 1, "name": "x"}])
+    assert data.CocoDetection(folder, ann_file).aspect_groups() == [1, 0, 1]

@@ -445,7 +445,7 @@ def _override_cases(cache, tmp_path):
         "val_json": (custom, lambda run: run["dataset"].ann_file == val_json),
         "val_images": (custom, lambda run: run["dataset"].img_folders == [val_images]),
         "device": (["--device", "cpu"], lambda run: run["device"] == torch.device("cpu")),
-        "batch_size": (["--batch-size", "1"], lambda run: run["loader"].batch_size == 1),
+        "batch_size": (["--batch-size", "1"], lambda run: run["loader"].batch_sampler.batch_size == 1),
         "attn_impl": (["--attn-impl", "gather"],
                       lambda run: run["model"].transformer.encoder.layers[0].self_attn.attn_impl == "gather"),
         "min_size": (["--min-size", "48"], lambda run: min(run["dataset"][0][0].shape[1:]) == 48),

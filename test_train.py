@@ -11,15 +11,24 @@ from torch import nn
 
 import build
 import errors
+import evaluate
 import train
 from conftest import HERE, TINY
 from errors import InputError
 
 
 def run_cli(script, *argv, env_extra=None, timeout=240):
+    return run_clis(script, [argv], env_extra=env_extra, timeout=timeout)[0]
+
+
+def run_clis(script, argvs, *, env_extra=None, timeout=240):
+    """`script` in a fresh process once per argv, all at once (most of each is importing torch, on one core);
+    their CompletedProcess results in the order of argvs."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=HERE)
+    runs = [(argv, subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, argv)], env=env, cwd=HERE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for argv in argvs]
+    outputs = [run.communicate(timeout=timeout) for _, run in runs]
+    return [subprocess.CompletedProcess(argv, run.returncode, *out) for (argv, run), out in zip(runs, outputs)]
 
 
 def test_training_steps_lower_the_loss(tmp_path, tiny_args):
@@ -212,36 +221,33 @@ def test_evaluate_cli_loads_clip_detr_checkpoint_into_baseline(tmp_path, cache, 
     assert dets and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--dataset", "coco", "--data-path", "/nonexistent/coco"], "/nonexistent/coco"),
-    (["--dataset", "custom", "--train-json", "BAD", "--train-images", "IMGS", "--val-json", "BAD",
-      "--val-images", "IMGS"], "BAD"),
-    (["--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth"),
-])
-def test_cli_errors_are_one_line(tmp_path, cache, argv, expected):
-    if "BAD" in argv:
-        bad = tmp_path / "bad.json"
-        bad.write_text("{not json")
-        (tmp_path / "imgs").mkdir()
-        argv = [str(bad) if a == "BAD" else str(tmp_path / "imgs") if a == "IMGS" else a for a in argv]
-        expected = str(bad)
-    result = run_cli("train.py", *TINY, "--data-path", str(cache / "shapes"), "--output-dir", str(tmp_path / "o"),
-                     *argv, env_extra={"CLIP_DETR_CACHE": str(cache)})
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+def test_cli_errors_are_one_line(tmp_path, cache):
+    """The whole stderr of a fresh train.py process (library warnings included) is the one error line."""
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    (tmp_path / "imgs").mkdir()
+    cases = [(["--dataset", "coco", "--data-path", "/nonexistent/coco"], "/nonexistent/coco"),
+             (["--dataset", "custom", "--train-json", bad, "--train-images", tmp_path / "imgs", "--val-json", bad,
+               "--val-images", tmp_path / "imgs"], str(bad)),
+             (["--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth")]
+    results = run_clis("train.py", [[*TINY, "--data-path", cache / "shapes", "--output-dir", tmp_path / f"o{i}", *argv]
+                                    for i, (argv, _) in enumerate(cases)], env_extra={"CLIP_DETR_CACHE": str(cache)})
+    for (argv, expected), result in zip(cases, results):
+        assert result.returncode != 0, argv
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
 
 
 def test_resume_from_a_mismatching_checkpoint_is_a_clear_error(tmp_path, cache, tiny_args):
     args = tiny_args("--epochs", "1", "--method", "baseline", "--eval-every", "0")
     train.main(args)
-    for extra, expected in [(["--method", "baseline", "--hidden-dim", "64"],
-                             "--hidden-dim 32 in the checkpoint, 64 now"),
-                            (["--method", "clip-detr"], "--method 'baseline' in the checkpoint, 'clip-detr' now")]:
-        result = run_cli("train.py", *TINY, "--data-path", str(cache / "shapes"), "--output-dir",
-                         str(tmp_path / "o2"), *extra, "--resume", str(tmp_path / "out" / "checkpoint.pth"),
-                         env_extra={"CLIP_DETR_CACHE": str(cache)})
-        assert result.returncode != 0
+    cases = [(["--method", "baseline", "--hidden-dim", "64"], "--hidden-dim 32 in the checkpoint, 64 now"),
+             (["--method", "clip-detr"], "--method 'baseline' in the checkpoint, 'clip-detr' now")]
+    results = run_clis("train.py", [[*TINY, "--data-path", cache / "shapes", "--output-dir", tmp_path / f"o{i}", *extra,
+                                     "--resume", tmp_path / "out" / "checkpoint.pth"]
+                                    for i, (extra, _) in enumerate(cases)], env_extra={"CLIP_DETR_CACHE": str(cache)})
+    for (extra, expected), result in zip(cases, results):
+        assert result.returncode != 0, extra
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], result.stderr
 
@@ -304,17 +310,21 @@ def test_losses_of_two_processes_equal_one_process_on_the_same_images(tmp_path, 
                {"boxes": torch.rand(3, 2, generator=g).mul(0.5).add(0.25).repeat(1, 2).mul(
                    torch.tensor([1.0, 1.0, 0.3, 0.3])), "labels": torch.tensor([0, 2, 1])}]
     torch.save((torch.randn(2, 3, 128, 128, generator=g), targets), tmp_path / "batch.pt")  # (B, 3, H, W)
-    results = {}
-    for world, port in ((1, 29541), (2, 29542)):
+    runs = {}
+    for world, port in ((1, 29541), (2, 29542)):  # both at once: most of each is starting Python and torch
         script = tmp_path / f"ddp_{world}.py"
-        result = tmp_path / f"losses_{world}.json"
-        script.write_text(DDP_LOSSES.format(here=HERE, out=str(tmp_path / "out"), batch=str(tmp_path / "batch.pt"),
-                                            result=str(result)))
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                              f"--master_port={port}", str(script)], capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
-        assert run.returncode == 0, run.stderr[-3000:]
-        results[world] = json.loads(result.read_text())
+        script.write_text(DDP_LOSSES.format(here=HERE, out=str(tmp_path / f"out{world}"),
+                                            batch=str(tmp_path / "batch.pt"),
+                                            result=str(tmp_path / f"losses_{world}.json")))
+        runs[world] = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                                        f"--master_port={port}", str(script)], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                       cwd=tmp_path)
+    results = {}
+    for world, run in runs.items():
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+        results[world] = json.loads((tmp_path / f"losses_{world}.json").read_text())
     assert set(results[1]) == set(results[2]) and "loss_ce_enc" in results[1]
     for name, value in results[1].items():
         assert results[2][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
@@ -344,14 +354,12 @@ def test_amp_bf16_is_allowed_on_the_cpu_and_fp16_is_not(tmp_path, tiny_args):
         tiny_args("--amp", "fp16", "--device", "cpu")
 
 
-@pytest.mark.parametrize("impl, function, out_dtype", [("pytorch", "ms_deform_attn_pytorch", torch.float32),
-                                                      ("gather", "ms_deform_attn_gather", torch.bfloat16)])
-def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float32(tmp_path, monkeypatch, impl, function,
-                                                                                  out_dtype, tiny_args):
-    """train_step autocasts on the device it runs on; under bf16 the heads run in bf16 while the deformable
-    attention gets float32 locations and softmax weights, on the CPU as on CUDA. The reference samples and sums
-    in float32 (grid_sample autocasts to float32); the gather path computes in float32 inside and hands back
-    value's dtype, as the Triton path does."""
+@pytest.mark.parametrize("impl, function", [("pytorch", "ms_deform_attn_pytorch"), ("gather", "ms_deform_attn_gather")])
+def test_amp_bf16_step_autocasts_the_convolutions_on_the_cpu_and_runs_the_transformer_in_float32(
+        tmp_path, monkeypatch, impl, function, tiny_args):
+    """train_step autocasts on the device it runs on; on the CPU the backbone's and input_proj's convolutions run
+    in bf16 and the transformer, the deformable attention and the heads in float32 (the model's CPU autocast
+    policy); parameters stay float32."""
     import data
     import model as model_lib
     args = tiny_args("--method", "clip-detr", "--amp", "bf16", "--device", "cpu",
@@ -372,12 +380,15 @@ def test_amp_bf16_step_autocasts_on_the_cpu_and_keeps_deformable_sampling_float3
         return out
     monkeypatch.setattr(train, "compute_losses", losses_spy)
     monkeypatch.setattr(model_lib, function, attn_spy)
+    model.backbone.register_forward_hook(lambda m, a, out: seen.update(backbone={x.dtype for x, _ in out[0]}))
+    model.input_proj[0].register_forward_hook(lambda m, a, out: seen.update(input_proj=out.dtype))
     optimizer = torch.optim.AdamW(build.param_groups(model, args), lr=1e-4)
     loss, values = train.train_step(model, criterion, data.collate_fn([ds[0], ds[1]]), optimizer,
                                     torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert math.isfinite(loss) and "loss_dynql_ce" in values and "loss_align" in values
-    assert seen["logits"] == torch.bfloat16
-    assert seen["attn"] == {(torch.bfloat16, torch.float32, torch.float32, out_dtype)}
+    assert seen["backbone"] == {torch.bfloat16} and seen["input_proj"] == torch.bfloat16
+    assert seen["logits"] == torch.float32
+    assert seen["attn"] == {(torch.float32, torch.float32, torch.float32, torch.float32)}
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
@@ -422,3 +433,40 @@ def test_bench_hf_without_transformers_says_how_to_install(monkeypatch, capsys):
         bench.main(["hf"])
     assert exit_info.value.code == 1
     assert "pip install transformers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["amp", "profile"])
+def test_bench_demo_step_measurements_run_on_the_tiny_configuration(what, tmp_path, capsys):
+    """`bench.py amp` and `bench.py profile`, whose tables the README quotes, on the tiny configuration."""
+    import bench
+    flags = ["--rounds", "1"] if what == "amp" else ["--steps", "1"]
+    bench.main([what, *flags, "--", *TINY, "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    if what == "amp":
+        rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["off"], ["bf16"])]
+        assert [row[0] for row in rows] == ["off", "bf16"] and rows[0][-1] == "1.00x", out
+        assert "`--amp auto` picks" in out
+    else:
+        assert all(stage in out for stage in ("backbone", "encoder", "decoder", "deformable sampling",
+                                              "matcher and losses", "AlignNet", "DynQL", "data loading")), out
+
+
+def test_shapes_is_evaluated_on_batches_of_one_aspect(tmp_path, monkeypatch, tiny_args):
+    """shapes trains on batches of one aspect, and a detector's output depends on how much of its batch is padding:
+    both evaluations, after training and by evaluate.py, batch its val images by aspect too (at most the one batch
+    where the leftovers meet mixes them) and see each image once."""
+    loaders = []
+    real = evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, post, loader, *a, **k: loaders.append(loader)
+                        or real(model, post, loader, *a, **k))
+    flags = ("--shapes-num-val", "12", "--batch-size", "3", "--epochs", "1", "--max-steps", "1")
+    train.main(tiny_args(*flags))
+    evaluate.main(["--resume", str(tmp_path / "out" / "checkpoint.pth"), "--output-dir", str(tmp_path / "ev")])
+    assert len(loaders) == 2
+    groups = loaders[0].dataset.aspect_groups()
+    in_order = [list(range(i, i + 3)) for i in range(0, 12, 3)]
+    assert sum(len({groups[i] for i in b}) > 1 for b in in_order) > 1, "this val set must mix aspects in order"
+    for loader in loaders:
+        batches = list(loader.batch_sampler)
+        assert sorted(i for b in batches for i in b) == list(range(12))
+        assert sum(len({groups[i] for i in b}) > 1 for b in batches) <= 1, batches

@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from build import (build_dataset, build_model, build_optimizer, check_device, check_output_path, class_split,
-                   default_device, load_checkpoint, load_model_state, load_pretrained)
+from build import (build_dataset, build_model, build_optimizer, build_train_batches, build_val_batches, check_device,
+                   check_output_path, class_split, default_device, load_checkpoint, load_model_state, load_pretrained)
 from dynql import dynql_loss, dynql_set_losses
 from errors import ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, write_atomically
 from matcher import global_num_boxes, weight_dict
@@ -532,12 +532,11 @@ def make_loaders(args, train_set, val_set, rank, world):
     """The shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches."""
     train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     val_sampler = DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
-    batch_sampler = torch.utils.data.BatchSampler(train_sampler, args.batch_size, drop_last=True)
+    batch_sampler, collate = build_train_batches(args, train_set, train_sampler)
     # Workers are re-created each epoch (not persistent) so their seeds come from the restored RNG on resume.
-    train_loader = DataLoader(train_set, batch_sampler=batch_sampler, collate_fn=data.collate_fn,
-                              num_workers=args.num_workers)
+    train_loader = DataLoader(train_set, batch_sampler=batch_sampler, collate_fn=collate, num_workers=args.num_workers)
     # Its own generator: evaluating must not advance the training RNG (a resumed run would diverge).
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, drop_last=False,
+    val_loader = DataLoader(val_set, batch_sampler=build_val_batches(args, val_set, val_sampler),
                             collate_fn=data.collate_fn, num_workers=args.num_workers,
                             generator=torch.Generator().manual_seed(args.seed))
     return train_loader, train_sampler, val_loader
