@@ -43,7 +43,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -176,6 +175,7 @@ def _clip_checkpoint(model_name, pretrained, num_classes):
     clear message. huggingface_hub honours HF_HUB_OFFLINE=1 by looking only at its local cache, which
     fails at once; without that flag and without network it retries for about 45 s before failing.
     """
+    import open_clip  # here, not at the top: see label_embeddings
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg:
         raise InputError(f"unknown CLIP pretrained tag '{pretrained}' for model '{model_name}', expected one of "
@@ -191,6 +191,7 @@ def _clip_checkpoint(model_name, pretrained, num_classes):
 
 def _encode_with_clip(class_names, *, model_name, pretrained, prompt, device):
     """Embed the prompted class names with the CLIP text encoder; returns (K, D) float32 on the CPU."""
+    import open_clip  # here, not at the top: see label_embeddings
     if pretrained == 'none':
         checkpoint, quick_gelu = None, False
     else:
@@ -231,6 +232,9 @@ def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', 
     else:
         if '{}' not in prompt:
             raise ValueError(f"prompt '{prompt}' has no '{{}}' placeholder for the class name")
+        # open_clip is imported where a table is looked up, not with this module: with transformers installed it
+        # imports it too (1.5 s), which every command would pay before it could report a bad flag.
+        import open_clip
         if model_name not in open_clip.list_models():
             raise InputError(f"unknown CLIP model '{model_name}', expected one of open_clip.list_models(), "
                              f"e.g. RN50x64, RN50, ViT-B-32")

@@ -289,11 +289,14 @@ def test_bad_flags_are_one_line(flags, named, tmp_path, capsys):
 def test_flags_through_the_scripts_are_one_line(tmp_path):
     """The `__main__` wiring of both scripts: a bad device for train.py, an empty checkpoint for evaluate.py."""
     (tmp_path / "empty.pth").write_bytes(b"")
-    for argv, named in ((["train.py", "--device", "gpu0"], "gpu0"),
-                        (["evaluate.py", "--resume", str(tmp_path / "empty.pth")], "empty.pth")):
-        result = subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], capture_output=True,
-                                text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        assert_one_line(result.returncode, result.stderr.strip().splitlines(), named)
+    cases = ((["train.py", "--device", "gpu0"], "gpu0"),
+             (["evaluate.py", "--resume", str(tmp_path / "empty.pth")], "empty.pth"))
+    runs = [subprocess.Popen([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            for argv, _ in cases]  # both at once: each is mostly Python and torch starting
+    for (_, named), run in zip(cases, runs):
+        _, err = run.communicate(timeout=300)
+        assert_one_line(run.returncode, err.strip().splitlines(), named)
 
 
 @pytest.fixture(scope="module")
