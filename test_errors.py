@@ -483,22 +483,27 @@ def test_ctrl_c_mid_epoch_is_one_line_and_the_checkpoint_resumes(shapes, tmp_pat
     out = tmp_path / "out"
     steps = QUICK.index("--max-steps")
     quick = QUICK[:steps] + QUICK[steps + 2:]  # every epoch runs to its end
-    argv = [*quick, *shapes, "--output-dir", str(out), "--epochs", "3", "--num-workers", "1",
+    argv = [*quick, *shapes, "--output-dir", str(out), "--epochs", "6", "--num-workers", "1",
             "--shapes-num-train", "24"]
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=HERE, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while not (out / "checkpoint.pth").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    # Past the start of epoch 1, where the loader forks its worker: Python's fork hooks swallow an interrupt.
-    time.sleep(0.5)
+    # Python's fork hooks swallow an interrupt that lands while the loader forks its worker at an epoch's start
+    # (a user's Ctrl-C there is lost too): wait until epoch 1's worker exists (epoch 0's was joined before the
+    # checkpoint was written), then interrupt once.
+    children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+    while not open(children).read().split() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     lines = stderr.strip().splitlines()
     assert proc.returncode == 130, stderr
-    assert lines == [f"error: interrupted in epoch 1 of 3 (epochs count from 0); {out / 'checkpoint.pth'} holds "
-                     "epoch 0: continue with --resume auto"], stderr
-    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 0
+    epoch = torch.load(out / "checkpoint.pth", weights_only=False)["epoch"]
+    assert lines == [f"error: interrupted in epoch {epoch + 1} of 6 (epochs count from 0); {out / 'checkpoint.pth'} "
+                     f"holds epoch {epoch}: continue with --resume auto"], stderr
     assert not (out / train.LOCK_NAME).exists()
 
 
