@@ -485,8 +485,11 @@ def test_ctrl_c_mid_epoch_is_one_line_and_the_checkpoint_resumes(shapes, tmp_pat
     quick = QUICK[:steps] + QUICK[steps + 2:]  # every epoch runs to its end
     argv = [*quick, *shapes, "--output-dir", str(out), "--epochs", "6", "--num-workers", "1",
             "--shapes-num-train", "24"]
+    # SIGINT at its default in the child, as in a terminal: a test session started in the background (`cmd &`)
+    # ignores it, children inherit that, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=HERE, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "checkpoint.pth").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
