@@ -722,24 +722,11 @@ def main(argv=None):
     w.add_argument("--steps", type=int)
     w.add_argument("argv", nargs="*")
     args = p.parse_args(argv)
-    if args.what == "attn":
-        bench_attn(args)
-    elif args.what == "train":
-        bench_train(args)
-    elif args.what == "coco-step":
-        bench_coco_step(args)
-    elif args.what == "gpu":
-        bench_gpu(args)
-    elif args.what == "hf":
-        bench_hf(args)
-    elif args.what == "amp":
-        bench_amp(args)
-    elif args.what == "profile":
-        bench_profile(args)
-    elif args.what == "onnx":
-        bench_onnx(args)
-    else:
+    if args.what == "_worker":
         _train_worker(args.argv, args.steps, os.path.join(HERE, ".bench_tmp.json"))
+        return
+    {"attn": bench_attn, "train": bench_train, "coco-step": bench_coco_step, "gpu": bench_gpu, "hf": bench_hf,
+     "amp": bench_amp, "profile": bench_profile, "onnx": bench_onnx}[args.what](args)
 
 
 if __name__ == "__main__":
