@@ -622,12 +622,17 @@ class OnnxDetector:
         return {"pred_logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(boxes)}
 
 
+def flags_given(cli, keys):
+    """The command-line spelling of those of `keys` that were given (neither None nor False)."""
+    return [f"--{k.replace('_', '-')}" for k in keys if getattr(cli, k) not in (None, False)]
+
+
 def check_onnx_cli(cli):
     """Reject ONNX flag combinations that mean nothing, and missing packages, before any work is done."""
     if cli.export_onnx:
         if not cli.resume:
             raise InputError("--export-onnx FILE exports a checkpoint of train.py: add --resume CKPT")
-        unused = [f"--{k.replace('_', '-')}" for k in EXPORT_UNUSED if getattr(cli, k) not in (None, False)]
+        unused = flags_given(cli, EXPORT_UNUSED)
         if unused:
             raise InputError(f"--export-onnx runs alone (on the CPU, through the reference attention): drop "
                              f"{' '.join(unused)}; then run --onnx FILE --images DIR")
@@ -637,7 +642,7 @@ def check_onnx_cli(cli):
     if cli.onnx:
         if not cli.images:
             raise InputError("--onnx FILE detects on a folder: add --images DIR (AP and score maps need --resume CKPT)")
-        unused = [f"--{k.replace('_', '-')}" for k in ONNX_UNUSED if getattr(cli, k) not in (None, False)]
+        unused = flags_given(cli, ONNX_UNUSED)
         if unused:
             raise InputError(f"--onnx runs the exported graph in onnxruntime on the CPU, with the transforms "
                              f"stored in it: drop {' '.join(unused)}")
