@@ -459,7 +459,7 @@ def _onnx_runs(name, tmp):
     """Export one model of ONNX_MODELS (random weights); its eager (reference and auto attention) and onnxruntime
     inference as closures, and (file size, export seconds, max |box difference| of onnxruntime vs reference)."""
     import build
-    import evaluate
+    import onnx_export
     import train
     flags, (H, W), num_classes = ONNX_MODELS[name]
     targs = train.finalize_args(train.get_parser().parse_args(
@@ -468,18 +468,18 @@ def _onnx_runs(name, tmp):
     torch.manual_seed(0)
     model = build.build_model(targs, names)[0].eval()
     path = os.path.join(tmp, f"{name}.onnx")
-    metadata = dict(format=evaluate.ONNX_FORMAT, class_names=names, cat_ids=list(range(num_classes)),
+    metadata = dict(format=onnx_export.ONNX_FORMAT, class_names=names, cat_ids=list(range(num_classes)),
                     dataset=targs.dataset, min_size=targs.min_size, max_size=targs.max_size, batch_size=1,
-                    num_select=100, min_side=evaluate.ONNX_MIN_SIDE)
+                    num_select=100, min_side=onnx_export.ONNX_MIN_SIDE)
     t0 = time.perf_counter()
-    size = evaluate.export_onnx(model, path, metadata=metadata)
+    size = onnx_export.export_onnx(model, path, metadata=metadata)
     export_s = time.perf_counter() - t0
-    detector = evaluate.OnnxDetector(path, flag="bench.py onnx", spin=False)
+    detector = onnx_export.OnnxDetector(path, flag="bench.py onnx", spin=False)
     g = torch.Generator().manual_seed(0)
     images, mask = torch.randn(1, 3, H, W, generator=g), torch.zeros(1, H, W, dtype=torch.bool)
 
     def reference():
-        with evaluate.reference_attention(model), torch.no_grad():
+        with onnx_export.reference_attention(model), torch.no_grad():
             return model(images, mask)
 
     def auto():
@@ -493,11 +493,12 @@ def _onnx_runs(name, tmp):
 def bench_onnx(args):
     """onnxruntime (CPU) against eager PyTorch, reference and `auto` attention: inference latency, file size."""
     import tempfile
-    import evaluate
+
+    import onnx_export
     from errors import InputError
     try:
         for module in ("onnx", "onnxscript", "onnxruntime"):
-            evaluate.require_package(module, "bench.py onnx")
+            onnx_export.require_package(module, "bench.py onnx")
     except InputError as err:
         sys.exit(f"error: {err}")
     rows = []

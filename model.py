@@ -12,7 +12,9 @@ Pieces, in the order data flows through them (and in the order of this file):
   DeformableTransformer   6 encoder layers, two-stage proposals, 6 decoder layers with box refinement;
                       the decoder's self-attention takes an attention mask (DynQL's Eq. 9 needs it)
   DeformableDETR      input_proj (1x1 conv + GroupNorm per level, a 3x3 stride-2 conv for the stride-64 level),
-                      heads (focal-loss classifier, 3-layer box MLP), output contract below
+                      heads (focal-loss classifier, 3-layer box MLP), output contract below;
+                      LabelEmbeddingClassifier, the open-vocabulary class head (Sec. 4.2), scores the decoder's
+                      outputs against the CLIP label dictionary (label_dictionary.py) instead
   PostProcess         top-100 of the Q*K sigmoid scores, absolute xyxy boxes
 The paper's model ends there. The last part of the file, under its own title, holds the fast paths of the
 deformable attention, each equal to the reference (values and gradients, proven in the tests): the CPU gather
@@ -610,6 +612,86 @@ def input_projections(in_channels, d_model, num_feature_levels):
         nn.init.xavier_uniform_(p[0].weight, gain=1)
         nn.init.constant_(p[0].bias, 0)
     return nn.ModuleList(proj)
+
+
+class LabelEmbeddingClassifier(nn.Module):
+    """Open-vocabulary class head (paper §4.2, OV-COCO): scores a decoder output against the label dictionary.
+
+    logits (..., K) = exp(logit_scale) * normalize(proj(h)) @ normalize(f_cls)^T + bias, so a class is named by
+    the similarity of the query with its CLIP text embedding, and a class never seen in training (OV-COCO's
+    novel categories) is scored at test time by its row of the dictionary alone. As in CLIP, the scale starts
+    at 1/0.07 and is capped at 100; the shared bias starts at the focal-loss prior 0.01 of Deformable DETR.
+
+    `train_classes` (bool mask over K, or class indices) are the classes with training annotations. In
+    training mode the logits of every other class are set to -1e4: their sigmoid is 0, so the focal loss of
+    those classes and its gradient vanish, and a novel class is never pushed down as a negative on images
+    where it may well appear unannotated (OV-DETR's practice). -1e4 rather than -inf keeps the loss finite
+    (-inf gives 0 * inf = NaN) and is representable in float16. In eval mode all K classes are scored.
+
+    The dictionary is a persistent buffer: a checkpoint carries the exact rows its projection was trained on.
+    `set_label_embeddings` swaps it for the rows of any other names (any vocabulary at inference).
+    """
+
+    MASKED_LOGIT = -1e4
+
+    def __init__(self, *, label_embeddings, d_model=256, train_classes=None, logit_scale_init=1 / 0.07,
+                 logit_scale_max=100.0, prior_prob=0.01):
+        super().__init__()
+        if label_embeddings.ndim != 2:
+            raise ValueError(f"label_embeddings has shape {tuple(label_embeddings.shape)}, expected (K, D)")
+        if not 0 < logit_scale_init <= logit_scale_max:
+            raise ValueError(f"logit_scale_init={logit_scale_init} and logit_scale_max={logit_scale_max}, "
+                             f"expected 0 < logit_scale_init <= logit_scale_max")
+        if not 0 < prior_prob < 1:
+            raise ValueError(f"prior_prob={prior_prob}, expected a probability in (0, 1)")
+        num_classes, dim = label_embeddings.shape
+        self.logit_scale_max = logit_scale_max
+        self.register_buffer('label_embeddings', F.normalize(label_embeddings.detach().float(), dim=-1))
+        self.proj = nn.Linear(d_model, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
+        self.register_buffer('train_mask', self._train_mask(train_classes, num_classes), persistent=False)
+
+    @staticmethod
+    def _train_mask(train_classes, num_classes):
+        """(K,) bool, True for the classes trained with annotations; None when all of them are."""
+        if train_classes is None:
+            return None
+        classes = torch.as_tensor(train_classes)
+        if classes.dtype == torch.bool:
+            if classes.shape != (num_classes,):
+                raise ValueError(f"train_classes is a mask of shape {tuple(classes.shape)}, expected ({num_classes},)")
+            mask = classes.clone()
+        else:
+            if classes.ndim != 1 or (classes.numel() and (classes.min() < 0 or classes.max() >= num_classes)):
+                raise ValueError(f"train_classes {classes.tolist()} must be class indices in [0, {num_classes - 1}]")
+            mask = torch.zeros(num_classes, dtype=torch.bool)
+            mask[classes.long()] = True
+        if not mask.any():
+            raise ValueError("train_classes selects no class, expected at least one class with annotations")
+        return mask
+
+    def set_label_embeddings(self, label_embeddings):
+        """Score against `label_embeddings` (K', D) from now on, normalized as at construction; D must be the
+        width the projection was trained into. The training mask named rows of the old dictionary: it goes."""
+        width = self.label_embeddings.shape[1]
+        if label_embeddings.ndim != 2 or label_embeddings.shape[1] != width:
+            raise ValueError(f"label_embeddings has shape {tuple(label_embeddings.shape)}, expected (K, {width}): "
+                             f"the class head projects into a {width}-wide text embedding space")
+        self.label_embeddings = F.normalize(label_embeddings.detach().float(), dim=-1).to(self.proj.weight.device)
+        self.train_mask = None
+
+    @property
+    def scale(self):
+        """exp(logit_scale), capped at logit_scale_max as CLIP caps its logit scale."""
+        return self.logit_scale.exp().clamp(max=self.logit_scale_max)
+
+    def forward(self, h):
+        """h (..., C) decoder outputs -> logits (..., K)."""
+        logits = self.scale * F.normalize(self.proj(h), dim=-1) @ self.label_embeddings.t() + self.bias
+        if self.training and self.train_mask is not None:
+            logits = logits.masked_fill(~self.train_mask, self.MASKED_LOGIT)
+        return logits
 
 
 def prediction_heads(d_model, num_classes, num_pred, *, with_box_refine, two_stage, class_head=None):

@@ -1,4 +1,4 @@
-"""Tests for dynql.py, DynQL (paper §3.3, Eq. 6-10; SPEC.md §5): the noise statistics of Eq. 6, the box
+"""Tests for dynql.py, DynQL (paper §3.3, Eq. 6-10): the noise statistics of Eq. 6, the box
 jitter bounds of Eq. 7, the unit-scale z_attr that keeps Eq. 6's beta spectrum, the positional query of
 Eq. 8 against the transformer's own two-stage query, the attention mask of Eq. 9 alone and inside a real
 decoder, the direct-assignment loss of Eq. 10 (per layer, per set, per slot, inside the full model) and its
@@ -88,7 +88,7 @@ def test_forward_lays_out_sets_per_image_in_gt_order():
 
 def test_beta_spectrum_from_informed_to_uninformed():
     """A freshly initialised z_attr (element std ~0.03): the cosine between DynQuery content and z_attr is
-    ~sqrt(1 - beta) and falls with beta, i.e. the sets span informed to uninformed (SPEC §5, Eq. 6)."""
+    ~sqrt(1 - beta) and falls with beta, i.e. the sets span informed to uninformed (Eq. 6; docs/design.md)."""
     torch.manual_seed(0)
     N, C = 400, 64
     betas = (0.1, 0.3, 0.5, 0.7, 0.9)

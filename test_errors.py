@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-import alignnet
+import label_dictionary
 import build
 import data
 import errors
@@ -557,15 +557,15 @@ def test_unwritable_outputs_fail_before_any_work(checkpoint, tmp_path, capsys, m
 def test_a_cached_label_table_that_cannot_be_read_is_recomputed(tmp_path, capsys):
     """A 0-byte, truncated or wrong-shaped cache file is the project's own file gone bad: recomputed, said once."""
     names = ["red circle", "blue triangle"]
-    first = alignnet.label_embeddings(names, model_name="RN50", pretrained="none", cache_dir=tmp_path)
-    cached = alignnet._cache_path(tmp_path, "RN50", "none", "a photo of a {}", names)
+    first = label_dictionary.label_embeddings(names, model_name="RN50", pretrained="none", cache_dir=tmp_path)
+    cached = label_dictionary._cache_path(tmp_path, "RN50", "none", "a photo of a {}", names)
     for damage in (b"", b"PK\x03\x04 cut short", torch.zeros(3, 4)):
         if isinstance(damage, bytes):
             cached.write_bytes(damage)
         else:
             torch.save(damage, cached)
         capsys.readouterr()
-        again = alignnet.label_embeddings(names, model_name="RN50", pretrained="none", cache_dir=tmp_path)
+        again = label_dictionary.label_embeddings(names, model_name="RN50", pretrained="none", cache_dir=tmp_path)
         said = capsys.readouterr().out
         assert f"label dictionary cache {cached}" in said and "recomputing it" in said, said
         torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -1,5 +1,5 @@
 """Tests for evaluate.py (per-layer AP, OV-COCO AP50, LVIS, score maps, a folder of images) and for
-alignnet.LabelEmbeddingClassifier. CPU, tiny `shapes` checkpoints and hand-built COCO sets, no network."""
+model.LabelEmbeddingClassifier. CPU, tiny `shapes` checkpoints and hand-built COCO sets, no network."""
 import contextlib
 import glob
 import io
@@ -19,9 +19,9 @@ import build
 import data
 import evaluate
 import train
-from alignnet import LabelEmbeddingClassifier
 from conftest import COCO_80, TINY, parse_args
-from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine, PostProcess
+from model import (Backbone, DeformableDETR, DeformableTransformer, Joiner, LabelEmbeddingClassifier,
+                   PositionEmbeddingSine, PostProcess)
 
 DEC_LAYERS = 2  # conftest.TINY's decoder layers
 
@@ -273,7 +273,7 @@ def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatc
 
 
 def test_ov_coco_encoder_proposals_come_from_a_class_agnostic_objectness_head(tmp_path):
-    """SPEC §7: in open-vocabulary mode only the decoder scores CLIP rows; the two-stage encoder ranks its
+    """In open-vocabulary mode only the decoder scores CLIP rows; the two-stage encoder ranks its
     proposals by one objectness logit, not by the CLIP row of 'person'."""
     table = tmp_path / "labels.pt"
     torch.save(torch.randn(len(COCO_80), 16), table)

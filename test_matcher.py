@@ -1,4 +1,4 @@
-"""Tests for matcher.py (paper §3.1, SPEC.md §3): the Hungarian matcher is optimal and per-image, the focal
+"""Tests for matcher.py (paper §3.1): the Hungarian matcher is optimal and per-image, the focal
 class cost and the criterion's focal / L1 / GIoU losses equal hand computations, and the loss bookkeeping
 (aux and encoder suffixes, weights, the num_boxes normalizer). CPU only.
 

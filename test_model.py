@@ -1,4 +1,4 @@
-"""Tests for model.py, the Deformable DETR of paper §3.1 (SPEC.md §2): multi-scale deformable attention
+"""Tests for model.py, the Deformable DETR of paper §3.1: multi-scale deformable attention
 against a naive bilinear loop, its gradients, the official sampling-location formulas, the decoder's
 attention mask, official parameter names, two-stage proposals, post-processing, batch independence,
 eval-mode equality with the CLIP-DETR training modules, and backbone errors. CPU only, no network.

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 import build
 import evaluate
+import onnx_export
 from conftest import HERE, parse_args
 from data import SHAPES_CATEGORIES
 
@@ -128,7 +129,7 @@ def test_export_writes_one_self_contained_file_with_dynamic_batch_height_and_wid
 def test_graph_equals_the_eager_model_at_two_sizes_with_and_without_padding(exported, config):
     ckpt, path = exported[config]
     model = eager_detector(ckpt)
-    detector = evaluate.OnnxDetector(path)
+    detector = onnx_export.OnnxDetector(path)
     cases = []
     for h, w in SIZES[config]:
         cases.append([(h, w)])  # one image, no padding
@@ -149,8 +150,8 @@ def test_a_batch_below_the_graphs_minimum_side_is_padded_up_to_it_with_the_mask(
     ckpt, path = exported["shapes"]
     model = eager_detector(ckpt)
     images, mask = batch([(40, 90), (30, 70)], seed=5)
-    got = evaluate.OnnxDetector(path)(images, mask)
-    rows = evaluate.ONNX_MIN_SIDE - 40
+    got = onnx_export.OnnxDetector(path)(images, mask)
+    rows = onnx_export.ONNX_MIN_SIDE - 40
     with torch.no_grad():  # the same images with 25 rows of padding more, as a batch with a taller image has
         want = model(F.pad(images, (0, 0, 0, rows)), F.pad(mask, (0, 0, 0, rows), value=True))
     for key in ("pred_logits", "pred_boxes"):

@@ -1,6 +1,6 @@
 """Tests for open vocabulary on any dataset and any vocabulary at inference: train.py --novel-classes, evaluate.py
 --classes / --classes-file / --label-embeddings (build.class_split, build.checkpoint_vocabulary, build.set_vocabulary,
-alignnet's named label table and per-name encoding). CPU, the tiny `shapes` set with 'green square' and
+label_dictionary's named label table and per-name encoding). CPU, the tiny `shapes` set with 'green square' and
 'blue triangle' held out, and a label table from a file (torch.randn of a fixed generator), so every number is
 deterministic."""
 import contextlib
@@ -14,13 +14,12 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-import alignnet
 import build
 import data
 import evaluate
 import train
-from alignnet import LabelEmbeddingClassifier
 from conftest import COCO_80, TINY, parse_args
+from model import LabelEmbeddingClassifier
 
 SHAPES = [name for name, _, _ in data.SHAPES_CATEGORIES]
 # The tiny val set holds a green square (image 1), a red circle and a blue triangle (image 2): both held-out

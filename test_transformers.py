@@ -54,6 +54,7 @@ from transformers.models.deformable_detr import modeling_deformable_detr as hf_m
 import build  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
+import transformers_checkpoint  # noqa: E402
 from conftest import COCO_80, COCO_IDS, parse_args  # noqa: E402
 from model import (DeformableEncoder, DeformableTransformer, PositionEmbeddingSine, box_sine_embed,  # noqa: E402
                    inverse_sigmoid)
@@ -256,11 +257,11 @@ def test_gradients_equal_transformers(variant):
 
     own = dict(ours.named_parameters(remove_duplicate=False))
     named = dict(hf.named_parameters(remove_duplicate=False))
-    source, unknown = build.official_state_of_hf(named)
-    grads, _ = build.official_state_of_hf({n: p.grad for n, p in named.items()})
+    source, unknown = transformers_checkpoint.official_state_of_hf(named)
+    grads, _ = transformers_checkpoint.official_state_of_hf({n: p.grad for n, p in named.items()})
     assert not unknown
     for state in (source, grads):
-        build.fill_hf_heads(state, own, two_stage=variant.two_stage, with_box_refine=variant.refine)
+        transformers_checkpoint.fill_hf_heads(state, own, two_stage=variant.two_stage, with_box_refine=variant.refine)
     assert set(source) == set(own), "every parameter of ours has one of transformers', and the reverse"
     groups = {}  # transformers' tensor -> our distinct parameters made from it
     for name, p in own.items():
@@ -328,8 +329,8 @@ def test_hub_checkpoint_resnet50_coco_head_offline_from_the_cache(tmp_path, hub_
     assert reference.config.backbone_config.backbone == "resnet50"
     ours = ours_from(f"hf:{HUB_ID}", COCO_IDS, list(COCO_80)).double()
     # Offline, the missing model.safetensors gives way to the cached pytorch_model.bin; timm's spelling names it too.
-    assert build.hf_checkpoint_files(f"hf-hub:{HUB_ID}")[1].endswith("pytorch_model.bin")
-    assert build.resnet_name(ours.backbone[0].body) == "resnet50"
+    assert transformers_checkpoint.hf_checkpoint_files(f"hf-hub:{HUB_ID}")[1].endswith("pytorch_model.bin")
+    assert transformers_checkpoint.resnet_name(ours.backbone[0].body) == "resnet50"
 
     images, mask = padded_batch(48, 64, seed=6)
     with torch.no_grad():

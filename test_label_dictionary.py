@@ -1,0 +1,147 @@
+"""Tests for label_dictionary.py, the CLIP label dictionary f_cls of Sec. 3.2: label-embeddings files, the disk
+cache and every input of its key, the random-weight text encoder, and the offline failure. CPU only, no network."""
+import time
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+
+import label_dictionary
+from label_dictionary import ClipWeightsUnavailableError, label_embeddings
+
+
+@pytest.fixture(autouse=True)
+def offline_caches(tmp_path, monkeypatch):
+    """Every test: caches in tmp_path and the hub offline, even if huggingface_hub was imported earlier."""
+    monkeypatch.setenv('CLIP_DETR_CACHE', str(tmp_path / 'clip-detr'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+
+
+
+NAMES = ['red circle', 'blue triangle', 'green square']
+
+
+def test_embeddings_file_pt_and_npy_are_row_normalized(tmp_path):
+    table = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 1.0]])
+    torch.save(table, tmp_path / 'table.pt')
+    np.save(tmp_path / 'table.npy', table.double().numpy())
+    expected = torch.tensor([[0.6, 0.8], [0.0, 1.0], [2 ** -0.5, 2 ** -0.5]])
+    for name in ('table.pt', 'table.npy'):
+        f_cls = label_embeddings(NAMES, embeddings_file=tmp_path / name)
+        assert f_cls.dtype == torch.float32
+        torch.testing.assert_close(f_cls, expected)
+
+
+def test_embeddings_file_errors(tmp_path):
+    torch.save(torch.ones(2, 5), tmp_path / 'two_rows.pt')
+    with pytest.raises(ValueError, match=r"two_rows\.pt.* 2 rows, expected 3"):
+        label_embeddings(NAMES, embeddings_file=tmp_path / 'two_rows.pt')
+    torch.save(torch.ones(3), tmp_path / 'flat.pt')
+    with pytest.raises(ValueError, match=r'flat\.pt.*2 dimensions'):
+        label_embeddings(NAMES, embeddings_file=tmp_path / 'flat.pt')
+    with pytest.raises(FileNotFoundError, match='missing.npy'):
+        label_embeddings(NAMES, embeddings_file=tmp_path / 'missing.npy')
+
+
+def test_cache_hit_does_not_rebuild(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_encoder(class_names, **kwargs):
+        calls.append(kwargs)
+        return torch.arange(1.0, 1.0 + 2 * len(class_names)).reshape(len(class_names), 2)  # (K, 2)
+
+    monkeypatch.setattr(label_dictionary, '_encode_with_clip', fake_encoder)
+    first = label_embeddings(NAMES, model_name='RN50')
+    assert len(calls) == 1
+    cached = list((tmp_path / 'clip-detr' / 'label_embeddings').iterdir())
+    assert len(cached) == 1 and cached[0].suffix == '.pt'
+
+    def no_encoder(class_names, **kwargs):
+        raise AssertionError('the cache was missed')
+
+    monkeypatch.setattr(label_dictionary, '_encode_with_clip', no_encoder)
+    torch.testing.assert_close(label_embeddings(NAMES, model_name='RN50'), first)
+    monkeypatch.setattr(label_dictionary, '_encode_with_clip', fake_encoder)
+    label_embeddings(NAMES, model_name='RN50', prompt='a drawing of a {}')
+    assert len(calls) == 2, 'another prompt must be another cache entry'
+
+
+@pytest.mark.parametrize('change', [
+    dict(model_name='ViT-B-32'), dict(pretrained='openai'), dict(prompt='a drawing of a {}'),
+    dict(class_names=['red circle', 'blue triangle', 'yellow star']), dict(class_names=list(reversed(NAMES))),
+], ids=['model', 'pretrained tag', 'prompt', 'names', 'order of the names'])
+def test_every_input_of_the_table_is_in_its_cache_key(change, monkeypatch):
+    """A table cached for one (model, tag, prompt, names in order) is never served for another: a key without
+    the tag would hand a random-weight table to a run asking for CLIP's real weights."""
+    def fake_encoder(class_names, *, model_name, pretrained, prompt, device):
+        # Rows that tell every input apart: one (K, 3) table per (model, tag, prompt, name).
+        return torch.tensor([[len(model_name), len(pretrained) + 0.5, hash((prompt, name)) % 997 + 1.0]
+                             for name in class_names])
+    monkeypatch.setattr(label_dictionary, '_encode_with_clip', fake_encoder)
+    base = dict(class_names=NAMES, model_name='RN50', pretrained='none', prompt='a photo of a {}')
+    label_embeddings(**base)
+    other = dict(base, **change)
+    expected = torch.nn.functional.normalize(fake_encoder(other['class_names'], model_name=other['model_name'],
+                                                          pretrained=other['pretrained'], prompt=other['prompt'],
+                                                          device='cpu'), dim=-1)
+    torch.testing.assert_close(label_embeddings(**other), expected, rtol=0, atol=0)
+
+
+def test_random_text_encoder_is_deterministic_and_says_so(tmp_path, capsys):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none', cache_dir=tmp_path / 'a')
+    assert 'RANDOM' in capsys.readouterr().out
+    # A cache miss must leave the caller's random stream as a cache hit would: untouched.
+    assert torch.equal(torch.get_rng_state(), before)
+    second = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none', cache_dir=tmp_path / 'b')
+    assert first.shape == (3, 256)
+    torch.testing.assert_close(first.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(first, second)
+    assert (first @ first.t() - torch.eye(3)).abs().max() < 0.999, 'rows must be distinct'
+
+
+def test_offline_without_cache_fails_fast_with_the_options(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ClipWeightsUnavailableError) as error:
+        label_embeddings(NAMES, model_name='RN50', pretrained='openai', cache_dir=tmp_path)
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert "'RN50/openai'" in message and '\n' not in message
+    for option in ('connect to the internet', '--label-embeddings FILE (.pt/.npy with 3 rows)',
+                   '--clip-pretrained none'):
+        assert option in message
+    assert isinstance(error.value, ValueError)
+    assert not (tmp_path / 'label_embeddings').exists() or not any((tmp_path / 'label_embeddings').iterdir())
+
+
+def test_unknown_model_or_tag_is_rejected():
+    with pytest.raises(ValueError, match="CLIP model 'RN51'"):
+        label_embeddings(NAMES, model_name='RN51')
+    with pytest.raises(ValueError, match=r"tag 'laion9'.*'openai'"):
+        label_embeddings(NAMES, model_name='RN50', pretrained='laion9')
+
+
+def test_pretrained_tag_loads_downloaded_checkpoint_with_quick_gelu(tmp_path, monkeypatch):
+    import open_clip
+    # A small model under a made-up tag: the tag's download and its QuickGELU flag are what is tested.
+    monkeypatch.setattr(open_clip, 'get_pretrained_cfg',
+                        lambda model, tag: {'hf_hub': 'org/tiny/', 'quick_gelu': True} if tag == 'tiny' else {})
+    torch.manual_seed(3)
+    reference = open_clip.create_model('ViT-S-32-alt', force_quick_gelu=True, pretrained_text=False).eval()
+    torch.save(reference.state_dict(), tmp_path / 'tiny.bin')
+    with torch.no_grad():
+        tokens = open_clip.get_tokenizer('ViT-S-32-alt')([f'a photo of a {name}' for name in NAMES])
+        expected = torch.nn.functional.normalize(reference.encode_text(tokens), dim=-1)
+    requested = []
+
+    def local_download(tag_cfg, **kwargs):
+        requested.append(tag_cfg['hf_hub'])
+        return str(tmp_path / 'tiny.bin')
+
+    monkeypatch.setattr(open_clip, 'download_pretrained', local_download)
+    f_cls = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='tiny')
+    assert requested == ['org/tiny/']
+    torch.testing.assert_close(f_cls, expected)
