@@ -8,6 +8,7 @@ one temporary folder (a `shapes` set of given arguments is generated once and sh
 """
 import json
 import os
+import socket
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Triton reads this when it is first imported (torch and torchvision import it): its kernels then run on CPU
@@ -31,6 +32,19 @@ TINY_SHAPES = ["--shapes-num-train", "8", "--shapes-num-val", "2", "--shapes-min
 TINY_MODEL = ["--hidden-dim", "32", "--dim-feedforward", "64", "--enc-layers", "1", "--dec-layers", "2",
               "--nheads", "4", "--num-queries", "10", "--batch-size", "2", "--num-workers", "0", "--no-progress"]
 TINY = TINY_SHAPES + TINY_MODEL
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes or trains whole epochs; `-m \"not slow\"` is the "
+                                       "fast tier of the paper's tests (equations, matcher, model, references)")
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a process a test starts (torchrun across nodes):
+    fixed ports collide when two suites run on one machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def parse_args(*argv):

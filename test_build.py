@@ -2,6 +2,7 @@
 OV-COCO, LVIS, custom, shapes) at the sizes the flags give, the label table's flags, the cache folder, and the
 errors of a missing or half layout. CPU, tiny sizes, tmp_path only."""
 import ast
+import importlib.metadata
 import json
 import os
 import random
@@ -188,3 +189,23 @@ def test_the_structure_reads_top_down():
     for name in lower:
         source = open(os.path.join(HERE, f"{name}.py")).read()
         assert not re.search(r"\bargs\.|getattr\(args\b", source), f"{name}.py reads the command line"
+
+
+@pytest.mark.slow
+def test_the_full_suite_has_every_test_requirement():
+    """The fast tier skips the tests of a missing optional package (transformers, onnx, ...) with a reason; the full
+    suite must never skip them silently: every package of requirements-test.txt is installed where it runs."""
+    names = []
+    with open(os.path.join(HERE, "requirements-test.txt")) as f:
+        for line in f:
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-"):
+                names.append(re.split(r"[<>=!~\[; ]", line)[0])
+    assert "transformers" in names and "onnxruntime" in names
+    missing = []
+    for name in names:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    assert not missing, f"not installed: {missing}; run pip install -r requirements-test.txt"

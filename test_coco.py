@@ -23,6 +23,9 @@ import train
 from conftest import COCO_80, COCO_IDS, DOG, HERE, official_checkpoint, official_state_shapes, parse_args
 from model import Backbone
 
+# Command lines, whole runs and exports: the full tier only (`pytest -m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 # Fewer layers and queries than the paper's 6 + 6 and 300; everything else is the --dataset coco model.
 SMALL = ["--enc-layers", "1", "--dec-layers", "2", "--num-queries", "20"]
 # The checkpoint test's detector: the loader sees only names and shapes, so the ResNet and width shrink too.

@@ -30,6 +30,9 @@ import train
 from conftest import HERE, TINY_MODEL, parse_args
 from errors import InputError, error_line
 
+# Command lines, whole runs and exports: the full tier only (`pytest -m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 # The tiny detector, one step of one epoch, no evaluation: every run here ends at its error or right after.
 QUICK = [*TINY_MODEL, "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--method", "baseline",
          "--eval-every", "0"]

@@ -33,6 +33,9 @@ import onnx_export
 from conftest import HERE, parse_args
 from data import SHAPES_CATEGORIES
 
+# Command lines, whole runs and exports: the full tier only (`pytest -m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 SHAPES_MODEL = ["--dataset", "shapes", "--hidden-dim", "32", "--dim-feedforward", "64", "--enc-layers", "1",
                 "--dec-layers", "2", "--nheads", "4", "--num-queries", "10", "--batch-size", "2", "--min-size", "96",
                 "--max-size", "128", "--method", "clip-detr", "--attn-impl", "gather"]

@@ -16,6 +16,9 @@ import train
 from conftest import HERE, TINY
 from errors import InputError
 
+# Whole runs through the command lines: the full tier only (`pytest -m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 
 def run_cli(script, *argv, env_extra=None, timeout=240):
     return run_clis(script, [argv], env_extra=env_extra, timeout=timeout)[0]
@@ -267,7 +270,7 @@ def test_non_finite_loss_names_the_terms(tmp_path, monkeypatch, tiny_args):
 
 def test_torchrun_two_processes_gloo(tmp_path, cache):
     env = dict(os.environ, HF_HUB_OFFLINE="1", CLIP_DETR_CACHE=str(cache), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "train.py"), *TINY, "--data-path", str(cache / "shapes"),
            "--output-dir", str(tmp_path / "ddp"), "--epochs", "1", "--method", "clip-detr"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=HERE)
@@ -311,13 +314,13 @@ def test_losses_of_two_processes_equal_one_process_on_the_same_images(tmp_path, 
                    torch.tensor([1.0, 1.0, 0.3, 0.3])), "labels": torch.tensor([0, 2, 1])}]
     torch.save((torch.randn(2, 3, 128, 128, generator=g), targets), tmp_path / "batch.pt")  # (B, 3, H, W)
     runs = {}
-    for world, port in ((1, 29541), (2, 29542)):  # both at once: most of each is starting Python and torch
+    for world in (1, 2):  # both at once: most of each is starting Python and torch
         script = tmp_path / f"ddp_{world}.py"
         script.write_text(DDP_LOSSES.format(here=HERE, out=str(tmp_path / f"out{world}"),
                                             batch=str(tmp_path / "batch.pt"),
                                             result=str(tmp_path / f"losses_{world}.json")))
-        runs[world] = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                                        f"--master_port={port}", str(script)], stdout=subprocess.PIPE,
+        runs[world] = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        f"--nproc_per_node={world}", str(script)], stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                                        cwd=tmp_path)
     results = {}

@@ -400,6 +400,7 @@ def test_checkpoint_errors_are_one_line(case, error, match, built, small_model, 
 # ----------------------------------------------------------------------------------------------------------
 # Command lines
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_train_from_a_hub_id_and_evaluate_a_folder(built, coco_dir, hub_cache, tmp_path, capsys):
     """`train.py --pretrained hf:ORG/NAME` trains CLIP-DETR a step from the cached two-stage checkpoint (flags
     describing its model), `evaluate.py --pretrained FOLDER` scores the checkpoint on the COCO-format val set, and a

@@ -180,6 +180,7 @@ def test_cuda_matches_reference(n_queries):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_bench_gpu_on_a_machine_without_gpu_prints_one_line():
     # CUDA hidden, so the test means the same on a GPU machine; there `python bench.py gpu` runs the CUDA tests.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -247,6 +248,7 @@ def _compile_for_gpus():
     print(json.dumps(rows))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not model.triton_available(), reason="needs triton")
 def test_kernels_compile_for_gpus_without_spills(tmp_path):
     # A fresh cache: the test must compile, not find last run's cubins.
