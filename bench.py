@@ -51,6 +51,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -173,19 +174,20 @@ def _train_worker(argv, steps, out_path):
         json.dump({"step_s": sorted(times)[len(times) // 2], "peak_mib": peak}, f)
 
 
-def _run_worker(argv, steps):
-    out = os.path.join(HERE, ".bench_tmp.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "_worker", "--steps", str(steps), "--", *argv]
-    subprocess.run(cmd, check=True, cwd=HERE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    with open(out) as f:
-        result = json.load(f)
-    os.remove(out)
-    return result
+def measure_train_steps(argv, steps, env=None):
+    """{"step_s", "peak_mib"} of train.py's configuration `argv` in a fresh process: the median step time over
+    `steps` steps on fixed batches, and the process's peak memory (results.py's cost table reads it too)."""
+    with tempfile.TemporaryDirectory(prefix="clip-detr-bench-") as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "_worker", "--steps", str(steps), "--out", out, "--", *argv]
+        subprocess.run(cmd, check=True, cwd=HERE, env=dict(env or os.environ, HF_HUB_OFFLINE="1"))
+        with open(out) as f:
+            return json.load(f)
 
 
 def bench_train(args):
     common = ["--dataset", "shapes", "--device", args.device, "--num-workers", "0"] + args.extra
-    rows = {m: _run_worker(common + ["--method", m], args.steps) for m in args.methods}
+    rows = {m: measure_train_steps(common + ["--method", m], args.steps) for m in args.methods}
     base = rows.get("baseline")
     print(f"{'method':>10} {'s/step':>8} {'peak MiB':>9} {'time ratio':>11} {'memory ratio':>13}")
     for m, r in rows.items():
@@ -721,10 +723,11 @@ def main(argv=None):
     pr.add_argument("extra", nargs="*", help="train.py flags after -- (default: the demo's)")
     w = sub.add_parser("_worker")
     w.add_argument("--steps", type=int)
+    w.add_argument("--out")
     w.add_argument("argv", nargs="*")
     args = p.parse_args(argv)
     if args.what == "_worker":
-        _train_worker(args.argv, args.steps, os.path.join(HERE, ".bench_tmp.json"))
+        _train_worker(args.argv, args.steps, args.out)
         return
     {"attn": bench_attn, "train": bench_train, "coco-step": bench_coco_step, "gpu": bench_gpu, "hf": bench_hf,
      "amp": bench_amp, "profile": bench_profile, "onnx": bench_onnx}[args.what](args)
