@@ -20,7 +20,8 @@ from conftest import TINY_SHAPES
 pytestmark = pytest.mark.slow
 
 TINY_RUN = [*TINY_SHAPES, "--hidden-dim", "32", "--dim-feedforward", "64", "--enc-layers", "1", "--dec-layers", "2",
-            "--nheads", "4", "--num-queries", "10", "--batch-size", "2", "--num-workers", "0", "--epochs", "1", "--max-steps", "1"]
+            "--nheads", "4", "--num-queries", "10", "--batch-size", "2", "--num-workers", "0", "--epochs", "1",
+            "--max-steps", "1"]
 SEEDS = ["--seeds", "1", "2"]
 
 
