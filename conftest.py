@@ -36,8 +36,8 @@ TINY_MODEL = ["--hidden-dim", "32", "--dim-feedforward", "64", "--enc-layers", "
 TINY = TINY_SHAPES + TINY_MODEL
 # One step of one epoch of the tiny baseline at 64-96 pixels, evaluated after it: a whole run in seconds, on any
 # dataset (--dataset custom would otherwise resize to COCO's 800 pixels).
-QUICK_RUN = [*TINY_MODEL, "--backbone", "resnet18", "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--method", "baseline",
-             "--eval-every", "0", "--min-size", "64", "--max-size", "96"]
+QUICK_RUN = [*TINY_MODEL, "--backbone", "resnet18", "--epochs", "1", "--max-steps", "1", "--device", "cpu",
+             "--method", "baseline", "--eval-every", "0", "--min-size", "64", "--max-size", "96"]
 
 
 def pytest_configure(config):

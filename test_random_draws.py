@@ -63,7 +63,8 @@ def dynql_draw(seed, betas=(0.5, 0.5, 0.3), rho=1.0):
     """(DynQL, z_attr (N, C), targets, its DynQueries): one forward of DynQL on three images."""
     g = torch.Generator().manual_seed(100)
     targets = [{"labels": torch.zeros(n, dtype=torch.int64),
-                "boxes": torch.cat([0.3 + 0.4 * torch.rand(n, 2, generator=g), 0.1 + 0.2 * torch.rand(n, 2, generator=g)], 1)}
+                "boxes": torch.cat([0.3 + 0.4 * torch.rand(n, 2, generator=g),  # centres
+                                    0.1 + 0.2 * torch.rand(n, 2, generator=g)], 1)}  # sizes
                for n in SIZES]
     z_attr = torch.randn(sum(SIZES), 16, generator=g)
     dynql = DynQL(d_model=16, betas=betas, rho=rho)
