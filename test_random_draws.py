@@ -189,7 +189,9 @@ def test_every_torchrun_rank_draws_its_own_random_numbers(monkeypatch, tiny_args
 
 
 def test_a_resumed_rank_goes_on_with_its_own_random_stream(tmp_path, keep_generators):
-    """The checkpoint holds every rank's generator states; rank r of the resumed run takes state r."""
+    """The checkpoint holds every rank's generator states: rank r of the resumed run takes state r. Resumed on more
+    processes than wrote it, a rank without a state keeps its own seed (--seed + rank, as main gave it), so no two
+    ranks draw alike."""
     states = []
     for seed in (11, 12):
         train.seed_everything(seed)
@@ -199,15 +201,20 @@ def test_a_resumed_rank_goes_on_with_its_own_random_stream(tmp_path, keep_genera
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[5])
     ckpt = {"model": detr.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": states, "epoch": 0, "log": []}
-    for rank in (1, 0):
+    draws = []
+    for rank in range(4):
+        train.seed_everything(42 + rank)  # what main does before it restores
         run = types.SimpleNamespace(detr=detr, optimizer=optimizer, scheduler=scheduler, scaler=None, rank=rank,
                                     args=types.SimpleNamespace(epochs=3, eval_every=0), history=[], saved_epoch=None,
                                     log_path=str(tmp_path / "log.jsonl"))
         with contextlib.redirect_stdout(io.StringIO()):
             assert train.restore(run, ckpt, "ckpt.pth") == 1
-        resumed = (random.random(), float(np.random.rand()), torch.rand(1).item())
+        draws.append((random.random(), float(np.random.rand()), torch.rand(1).item()))
+    for rank in (0, 1):
         train.set_rng_state(states[rank])
-        assert resumed == (random.random(), float(np.random.rand()), torch.rand(1).item()), rank
+        assert draws[rank] == (random.random(), float(np.random.rand()), torch.rand(1).item()), rank
+    for (a, first), (b, second) in [(p, q) for p in enumerate(draws) for q in enumerate(draws) if p[0] < q[0]]:
+        assert all(x != y for x, y in zip(first, second)), f"ranks {a} and {b} draw alike"
 
 
 # ----------------------------------------------------------------------------------------------------------
