@@ -239,22 +239,17 @@ def test_val_transforms_and_postprocess_draw_nothing(keep_generators):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(cache, tmp_path_factory):
-    """The tiny `shapes` configuration with dropout 0.1 (a model in training mode would draw), its datasets and a
-    randomly initialised baseline detector."""
-    out = tmp_path_factory.mktemp("out")
-    args = parse_args("--output-dir", out, *TINY, "--dropout", "0.1", "--method", "baseline")
-    train_set, val_set = build.build_dataset("train", args), build.build_dataset("val", args)
-    torch.manual_seed(0)
-    detr, _, postprocess = build.build_model(args, train_set.cat_names)
-    return args, train_set, val_set, detr, postprocess
+def tiny_sets(cache, tmp_path_factory):
+    """The tiny `shapes` configuration with dropout 0.1 (a model in training mode would draw) and its datasets."""
+    args = parse_args("--output-dir", tmp_path_factory.mktemp("out"), *TINY, "--dropout", "0.1", "--method", "baseline")
+    return args, build.build_dataset("train", args), build.build_dataset("val", args)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_the_val_loader_draws_nothing(tiny_run, workers, keep_generators):
+def test_the_val_loader_draws_nothing(tiny_sets, workers, keep_generators):
     """The val loader train.py builds, with and without worker processes (whose seeds come from its own
     generator), goes through every val image once and draws nothing."""
-    args, train_set, val_set, _, _ = tiny_run
+    args, train_set, val_set = tiny_sets
     args.num_workers = workers
     _, _, val_loader = train.make_loaders(args, train_set, val_set, 0, 1)
     with draws_nothing("the val loader"):
@@ -262,10 +257,13 @@ def test_the_val_loader_draws_nothing(tiny_run, workers, keep_generators):
     assert sorted(int(t["image_id"]) for _, _, targets in batches for t in targets) == sorted(val_set.ids)
 
 
-def test_evaluating_an_epoch_draws_nothing(tiny_run, keep_generators):
+@pytest.mark.slow
+def test_evaluating_an_epoch_draws_nothing(tiny_sets, keep_generators):
     """train.py's evaluation of an epoch (evaluate() over the val loader, the post-processing, COCOeval), with the
     model left in training mode by the epoch: predict switches it to eval, so its dropout draws nothing."""
-    args, train_set, val_set, detr, postprocess = tiny_run
+    args, train_set, val_set = tiny_sets
+    torch.manual_seed(0)
+    detr, _, postprocess = build.build_model(args, train_set.cat_names)
     args.num_workers = 0
     _, _, val_loader = train.make_loaders(args, train_set, val_set, 0, 1)
     run = types.SimpleNamespace(detr=detr.train(), postprocess=postprocess, val_loader=val_loader, val_set=val_set,

@@ -11,7 +11,8 @@ override leaves the checkpoint's class head as it was trained.
   schedule         --eval-every N evaluates after epochs N, 2N, ... (counted from 1) and after the last
   overrides        evaluate.py --dataset X builds the class head of the checkpoint's own dataset
 
-CPU only, no network; nothing here trains. Shape legend: B batch, Q queries, K classes.
+CPU only, no network; nothing here trains (the tests that build detectors are in the full tier).
+Shape legend: B batch, Q queries, K classes.
 """
 import contextlib
 import io
@@ -278,6 +279,7 @@ def coco_checkpoints(coco_dir, tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trained, override", [("ov-coco", "coco"), ("coco", "ov-coco")])
 def test_a_dataset_override_keeps_the_class_head_of_the_checkpoints_dataset(coco_checkpoints, trained, override):
     """The head was trained for the checkpoint's dataset: an ov-coco checkpoint scored on coco keeps its
