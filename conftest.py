@@ -6,6 +6,7 @@ huggingface_hub; TRITON_INTERPRET=1 before anything imports triton (test_triton.
 and CLIP_DETR_CACHE points every generated `shapes` set and label dictionary of the session at
 one temporary folder (a `shapes` set of given arguments is generated once and shared by the files that use it).
 """
+import hashlib
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # tensors in its interpreter (test_triton.py). On the CPU nothing else takes the Triton path.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
@@ -32,6 +34,10 @@ TINY_SHAPES = ["--shapes-num-train", "8", "--shapes-num-val", "2", "--shapes-min
 TINY_MODEL = ["--hidden-dim", "32", "--dim-feedforward", "64", "--enc-layers", "1", "--dec-layers", "2",
               "--nheads", "4", "--num-queries", "10", "--batch-size", "2", "--num-workers", "0", "--no-progress"]
 TINY = TINY_SHAPES + TINY_MODEL
+# One step of one epoch of the tiny baseline at 64-96 pixels, evaluated after it: a whole run in seconds, on any
+# dataset (--dataset custom would otherwise resize to COCO's 800 pixels).
+QUICK_RUN = [*TINY_MODEL, "--backbone", "resnet18", "--epochs", "1", "--max-steps", "1", "--device", "cpu",
+             "--method", "baseline", "--eval-every", "0", "--min-size", "64", "--max-size", "96"]
 
 
 def pytest_configure(config):
@@ -266,3 +272,70 @@ def coco_dir(tmp_path_factory):
         write_coco_split(root, split, images)
     torch.save(torch.randn(len(COCO_80), 64, generator=torch.Generator().manual_seed(0)), root / "labels.pt")
     return root
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sets of distinct images, and a stand-in detector that knows their answers
+# ----------------------------------------------------------------------------------------------------------
+def write_distinct_coco(folder, ann_file, sizes, annotations, categories):
+    """Like write_coco, for images of the given (width, height) sizes (ids 1, 2, ...), each filled with its own
+    seeded noise, so that no two images have the same pixels (OracleDetector recognises them by their pixels)."""
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    for image_id, (w, h) in enumerate(sizes, start=1):
+        noise = np.random.default_rng(image_id).integers(60, 200, size=(h, w, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(os.path.join(folder, f"{image_id}.png"))
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": w, "height": h})
+    os.makedirs(os.path.dirname(ann_file), exist_ok=True)
+    with open(ann_file, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return str(folder), str(ann_file)
+
+
+def image_key(image):
+    """A fingerprint of an image tensor (3, h, w): equal pixels, equal key."""
+    return hashlib.sha1(image.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+class OracleDetector(torch.nn.Module):
+    """A stand-in for DeformableDETR in the tests of what surrounds a detector (batching, padding, resizing,
+    post-processing, scoring): shown an image it was told about, it predicts that image's boxes perfectly, as
+    the detector's output contract says (normalized cxcywh boxes of the unpadded image, logit +20 for the right
+    class and -20 for the others; the other queries score -20), and counts how often it saw each image.
+
+    `answers`: (image (3, h, w) as the loader delivers it, boxes (n, 4), labels (n,)) per image; an image is
+    recognised by the pixels of its unpadded part of the batch, so batching, order and padding cannot fool it,
+    and an image it does not know is a KeyError."""
+
+    def __init__(self, answers, num_classes, num_queries=10):
+        super().__init__()
+        self.answers = {image_key(image): (index, boxes, labels)
+                        for index, (image, boxes, labels) in enumerate(answers)}
+        if len(self.answers) != len(answers):
+            raise ValueError("two answers are for images with the same pixels: the oracle could not tell them apart")
+        self.seen = [0] * len(answers)
+        self.num_classes, self.num_queries = num_classes, num_queries
+
+    def forward(self, images, mask):
+        B, Q = images.shape[0], self.num_queries
+        logits = torch.full((B, Q, self.num_classes), -20.0)
+        boxes = torch.tensor([0.5, 0.5, 0.05, 0.05]).repeat(B, Q, 1)  # (B, Q, 4)
+        for b in range(B):
+            h, w = int((~mask[b, :, 0]).sum()), int((~mask[b, 0]).sum())  # padding is bottom/right
+            index, gt_boxes, labels = self.answers[image_key(images[b, :, :h, :w])]
+            self.seen[index] += 1
+            logits[b, torch.arange(len(labels)), labels] = 20.0
+            boxes[b, :len(labels)] = gt_boxes
+        return {"pred_logits": logits.to(images.device), "pred_boxes": boxes.to(images.device)}
+
+
+def oracle_for(dataset, class_names=None, num_queries=10):
+    """An OracleDetector answering every image of `dataset` (a CocoDetection, as its transforms deliver it) with
+    its ground truth, labels numbered as `class_names` (default: the dataset's categories), matched by name."""
+    names = dataset.cat_names if class_names is None else list(class_names)
+    answers = []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        labels = torch.tensor([names.index(dataset.cat_names[k]) for k in target["labels"].tolist()], dtype=torch.int64)
+        answers.append((image, target["boxes"], labels))
+    return OracleDetector(answers, len(names), num_queries)

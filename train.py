@@ -616,7 +616,10 @@ def restore(run, ckpt, resume):
     run.scheduler.load_state_dict(ckpt["scheduler"])
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    # A rank the checkpoint has no state for (the run now has more processes) keeps main's seed + rank: given rank 0's
+    # state, it would draw every number as rank 0 does.
+    if run.rank < len(ckpt["rng"]):
+        set_rng_state(ckpt["rng"][run.rank])
     run.saved_epoch = ckpt["epoch"]
     if is_main():
         print(f"resumed from {resume} at epoch {ckpt['epoch'] + 1}")
@@ -767,6 +770,22 @@ def claim_output_dir_on_every_rank(args, resume, world):
     return lock
 
 
+def check_resume_on_every_rank(given, resume, world):
+    """Under torchrun every rank resumes from a checkpoint it can read, or none does. A rank without one (--resume
+    auto on a machine whose --output-dir lacks rank 0's checkpoint, a --resume PATH missing on its machine) would
+    start afresh beside the others, with its own weights and epochs: every rank stops with the same line instead."""
+    if world == 1:
+        return
+    found = [None] * world
+    dist.all_gather_object(found, bool(resume) and os.path.isfile(resume))
+    if any(found) and not all(found):
+        lacking = [rank for rank, ok in enumerate(found) if not ok]
+        having = [rank for rank, ok in enumerate(found) if ok]
+        raise InputError(f"--resume {given}: rank(s) {lacking} find no checkpoint ({resume or 'none in --output-dir'}) "
+                         f"where rank(s) {having} do: every machine needs the checkpoint at the path it resumes from "
+                         "(shared storage, or checkpoint.pth copied to every machine and --resume PATH)")
+
+
 def train_epochs(run, start_epoch):
     """Epochs start_epoch .. args.epochs - 1; returns the last COCO stats. Ctrl-C becomes Interrupted, saying
     which epoch it stopped and which one the checkpoint holds."""
@@ -813,6 +832,7 @@ def main(args):
     seed_everything(args.seed + rank)
     os.makedirs(args.output_dir, exist_ok=True)
     resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
+    check_resume_on_every_rank(args.resume, resume, world)
     lock = claim_output_dir_on_every_rank(args, resume, world)
     try:
         if is_main():
