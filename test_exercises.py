@@ -3,7 +3,7 @@ project and nothing else, bad input is one line with exit status 2 and leaves no
 what the command prints, and (slow) every exercise is proven: its stub fails each of its grading tests, the original
 passes them. CPU only, no network."""
 import ast
-import concurrent.futures
+import json
 import os
 import re
 import subprocess
@@ -197,43 +197,81 @@ def test_an_unwritable_out_is_one_line_and_leaves_nothing(tmp_path, capsys, monk
 
 # The proof of every exercise ---------------------------------------------------------------------------------
 
-def run_pytest(cwd, node_ids):
-    """pytest on `node_ids` in a process of its own in `cwd`: {reported node id: outcome} and the output."""
+# Run in one process of its own: pytest on given node ids in each of several folders (the exercise copies and the
+# repository), one after another. The project's modules are dropped from sys.modules before each folder, so that its
+# own files are imported; torch and the other libraries are imported once (a process per folder spent most of its
+# time importing them). Reads [[folder, [node ids]], ...] as JSON on stdin, writes one JSON line per folder.
+GRADER = """
+import json, os, sys
+import pytest
+
+class Outcomes:
+    def __init__(self):
+        self.nodes, self.reports = {}, []
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self.nodes[report.nodeid] = "failed" if report.when == "call" else "error"
+            self.reports.append(report.longreprtext[-1500:])
+        elif report.skipped:
+            self.nodes.setdefault(report.nodeid, "skipped")
+        elif report.when == "call":
+            self.nodes.setdefault(report.nodeid, "passed")
+
+runs = json.load(sys.stdin)
+folders = {os.path.realpath(folder) for folder, _ in runs}
+for folder, node_ids in runs:
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and os.path.dirname(os.path.realpath(path)) in folders:
+            del sys.modules[name]
+    os.chdir(folder)
+    sys.path[0] = folder
+    outcomes = Outcomes()
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *node_ids], plugins=[outcomes])
+    print("GRADED " + json.dumps({"folder": folder, "code": int(code), "nodes": outcomes.nodes,
+                                  "reports": outcomes.reports}), flush=True)
+"""
+
+
+def grade(runs):
+    """{folder: {code, nodes: {node id: passed|failed|error|skipped}, reports}} of pytest on each (folder, node ids)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-                           *node_ids], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    outcomes = dict((node, outcome) for outcome, node in
-                    re.findall(r"^(PASSED|FAILED|ERROR) (\S+)", proc.stdout, re.M))
-    return proc.returncode, outcomes, proc.stdout[-3000:] + proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", GRADER], input=json.dumps(runs), cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=900)
+    graded = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("GRADED "):
+            result = json.loads(line[len("GRADED "):])
+            graded[result.pop("folder")] = result
+    assert proc.returncode == 0 and len(graded) == len(runs), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return graded
 
 
-def outcomes_of(node_id, outcomes):
+def outcomes_of(node_id, nodes):
     """The outcomes of one selected node id: the test itself, or each of its parameters."""
-    return [outcome for node, outcome in outcomes.items() if node == node_id or node.startswith(node_id + "[")]
-
-
-def stub_run(exercise, tmp_path):
-    out = tmp_path / exercise.name
-    command = exercises.write_exercise(exercise, str(out))
-    return exercise, run_pytest(out, command.split()[4:])
+    return [outcome for node, outcome in nodes.items() if node == node_id or node.startswith(node_id + "[")]
 
 
 @pytest.mark.slow
 def test_every_exercise_stub_fails_each_grading_test_and_the_original_passes_them(tmp_path):
-    """For every exercise: in its copy, each selected grading test fails or errors (a grading test that passes
-    against the stub cannot grade the function); in the repository itself, every grading test passes."""
+    """For every exercise: in its copy, each selected grading test fails or errors, on the stub's NotImplementedError
+    (a grading test that passes against the stub cannot grade the function); in the repository itself, every grading
+    test passes."""
     everything = sorted({node for e in exercises.EXERCISES for node in e.tests})
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        original = pool.submit(run_pytest, HERE, everything)
-        stubs = [pool.submit(stub_run, e, tmp_path) for e in exercises.EXERCISES]
-        code, outcomes, output = original.result()
-        assert code == 0, output
-        for node in everything:
-            assert outcomes_of(node, outcomes) and set(outcomes_of(node, outcomes)) == {"PASSED"}, (node, output)
-        for future in stubs:
-            exercise, (code, outcomes, output) = future.result()
-            assert code == 1, (exercise.name, output)
-            for node in exercise.tests:
-                results = outcomes_of(node, outcomes)
-                assert results and "PASSED" not in results, (exercise.name, node, results, output)
-            assert "NotImplementedError" in output and exercise.equation in output, (exercise.name, output)
+    runs = [[HERE, everything]]
+    for e in exercises.EXERCISES:
+        command = exercises.write_exercise(e, str(tmp_path / e.name))
+        runs.append([str(tmp_path / e.name), command.split()[4:]])
+    graded = grade(runs)
+    original = graded[HERE]
+    assert original["code"] == 0, original
+    for node in everything:
+        assert set(outcomes_of(node, original["nodes"])) == {"passed"}, (node, original["nodes"])
+    for e in exercises.EXERCISES:
+        result = graded[str(tmp_path / e.name)]
+        assert result["code"] == 1, (e.name, result)
+        for node in e.tests:
+            outcomes = outcomes_of(node, result["nodes"])
+            assert outcomes and "passed" not in outcomes and "skipped" not in outcomes, (e.name, node, outcomes)
+        assert all("NotImplementedError" in r and e.equation in r for r in result["reports"]), (e.name, result)
