@@ -63,7 +63,13 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def cost_matrix(self, logits, boxes, tgt_labels, tgt_boxes):
-        """Cost of assigning each of Q predictions to each of n GT boxes: (Q, n)."""
+        """Cost of assigning each of Q predictions to each of n GT boxes: (Q, n).
+
+        cost_class * focal class cost + cost_bbox * L1 + cost_giou * (-GIoU), boxes cxcywh. The focal class cost of
+        calling a prediction GT j's class k is the focal loss of "k" minus that of "not k", with p = sigmoid(logit_k):
+        alpha (1 - p)^gamma (-log(p + 1e-8)) - (1 - alpha) p^gamma (-log(1 - p + 1e-8)). Computed in at least
+        float32, in one dtype for predictions and targets (see the deviations above).
+        """
         # At least float32: under fp16 autocast 1 - p + 1e-8 rounds to 0 and the log gives -inf costs. One dtype
         # for predictions and targets: torch.cdist refuses to mix them (e.g. float64 targets).
         dtype = functools.reduce(torch.promote_types, (logits.dtype, boxes.dtype, tgt_boxes.dtype), torch.float32)

@@ -8,7 +8,8 @@ Pieces, in the order data flows through them (and in the order of this file):
   Backbone            torchvision ResNet, frozen BatchNorm (folded into its convs), C3-C5 (strides 8/16/32)
   PositionEmbeddingSine   normalized 2*pi sine encoding of each padded feature map
   ms_deform_attn_pytorch  the readable reference of multi-scale deformable attention, built on grid_sample
-  MSDeformAttn        multi-scale deformable attention with the official initialisation
+  MSDeformAttn        multi-scale deformable attention with the official initialisation; `sampling` gives where
+                      each query samples and with what weight (docs/walkthrough.ipynb draws them)
   DeformableTransformer   6 encoder layers, two-stage proposals, 6 decoder layers with box refinement;
                       the decoder's self-attention takes an attention mask (DynQL's Eq. 9 needs it)
   DeformableDETR      input_proj (1x1 conv + GroupNorm per level, a 3x3 stride-2 conv for the stride-64 level),
@@ -297,18 +298,15 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.constant_(lin.bias, 0.0)
 
-    def forward(self, query, reference_points, value_in, spatial_shapes, level_start_index, padding_mask=None,
-                level_shapes=None):
-        """query (B, Lq, C); reference_points (B, Lq, L, 2 or 4) normalized; value_in (B, S_all, C)."""
+    def sampling(self, query, reference_points, spatial_shapes):
+        """Where each query samples and how much each sample counts: locations (B, Lq, M, L, P, 2) as normalized
+        (x, y) of each level's padded map, and attention weights (B, Lq, M, L, P), one softmax over the L*P samples
+        of a head. query (B, Lq, C); reference_points (B, Lq, L, 2) points or (B, Lq, L, 4) boxes, normalized."""
         B, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(value_in)
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(B, value.shape[1], M, self.d_model // M)  # (B, S_all, M, C/M)
         offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # (B, Lq, M, L, P, 2)
         logits = self.attention_weights(query).view(B, Lq, M, L * P)  # (B, Lq, M, L*P)
-        # At least float32, so that the sampling below runs in float32 under autocast on every device: CUDA
+        # At least float32, so that the sampling runs in float32 under autocast on every device: CUDA
         # autocast computes softmax in float32, CPU autocast would keep it in bf16.
         weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         weights = weights.view(B, Lq, M, L, P)  # (B, Lq, M, L, P)
@@ -322,6 +320,18 @@ class MSDeformAttn(nn.Module):
                    + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
+        return loc, weights
+
+    def forward(self, query, reference_points, value_in, spatial_shapes, level_start_index, padding_mask=None,
+                level_shapes=None):
+        """query (B, Lq, C); reference_points (B, Lq, L, 2 or 4) normalized; value_in (B, S_all, C)."""
+        B = query.shape[0]
+        M = self.n_heads
+        value = self.value_proj(value_in)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(B, value.shape[1], M, self.d_model // M)  # (B, S_all, M, C/M)
+        loc, weights = self.sampling(query, reference_points, spatial_shapes)
         impl = resolve_attn_impl(self.attn_impl, value.device, points=weights.numel())
         if impl == "triton":
             out = ms_deform_attn_triton(value, spatial_shapes, level_start_index, loc, weights)

@@ -87,6 +87,19 @@ def test_attribute_feature_feeds_label_row_and_box_size(align_feature, columns):
     torch.testing.assert_close(z_attr[:, dim:], boxes[:, columns])
 
 
+def test_attribute_feature_is_the_linear_layer_of_f_cat():
+    """Eq. 3 with a generic projection (not square, non-zero bias): z_attr = f_cat W^T + b, f_cat as Eq. 2 builds it."""
+    net = make_alignnet(dim=4, d_model=5)
+    with torch.no_grad():
+        net.attr_proj.bias.normal_()
+    labels = torch.tensor([2, 0, 1])
+    boxes = torch.tensor([[0.5, 0.4, 0.2, 0.1], [0.3, 0.6, 0.05, 0.7], [0.1, 0.1, 0.2, 0.2]])
+    f_cat = torch.cat([net.f_cls[labels], boxes[:, 2:]], dim=1)  # (N, D + 2)
+    expected = f_cat @ net.attr_proj.weight.detach().t() + net.attr_proj.bias.detach()  # (N, C)
+    assert net.attr_proj.bias.abs().min() > 0
+    torch.testing.assert_close(net.object_attribute_feature(labels, boxes), expected)
+
+
 def test_unknown_align_feature_lists_the_allowed_ones():
     with pytest.raises(ValueError, match=r"label\+size.*'label', 'label\+bbox', 'label\+scale'"):
         make_alignnet(align_feature='label+size')

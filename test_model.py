@@ -271,6 +271,10 @@ def test_msdeformattn_sampling_locations_follow_official_formula(captured_attent
     # One softmax over all levels and points of a head.
     torch.testing.assert_close(weights.sum((-2, -1)), torch.ones(B, Lq, M))
     assert not torch.allclose(weights[..., 0, :].sum(-1), torch.ones(B, Lq, M))
+    # `sampling`, which the walkthrough draws, gives exactly what the kernel samples.
+    shown_locations, shown_weights = attn.sampling(query, reference, spatial_shapes)
+    torch.testing.assert_close(shown_locations, locations, rtol=0, atol=0)
+    torch.testing.assert_close(shown_weights, weights, rtol=0, atol=0)
 
 
 def test_msdeformattn_rejects_bad_reference_dim():
