@@ -272,14 +272,14 @@ def train_table(p):
                                      context="custom")]
            for key, value, observe, expected in [
                ("num_train", "6", lambda s: len(s.run.train_set), 6),
-               ("num_val", "3", lambda s: len(s.run.val_set), 3),
+               ("num_val", "5", lambda s: len(s.run.val_set), 5),
                ("min_size", "70", lambda s: image_sides(s.run.train_set)[0] >= 70, True),
                ("max_size", "90", lambda s: image_sides(s.run.train_set)[1] <= 90, True),
                ("max_objects", "1", lambda s: boxes_per_image(s.run.train_set), 1),
                ("seed", "5", lambda s: s.run.train_set.ann_file, p.shapes_seed_5)]},
-        "novel_classes": [Acts("all", ["--novel-classes", NAMES[0]],
-                               lambda s: (untrained_classes(s), NAMES[0] in s.run.train_set.cat_names,
-                                          annotations_of(s.run.train_set, NAMES[0])), ([NAMES[0]], True, 0)),
+        "novel_classes": [Acts("all", ["--novel-classes", p.novel],
+                               lambda s: (untrained_classes(s), p.novel in s.run.train_set.cat_names,
+                                          annotations_of(s.run.train_set, p.novel)), ([p.novel], True, 0)),
                           Refused(["--dataset", "ov-coco", "--novel-classes", "dog"], "--novel-classes",
                                   context="bare")],
         # detector
@@ -297,7 +297,7 @@ def train_table(p):
                                  lambda s: {m.out_features for n, m in s.detr.transformer.named_modules()
                                             if n.endswith("linear1")}, {48})],
         "enc_layers": [Acts("all", ["--enc-layers", "3"], lambda s: len(s.detr.transformer.encoder.layers), 3),
-                       Acts("zero", ["--enc-layers", "0"], lambda s: len(s.detr.transformer.encoder.layers), 0)],
+                       Acts("plain", ["--enc-layers", "0"], lambda s: len(s.detr.transformer.encoder.layers), 0)],
         "dec_layers": [Acts("all", ["--dec-layers", "1"],
                             lambda s: (s.detr.transformer.decoder.num_layers, len(s.detr.transformer.decoder.layers)),
                             (1, 1))],
@@ -306,7 +306,7 @@ def train_table(p):
                         | {m.num_heads for m in s.detr.modules() if isinstance(m, nn.MultiheadAttention)}, {2})],
         "num_queries": [Acts("all", ["--num-queries", "7"],
                              lambda s: (s.detr.num_queries, s.detr.transformer.two_stage_num_proposals), (7, 7)),
-                        Acts("single", ["--num-queries", "9"],
+                        Acts("custom", ["--num-queries", "9"],
                              lambda s: getattr(s.detr, "query_embed", nn.Embedding(1, 1)).num_embeddings, 9)],
         "num_feature_levels": [Acts("all", ["--num-feature-levels", "5"],
                                     lambda s: (len(s.detr.input_proj), s.detr.transformer.level_embed.shape[0],
@@ -322,14 +322,14 @@ def train_table(p):
                                  lambda s: (s.detr.with_box_refine, len({id(m) for m in s.detr.bbox_embed})),
                                  (False, 1)),
                             Refused(["--no-with-box-refine"], "--with-box-refine")],
-        "two_stage": [Acts("single", ["--no-two-stage"],
+        "two_stage": [Acts("custom", ["--no-two-stage"],
                            lambda s: (s.detr.two_stage, s.detr.transformer.two_stage, s.detr.with_box_refine),
                            (False, False, True)),
                       Refused(["--no-two-stage", "--method", "dynql"], "--two-stage")],
         "attn_impl": [Acts("all", ["--attn-impl", "gather"], lambda s: {m.attn_impl for m in attn_modules(s.detr)},
                            {"gather"})],
         # CLIP-DETR
-        "method": [Acts("single", ["--method", "baseline"], lambda s: (s.detr.alignnet, s.detr.dynql), (None, None)),
+        "method": [Acts("custom", ["--method", "baseline"], lambda s: (s.detr.alignnet, s.detr.dynql), (None, None)),
                    Acts("plain", ["--method", "alignnet"],
                         lambda s: (s.detr.alignnet is not None, s.detr.dynql, s.detr.align_loss), (True, None, True)),
                    Acts("dynql", ["--method", "dynql"],
@@ -343,7 +343,7 @@ def train_table(p):
                                 "note: --align-feature not used by --method baseline")],
         "align_loss_coef": [Acts("all", ["--align-loss-coef", "3"], lambda s: {k["align_loss_coef"] for k in s.steps},
                                  {3.0}),
-                            Acts("zero", ["--align-loss-coef", "0"], lambda s: {k["align_loss_coef"] for k in s.steps},
+                            Acts("plain", ["--align-loss-coef", "0"], lambda s: {k["align_loss_coef"] for k in s.steps},
                                  {0.0}),
                             Noted(["--method", "dynql", "--align-loss-coef", "2"],
                                   "note: --align-loss-coef not used by --method dynql")],
@@ -351,7 +351,7 @@ def train_table(p):
                         Noted(["--method", "alignnet", "--dynql-betas", "0.5"],
                               "note: --dynql-betas not used by --method alignnet")],
         "dynql_rho": [Acts("all", ["--dynql-rho", "0.5"], lambda s: s.detr.dynql.rho, 0.5),
-                      Acts("zero", ["--dynql-rho", "0"], lambda s: s.detr.dynql.rho, 0.0),
+                      Acts("dynql", ["--dynql-rho", "0"], lambda s: s.detr.dynql.rho, 0.0),
                       Noted(["--method", "baseline", "--dynql-rho", "0.5"],
                             "note: --dynql-rho not used by --method baseline")],
         "clip_model": [Acts("dynql", ["--clip-model", "ViT-B-32"], lambda s: {c["model_name"] for c in s.labels},
@@ -370,16 +370,16 @@ def train_table(p):
                                    "note: --label-embeddings not used: --method baseline")],
         # optimisation
         "lr": [Acts("all", ["--lr", "3e-4"], lambda s: initial_lrs(s)[::2], pytest.approx([3e-4, 3e-5])),
-               Acts("zero", ["--lr", "0"], lambda s: initial_lrs(s)[::2], [0.0, 0.0])],
+               Acts("plain", ["--lr", "0"], lambda s: initial_lrs(s)[::2], [0.0, 0.0])],
         "lr_backbone": [Acts("all", ["--lr-backbone", "5e-5"], lambda s: initial_lrs(s)[1], 5e-5),
-                        Acts("zero", ["--lr-backbone", "0"], lambda s: initial_lrs(s)[1], 0.0)],
+                        Acts("plain", ["--lr-backbone", "0"], lambda s: initial_lrs(s)[1], 0.0)],
         "weight_decay": [Acts("all", ["--weight-decay", "3e-3"],
                               lambda s: {g["weight_decay"] for g in s.run.optimizer.param_groups}, {3e-3}),
-                         Acts("zero", ["--weight-decay", "0"],
+                         Acts("plain", ["--weight-decay", "0"],
                               lambda s: {g["weight_decay"] for g in s.run.optimizer.param_groups}, {0.0})],
         "clip_max_norm": [Acts("all", ["--clip-max-norm", "0.5"], lambda s: {k["clip_max_norm"] for k in s.steps},
                                {0.5}),
-                          Acts("zero", ["--clip-max-norm", "0"], lambda s: {k["clip_max_norm"] for k in s.steps},
+                          Acts("plain", ["--clip-max-norm", "0"], lambda s: {k["clip_max_norm"] for k in s.steps},
                                {0.0})],
         "batch_size": [Acts("all", ["--batch-size", "3"],
                             lambda s: (s.train_loader.batch_sampler.batch_size,
@@ -396,7 +396,7 @@ def train_table(p):
                    Refused(["--device", "tpu"], "--device")],
         "seed": [Acts("all", ["--seed", "7"], lambda s: (s.torch_seed, s.run.train_sampler.seed,
                                                          s.run.val_loader.generator.initial_seed()), (7, 7, 7)),
-                 Acts("zero", ["--seed", "0"], lambda s: (s.torch_seed, s.run.train_sampler.seed), (0, 0))],
+                 Acts("plain", ["--seed", "0"], lambda s: (s.torch_seed, s.run.train_sampler.seed), (0, 0))],
         "output_dir": [Acts("all", ["--output-dir", p.output_dir], lambda s: s.logs, {p.output_dir})],
         "resume": [Acts("resume", ["--resume", p.checkpoint], lambda s: (s.epochs[0], s.run.saved_epoch), (1, 4))],
         "eval_every": [Acts("all", ["--eval-every", "2"], lambda s: s.evaluated, [1, 2])],
@@ -424,7 +424,7 @@ def contexts(p):
     two epochs), or no dataset flag at all ("bare", for a refusal that needs none)."""
     custom = ["--dataset", "custom", "--backbone", "resnet18", "--epochs", "2", "--train-json", p.train_json,
               "--train-images", p.train_images, "--val-json", p.val_json, "--val-images", p.val_images]
-    return dict.fromkeys(("shapes", "all", "zero", "single", "plain", "dynql", "resume"), SHAPES) | {
+    return dict.fromkeys(("shapes", "all", "plain", "dynql", "resume"), SHAPES) | {
         "custom": [*MODEL, *custom], "bare": MODEL}
 
 
@@ -443,8 +443,11 @@ def train_paths(tmp_path_factory, cache):
     p.val_images, p.val_json = write_coco(root / "val", root / "val.json", images[:2], anns[:2], cats)
     write_label_file(p.labels)
     shapes = {key: int(value) for key, value in zip(["num_train", "num_val", "min_size", "max_size", "max_objects"],
-                                                      ["6", "3", "70", "90", "1"])}
+                                                      ["6", "5", "70", "90", "1"])}
     p.shapes_seed_5 = data.make_shapes(p.other, seed=5, **shapes)["train_json"]
+    # The held-out class of the rows: one the set has boxes of, so that removing them shows.
+    with open(p.shapes_seed_5) as f:
+        p.novel = NAMES[json.load(f)["annotations"][0]["category_id"] - 1]
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
         record_label_tables(mp, [])
         args = train.finalize_args(train.get_parser().parse_args(
@@ -477,7 +480,8 @@ def test_every_option_of_train_py_has_a_row():
     """A new option of train.py needs a row here: the value it reaches, and where it is refused or unused."""
     table = train_table(types.SimpleNamespace(**{k: "PATH" for k in ("other", "output_dir", "labels", "official",
                                                                       "train_images", "train_json", "val_images",
-                                                                      "val_json", "shapes_seed_5", "checkpoint")}))
+                                                                      "val_json", "shapes_seed_5", "checkpoint",
+                                                                      "novel")}))
     assert sorted(table) == sorted(TRAIN_OPTIONS)
     assert all(any(isinstance(row, Acts) for row in rows) for rows in table.values())
 
@@ -706,14 +710,14 @@ MODE_ARGV = {"ap": lambda p: ["--resume", p.checkpoint],
 
 # What each mode's own run did: the mode's selecting flags acted.
 MODE_DONE = {"ap": lambda s, p: (s.predict[-1]["per_layer"], "coco_stats" in s.log, s.log["checkpoint"]),
-             "per-layer": lambda s, p: (s.predict[-1]["per_layer"], len(s.log["per_layer"]), s.log["checkpoint"]),
+             "per-layer": lambda s, p: (s.predict[-1]["per_layer"], s.log["checkpoint"]),
              "visualize": lambda s, p: (len(s.visualize["detectors"]), list(s.visualize["indices"]),
                                         s.log["checkpoint"]),
              "images": lambda s, p: (s.detect is not None, s.log["num_images"], s.log["checkpoint"]),
              "export": lambda s, p: (s.export["path"], s.export["metadata"]["class_names"], s.log["checkpoint"]),
              "onnx": lambda s, p: (s.detect["class_names"], s.log["num_images"], s.log["onnx"]),
              "pretrained": lambda s, p: (s.loaded, val_set(s).ann_file, val_set(s).img_folders)}
-MODE_EXPECTED = {"ap": lambda p: (False, True, p.checkpoint), "per-layer": lambda p: (True, 2, p.checkpoint),
+MODE_EXPECTED = {"ap": lambda p: (False, True, p.checkpoint), "per-layer": lambda p: (True, p.checkpoint),
                  "visualize": lambda p: (1, [0], p.checkpoint), "images": lambda p: (True, 2, p.checkpoint),
                  "export": lambda p: ("model.onnx", NAMES, p.checkpoint), "onnx": lambda p: (NAMES, 2, p.onnx),
                  "pretrained": lambda p: ([p.hf], p.val_json, [p.val_images])}
@@ -782,9 +786,22 @@ def test_every_option_of_evaluate_py_has_a_row_for_every_mode():
                                                                               if sorted(c) != sorted(MODES)]
 
 
+def groups_of(table, mode):
+    return sorted({row.group for cells in table.values() if isinstance(cells[mode], list)
+                   for row in cells[mode] if isinstance(row, EActs)})
+
+
+def plain_run(table, mode, eval_runs, group=None):
+    """The run a row of `group` is compared with: another group's (which lacks the row's flags), or the mode's own
+    command line where the mode has one group only."""
+    others = [g for g in groups_of(table, mode) if g != group]
+    return eval_runs(mode, others[-1]) if others and group is not None else eval_runs(mode)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_evaluate_mode_runs_as_its_flags_say(mode, eval_paths, eval_runs):
-    assert MODE_DONE[mode](eval_runs(mode), eval_paths) == MODE_EXPECTED[mode](eval_paths)
+    run = plain_run(eval_table(eval_paths), mode, eval_runs, group=0)
+    assert MODE_DONE[mode](run, eval_paths) == MODE_EXPECTED[mode](eval_paths)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -792,13 +809,15 @@ def test_evaluate_mode_runs_as_its_flags_say(mode, eval_paths, eval_runs):
 def test_evaluate_option_acts_or_is_refused(dest, mode, eval_paths, eval_runs):
     """In `mode`, `dest` reaches what it configures (the mode's own run has something else there), or is refused
     with one line naming it."""
-    cells = eval_table(eval_paths)[dest][mode]
+    table = eval_table(eval_paths)
+    cells = table[dest][mode]
     if cells == MODE:
         return
     for row in cells:
         if isinstance(row, EActs):
             assert row.observe(eval_runs(mode, row.group)) == row.expected
-            assert row.observe(eval_runs(mode)) != row.expected, "the mode's own run has the value too"
+            assert row.observe(plain_run(table, mode, eval_runs, row.group)) != row.expected, \
+                "a run without the option has the value too"
         else:
             flag = row.names or f"--{dest.replace('_', '-')}"
             with pytest.raises((InputError, FileNotFoundError), match=flag) as error:
