@@ -5,7 +5,8 @@ row here fails `test_every_option_of_*_has_a_row`, and every row is a test of it
 differs from the default (and from the other rows' values, so that two flags swapped are told apart; 0 where 0 is
 allowed), which object holds it once the command has run: the optimizer's parameter groups, the model, the datasets
 and loaders, the schedule, the training loop's calls, the evaluator's datasets and loaders, the exporter's metadata,
-the files written. The same object of the plain tiny run must hold something else, so a row cannot pass by chance.
+the files written. The same object of a run without the option must hold something else (the plain tiny run; for
+evaluate.py, the mode's run with the other rows), so a row cannot pass by chance.
 Rows that share a command line run together (a few builds of the tiny detector, no training step, no inference):
 `train.main` runs whole, its steps, evaluations and checkpoint writes replaced by recorders; `evaluate.main` runs
 whole, its predictions, score maps, exports and ONNX sessions replaced by recorders.
@@ -191,7 +192,7 @@ def annotations_of(dataset, name):
     return sum(ann["category_id"] == cat_id for ann in dataset.coco.anns.values())
 
 
-def first_epoch_lr_drops(seen):
+def epochs_lr_dropped_at(seen):
     history = seen.run.history
     return [h["epoch"] for before, h in zip(history, history[1:]) if h["lr"] < before["lr"]]
 
@@ -385,7 +386,7 @@ def train_table(p):
                             lambda s: (s.train_loader.batch_sampler.batch_size,
                                        s.run.val_loader.batch_sampler.batch_size), (3, 3))],
         "epochs": [Acts("all", ["--epochs", "3"], lambda s: sorted(set(s.epochs)), [0, 1, 2])],
-        "lr_drop": [Acts("all", ["--lr-drop", "1"], first_epoch_lr_drops, [1]),
+        "lr_drop": [Acts("all", ["--lr-drop", "1"], epochs_lr_dropped_at, [1]),
                     Acts("dynql", ["--lr-drop", "0"], lambda s: s.run.history[0]["lr"], pytest.approx(0.1 * 1e-3))],
         "amp": [Acts("all", ["--amp", "bf16"], lambda s: {k["amp_dtype"] for k in s.steps}, {torch.bfloat16}),
                 Refused(["--amp", "fp16"], "--amp fp16")],
@@ -399,7 +400,8 @@ def train_table(p):
                  Acts("plain", ["--seed", "0"], lambda s: (s.torch_seed, s.run.train_sampler.seed), (0, 0))],
         "output_dir": [Acts("all", ["--output-dir", p.output_dir], lambda s: s.logs, {p.output_dir})],
         "resume": [Acts("resume", ["--resume", p.checkpoint], lambda s: (s.epochs[0], s.run.saved_epoch), (1, 4))],
-        "eval_every": [Acts("all", ["--eval-every", "2"], lambda s: s.evaluated, [1, 2])],
+        "eval_every": [Acts("all", ["--eval-every", "2"], lambda s: s.evaluated, [1, 2]),
+                       Acts("custom", ["--eval-every", "0"], lambda s: s.evaluated, [1])],
         "no_progress": [Acts("all", ["--no-progress"], lambda s: len(s.progress), 0)],
     }
 
@@ -692,6 +694,9 @@ def eval_table(p):
             True,
             ("ap", "per-layer", "images"), refused=("visualize", "export", "onnx", "pretrained")),
     }
+    for m in ("visualize", *image_modes):  # 0 draws every detection
+        table["score_threshold"][m].append(EActs(["--score-threshold", "0"], lambda s: drawn(s, "score_threshold"),
+                                                 0.0, group=1))
     # A val-set flag without --dataset custom would be ignored by the checkpoint's `shapes` set.
     for key, argv in (("val_json", ["--val-json", p.val_json]), ("val_images", ["--val-images", p.val_images])):
         for m in ("ap", "per-layer", "visualize"):

@@ -464,7 +464,7 @@ def test_shapes_is_evaluated_on_batches_of_one_aspect(tmp_path, monkeypatch, tin
                         or real(model, post, loader, *a, **k))
     flags = ("--shapes-num-val", "12", "--batch-size", "3", "--epochs", "1", "--max-steps", "1")
     train.main(tiny_args(*flags))
-    evaluate.main(["--resume", str(tmp_path / "out" / "checkpoint.pth"), "--output-dir", str(tmp_path / "ev")])
+    evaluate.main(["--resume", str(tmp_path / "out" / "checkpoint.pth")])
     assert len(loaders) == 2
     groups = loaders[0].dataset.aspect_groups()
     in_order = [list(range(i, i + 3)) for i in range(0, 12, 3)]
