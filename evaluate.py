@@ -628,9 +628,9 @@ def check_cli(cli):
         check_onnx_cli(cli)
     vocabulary = flags_given(cli, ("classes", "classes_file", "label_embeddings"))
     if cli.pretrained and vocabulary:
-        raise InputError(f"--pretrained: a released Deformable DETR has a fixed class head and cannot score other names; "
-                         f"{' and '.join(vocabulary)} need(s) an open-vocabulary checkpoint of train.py (--novel-classes "
-                         "or --dataset ov-coco), given with --resume")
+        raise InputError(f"--pretrained: a released Deformable DETR has a fixed class head and cannot score other "
+                         f"names; {' and '.join(vocabulary)} need(s) an open-vocabulary checkpoint of train.py "
+                         "(--novel-classes or --dataset ov-coco), given with --resume")
     if cli.pretrained and (cli.images or cli.visualize is not None):
         raise InputError("--pretrained is scored on a val set; --images and --visualize take a train.py checkpoint "
                          "(--resume), whose class names they draw")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torch import nn
 
@@ -37,7 +38,7 @@ import data
 import evaluate
 import model as model_module
 import train
-from conftest import TINY_SHAPES, write_coco
+from conftest import RESNET18, TINY_SHAPES, share_resnet18, write_coco
 from errors import InputError
 from model import MSDeformAttn
 from onnx_export import ONNX_FORMAT
@@ -87,11 +88,13 @@ def record_label_tables(mp, calls):
 def imagenet_resnet(name):
     """The stand-in for torchvision's ImageNet download: a ResNet whose stem holds 0.5 everywhere."""
     fn_name, _, _ = model_module._RESNETS[name]
-    resnet = getattr(model_module.torchvision.models, fn_name)(weights=None,
-                                                               norm_layer=model_module.FrozenBatchNorm2d)
+    resnet = {"resnet18": RESNET18}.get(fn_name) or getattr(torchvision.models, fn_name)  # not the shared one
+    resnet = resnet(weights=None, norm_layer=model_module.FrozenBatchNorm2d)
     with torch.no_grad():
         resnet.conv1.weight.fill_(0.5)
     return resnet
+
+
 
 
 class Progress:
@@ -115,6 +118,7 @@ def run_train(argv, cwd):
                                  out=io.StringIO())
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(seen.out):
         mp.chdir(cwd)
+        share_resnet18(mp)
         record_label_tables(mp, seen.labels)
         mp.setattr(train, "native_bf16", lambda device: False)  # --amp auto is off on every machine here
         mp.setattr(model_module, "load_imagenet_resnet", imagenet_resnet)
@@ -451,6 +455,7 @@ def train_paths(tmp_path_factory, cache):
     with open(p.shapes_seed_5) as f:
         p.novel = NAMES[json.load(f)["annotations"][0]["category_id"] - 1]
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        share_resnet18(mp)
         record_label_tables(mp, [])
         args = train.finalize_args(train.get_parser().parse_args(
             [*map(str, SHAPES), "--output-dir", str(root / "first")]))
@@ -552,6 +557,7 @@ def run_evaluate(argv, cwd):
                                  detect=None, export=None, out=io.StringIO(), cwd=cwd)
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(seen.out):
         mp.chdir(cwd)
+        share_resnet18(mp)
         record_label_tables(mp, seen.labels)
         real_build_dataset = build.build_dataset
 
@@ -756,6 +762,7 @@ def eval_paths(tmp_path_factory, cache):
                        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10), f)
     open(os.path.join(p.hf, "model.safetensors"), "wb").close()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        share_resnet18(mp)
         record_label_tables(mp, [])
         args = train.finalize_args(train.get_parser().parse_args(
             [*SHAPES, "--method", "baseline", "--novel-classes", NAMES[0], "--output-dir", str(root / "run")]))
