@@ -506,7 +506,8 @@ def checkpoint_classes(ckpt, args):
 # the COCO evaluation defaults for the rest (the hub models are COCO models; --dataset custom scores another set).
 HF_EVALUATION_DEFAULTS = dict(dataset="coco", data_path=None, val_json=None, val_images=None, dropout=0.0,
                               attn_impl="auto", device=default_device(), batch_size=1, min_size=data.COCO_MIN_SIZE,
-                              max_size=data.COCO_MAX_SIZE, method="baseline")
+                              max_size=data.COCO_MAX_SIZE, method="baseline",
+                              **{f"shapes_{key}": value for key, value in data.SHAPES_DEFAULTS.items()})
 
 
 def hf_evaluation_checkpoint(source):

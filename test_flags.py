@@ -835,3 +835,14 @@ def test_evaluate_option_acts_or_is_refused(dest, mode, eval_paths, eval_runs):
             with pytest.raises((InputError, FileNotFoundError), match=flag) as error:
                 run_evaluate([*MODE_ARGV[mode](eval_paths), *map(str, row.argv)], eval_paths.scratch)
             assert "\n" not in str(error.value)
+
+
+def test_pretrained_scores_a_shapes_set_too(eval_paths, tmp_path, monkeypatch):
+    """--pretrained --dataset shapes: the hub model's arguments carry the `shapes` set's too (without them the set
+    could not be built: an AttributeError). Their values are made the tiny set's here, not added."""
+    tiny = dict(zip(TINY_SHAPES[::2], TINY_SHAPES[1::2]))
+    sizes = {key: int(tiny[f"--{key.replace('_', '-')}"]) for key in build.HF_EVALUATION_DEFAULTS
+             if f"--{key.replace('_', '-')}" in tiny}
+    monkeypatch.setattr(build, "HF_EVALUATION_DEFAULTS", build.HF_EVALUATION_DEFAULTS | sizes)
+    seen = run_evaluate(["--pretrained", eval_paths.hf, "--dataset", "shapes"], tmp_path)
+    assert val_set(seen).cat_names == NAMES and len(val_set(seen)) == int(tiny["--shapes-num-val"])
