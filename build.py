@@ -53,6 +53,23 @@ COCO_LAYOUT = "DIR/train2017/, DIR/val2017/, DIR/annotations/instances_{train,va
 LVIS_LAYOUT = "DIR/train2017/, DIR/val2017/, DIR/annotations/lvis_v1_{train,val}.json"
 
 
+# Each dataset flag and the datasets `build_dataset` reads it for: given for another dataset it would be ignored.
+DATASET_FLAGS = {"data_path": ("shapes", "coco", "ov-coco", "lvis"),
+                 **{key: ("custom",) for key in ("train_json", "train_images", "val_json", "val_images")},
+                 **{f"shapes_{key}": ("shapes",) for key in data.SHAPES_DEFAULTS}}
+
+
+def check_dataset_flags(dataset, given):
+    """`given`: the dataset flags (DATASET_FLAGS' names) a command line sets; one `dataset` does not read is an
+    InputError naming it and the datasets that read it."""
+    unread = [key for key in given if dataset not in DATASET_FLAGS[key]]
+    if unread:
+        flags = ", ".join(f"--{key.replace('_', '-')} (read by {', '.join(DATASET_FLAGS[key])})" for key in unread)
+        them = "it" if len(unread) == 1 else "them"
+        raise InputError(f"--dataset {dataset} does not read {flags}: drop {them}, or choose the dataset {them} is for"
+                         .replace("them is", "they are"))
+
+
 def _require(paths, dataset, layout):
     """A missing piece of a standard layout is named together with the whole expected layout."""
     for path in paths:
@@ -489,7 +506,8 @@ def checkpoint_classes(ckpt, args):
 # the COCO evaluation defaults for the rest (the hub models are COCO models; --dataset custom scores another set).
 HF_EVALUATION_DEFAULTS = dict(dataset="coco", data_path=None, val_json=None, val_images=None, dropout=0.0,
                               attn_impl="auto", device=default_device(), batch_size=1, min_size=data.COCO_MIN_SIZE,
-                              max_size=data.COCO_MAX_SIZE, method="baseline")
+                              max_size=data.COCO_MAX_SIZE, method="baseline",
+                              **{f"shapes_{key}": value for key, value in data.SHAPES_DEFAULTS.items()})
 
 
 def hf_evaluation_checkpoint(source):

@@ -6,6 +6,7 @@ huggingface_hub; TRITON_INTERPRET=1 before anything imports triton (test_triton.
 and CLIP_DETR_CACHE points every generated `shapes` set and label dictionary of the session at
 one temporary folder (a `shapes` set of given arguments is generated once and shared by the files that use it).
 """
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +20,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 import train  # noqa: E402
 from model import Backbone, DeformableDETR, DeformableTransformer, Joiner, PositionEmbeddingSine  # noqa: E402
@@ -91,6 +94,31 @@ def make_tiny_detr(*, num_classes=5, num_queries=10, enc_layers=2, two_stage=Tru
 def tiny_detr():
     """tiny_detr(**options): a fresh `make_tiny_detr` model (seeded, so equal options give equal weights)."""
     return make_tiny_detr
+
+
+RESNET18 = torchvision.models.resnet18
+
+
+@functools.cache
+def resnet18_weights():
+    """One random ResNet-18's weights, channels-last, drawn from their own seed (the caller's stream untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        resnet = RESNET18(weights=None, norm_layer=FrozenBatchNorm2d)
+    return resnet.to(memory_format=torch.channels_last).state_dict()
+
+
+def share_resnet18(mp):
+    """Every random-weight ResNet-18 built in `mp`'s scope (a pytest MonkeyPatch) holds the same tensors, drawn and
+    made channels-last once: for an 11 M-weight network that is most of a tiny detector's build time. For tests that
+    build detectors to see what they are made of, never train them, and load only checkpoints made in that scope
+    (which hold these values): each build still gets its own Parameter objects (requires_grad is its own)."""
+    def resnet18(*, weights=None, norm_layer=None):
+        with torch.device("meta"):
+            resnet = RESNET18(weights=weights, norm_layer=norm_layer)
+        resnet.load_state_dict(resnet18_weights(), assign=True)
+        return resnet
+    mp.setattr(torchvision.models, "resnet18", resnet18)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -66,8 +66,9 @@ def read_torch_file(path, what, *, weights_only):
                          "a .pt/.pth file written by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
-        # A truncated zip is a RuntimeError, a truncated pickle an EOFError or UnpicklingError.
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:
+        # A truncated zip is a RuntimeError (or, cut inside a record, an OSError 'Invalid argument'), a truncated
+        # pickle an EOFError or UnpicklingError.
         reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{what} {path} is damaged or incomplete ({reason}), expected a file written by "
                          "torch.save") from None

@@ -65,9 +65,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import draw_bounding_boxes
 
 import data
-from build import (build_dataset, build_transforms, build_val_batches, check_device, check_output_path,
-                   checkpoint_args, checkpoint_classes, checkpoint_detector, checkpoint_vocabulary, class_split,
-                   hf_detector, hf_evaluation_checkpoint, load_checkpoint)
+from build import (build_dataset, build_transforms, build_val_batches, check_dataset_flags, check_device,
+                   check_output_path, checkpoint_args, checkpoint_classes, checkpoint_detector, checkpoint_vocabulary,
+                   class_split, hf_detector, hf_evaluation_checkpoint, load_checkpoint)
 from errors import ArgumentParser, InputError, error_line, is_distributed, write_json
 from model import PostProcess
 from onnx_export import ONNX_FORMAT, ONNX_MIN_SIDE, OnnxDetector, export_onnx, require_package
@@ -444,7 +444,7 @@ def png_names(names):
 
 
 def detect_folder(model, postprocess, path, *, class_names, cat_ids, device, transforms, output_dir,
-                  batch_size=1, score_threshold=0.3):
+                  batch_size=1, num_workers=0, score_threshold=0.3):
     """Detections on every image of the folder `path` (or on the one image file `path`): (COCO results list with
     'file_name', PNG paths).
 
@@ -463,7 +463,8 @@ def detect_folder(model, postprocess, path, *, class_names, cat_ids, device, tra
     if not names:
         raise InputError(f"--images: no image in {folder} (found {len(skipped)} other file(s)), expected at least "
                          "one image PIL can read")
-    loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn)
+    loader = DataLoader(ImageFolder(folder, names, transforms), batch_size=batch_size, collate_fn=data.collate_fn,
+                        num_workers=num_workers)
     final, _ = predict(model, postprocess, loader, device)
     results = to_coco_results(final, cat_ids, class_names)
     for det in results:
@@ -482,14 +483,15 @@ def detect_folder(model, postprocess, path, *, class_names, cat_ids, device, tra
 # ----------------------------------------------------------------------------------------------------------
 # Flags that mean nothing to each ONNX mode: rejected rather than silently ignored.
 EXPORT_UNUSED = ("images", "visualize", "per_layer", "compare", "output", "device", "attn_impl", "classes",
-                 "classes_file", "label_embeddings", "pretrained")
+                 "classes_file", "label_embeddings", "pretrained", "num_workers", "score_threshold", "output_dir")
 ONNX_UNUSED = ("visualize", "per_layer", "compare", "device", "attn_impl", "dataset", "data_path", "val_json",
                "val_images", "classes", "classes_file", "label_embeddings", "export_onnx")
 
 
 def flags_given(cli, keys):
-    """The command-line spelling of those of `keys` that were given (neither None nor False)."""
-    return [f"--{k.replace('_', '-')}" for k in keys if getattr(cli, k) not in (None, False)]
+    """The command-line spelling of those of `keys` that were given a value other than their default (or False)."""
+    defaults = get_parser()
+    return [f"--{k.replace('_', '-')}" for k in keys if getattr(cli, k) not in (None, False, defaults.get_default(k))]
 
 
 def check_onnx_cli(cli):
@@ -514,9 +516,18 @@ def check_onnx_cli(cli):
         require_package("onnxruntime", "--onnx")
 
 
+def check_no_val_set(cli, ckpt, mode):
+    """--images and --export-onnx take the checkpoint's classes and no val set: the val-set flags are refused, but
+    for a checkpoint that predates stored classes, whose val set they find its class names in."""
+    given = flags_given(cli, ("dataset", "data_path", "val_json", "val_images"))
+    if given and "classes" in ckpt:
+        raise InputError(f"{mode} uses no val set (the checkpoint names its classes): drop {' '.join(given)}")
+
+
 def export_onnx_mode(cli):
     """--resume CKPT --export-onnx FILE: the checkpoint's detector, traced on the CPU. Returns the log dict."""
     ckpt = load_checkpoint(cli.resume)
+    check_no_val_set(cli, ckpt, "--export-onnx")
     overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
     args = checkpoint_args(ckpt, overrides | {"device": "cpu"})
     cat_ids, cat_names = checkpoint_classes(ckpt, args)
@@ -545,7 +556,8 @@ def onnx_images_mode(cli):
     results, paths = detect_folder(
         detector, PostProcess(num_select=meta["num_select"]), cli.images, class_names=meta["class_names"],
         cat_ids=meta["cat_ids"], device=torch.device("cpu"), transforms=transforms, output_dir=cli.output_dir,
-        batch_size=cli.batch_size or meta["batch_size"], score_threshold=cli.score_threshold)
+        batch_size=cli.batch_size or meta["batch_size"], num_workers=cli.num_workers,
+        score_threshold=cli.score_threshold)
     print(f"wrote {len(paths)} annotated PNGs to {cli.output_dir} (onnxruntime, {cli.onnx})")
     return {"onnx": cli.onnx, "dataset": meta["dataset"], "images": cli.images, "num_images": len(paths),
             "num_detections": len(results)}, results
@@ -614,10 +626,11 @@ def check_cli(cli):
                          f"--onnx FILE{'' if not sources else ', not ' + ' and '.join(sources)}")
     if cli.onnx or cli.export_onnx:
         check_onnx_cli(cli)
-    if cli.pretrained and (cli.classes or cli.classes_file or cli.label_embeddings):
-        raise InputError("--pretrained: a released Deformable DETR has a fixed class head and cannot score other names; "
-                         "--classes needs an open-vocabulary checkpoint of train.py (--novel-classes or --dataset "
-                         "ov-coco), given with --resume")
+    vocabulary = flags_given(cli, ("classes", "classes_file", "label_embeddings"))
+    if cli.pretrained and vocabulary:
+        raise InputError(f"--pretrained: a released Deformable DETR has a fixed class head and cannot score other "
+                         f"names; {' and '.join(vocabulary)} need(s) an open-vocabulary checkpoint of train.py "
+                         "(--novel-classes or --dataset ov-coco), given with --resume")
     if cli.pretrained and (cli.images or cli.visualize is not None):
         raise InputError("--pretrained is scored on a val set; --images and --visualize take a train.py checkpoint "
                          "(--resume), whose class names they draw")
@@ -640,6 +653,14 @@ def check_cli(cli):
     if cli.visualize is not None and (cli.classes or cli.classes_file or cli.label_embeddings):
         raise InputError("--visualize draws the checkpoints' own classes: drop --classes/--classes-file/"
                          "--label-embeddings, or detect the names with --images")
+    unused = flags_given(cli, ("batch_size", "num_workers", "output")) if cli.visualize is not None else []
+    if unused:
+        raise InputError(f"--visualize runs one image at a time and writes PNGs, no results JSON: drop "
+                         f"{' '.join(unused)}")
+    drawn = flags_given(cli, ("score_threshold", "output_dir"))
+    if drawn and not (cli.images or cli.visualize is not None):
+        raise InputError(f"{' and '.join(drawn)} only set(s) what --images and --visualize draw, and the val set's AP "
+                         f"draws nothing: drop {' '.join(drawn)}")
 
 
 def requested_classes(cli):
@@ -674,8 +695,9 @@ def main(argv=None):
     if cli.images or cli.visualize is not None:
         check_output_path(cli.output_dir, "--output-dir")
     if cli.export_onnx:
-        return export_onnx_mode(cli)
-    log, results = onnx_images_mode(cli) if cli.onnx else checkpoint_mode(cli)
+        log, results = export_onnx_mode(cli), None
+    else:
+        log, results = onnx_images_mode(cli) if cli.onnx else checkpoint_mode(cli)
     output = cli.output or (os.path.join(cli.output_dir, "results.json") if cli.images else None)
     if output and results is not None:
         write_json(output, results)
@@ -692,6 +714,9 @@ def checkpoint_mode(cli):
     ckpt = hf_evaluation_checkpoint(cli.pretrained) if cli.pretrained else load_checkpoint(cli.resume)
     overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
     args = checkpoint_args(ckpt, overrides, cli.num_workers)
+    if cli.images:
+        check_no_val_set(cli, ckpt, "--images")
+    check_dataset_flags(args.dataset, [key for key in ("data_path", "val_json", "val_images") if getattr(cli, key)])
     log = {"checkpoint": cli.resume or cli.pretrained, "method": ckpt["args"].get("method", "baseline"),
            "dataset": args.dataset}
     if args.dataset == "lvis":
@@ -726,7 +751,7 @@ def detect_images(cli, ckpt, args, device, log, vocabulary=None):
     results, paths = detect_folder(model, postprocess, cli.images, class_names=cat_names, cat_ids=cat_ids,
                                    device=device, transforms=build_transforms("val", args),
                                    output_dir=cli.output_dir, batch_size=args.batch_size,
-                                   score_threshold=cli.score_threshold)
+                                   num_workers=args.num_workers, score_threshold=cli.score_threshold)
     print(f"wrote {len(paths)} annotated PNGs to {cli.output_dir}")
     log.update(images=cli.images, num_images=len(paths), num_detections=len(results))
     return results

@@ -209,3 +209,66 @@ def test_the_full_suite_has_every_test_requirement():
         except importlib.metadata.PackageNotFoundError:
             missing.append(name)
     assert not missing, f"not installed: {missing}; run pip install -r requirements-test.txt"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The constants the paper and the official Deformable DETR fix
+# ----------------------------------------------------------------------------------------------------------
+def test_coco_defaults_are_the_papers_setup(tmp_path):
+    """§4.1: learning rate 2e-4, 12 epochs with the drop at epoch 10, CLIP RN50x64 label embeddings, five DynQuery
+    sets from 0.1 to 0.9 at rho 1, AlignNet on label + scale; the rest as the official Deformable DETR (batch 2 per
+    GPU, backbone lr 2e-5, weight decay 1e-4, gradient clip 0.1, 300 queries, 6 + 6 layers of width 256, FFN 1024,
+    8 heads, 4 levels and points, dropout 0.1, seed 42) with box refinement and two-stage."""
+    args = parse_args("--dataset", "coco", "--device", "cpu", "--output-dir", tmp_path)
+    paper = dict(lr=2e-4, epochs=12, lr_drop=[10], clip_model="RN50x64", clip_pretrained="openai",
+                 dynql_betas=[0.1, 0.3, 0.5, 0.7, 0.9], dynql_rho=1.0, align_feature="label+scale", method="clip-detr",
+                 align_loss_coef=1.0)
+    official = dict(batch_size=2, lr_backbone=2e-5, weight_decay=1e-4, clip_max_norm=0.1, num_queries=300,
+                    enc_layers=6, dec_layers=6, hidden_dim=256, dim_feedforward=1024, nheads=8, num_feature_levels=4,
+                    enc_n_points=4, dec_n_points=4, dropout=0.1, seed=42, backbone="resnet50", with_box_refine=True,
+                    two_stage=True)
+    assert {key: getattr(args, key) for key in paper | official} == paper | official
+
+
+def test_optimizer_has_the_official_groups_and_adamw_constants(tmp_path):
+    """Official parameter groups: the ResNet (backbone.0) at --lr-backbone, every sampling-offset and
+    reference-point projection at 0.1 x --lr, everything else at --lr; frozen parameters in none. AdamW keeps
+    its defaults, as the official code does: betas (0.9, 0.999), eps 1e-8, the one --weight-decay for all."""
+    args = parse_args("--method", "baseline", "--no-two-stage", "--hidden-dim", "32", "--dim-feedforward", "32",
+                      "--enc-layers", "1", "--dec-layers", "1", "--nheads", "4", "--num-queries", "5",
+                      "--lr", "3e-4", "--lr-backbone", "5e-5", "--weight-decay", "3e-3", "--output-dir", tmp_path)
+    detr = build.build_model(args, ["a", "b"])[0]
+    detr.backbone[0].freeze_stem_and_layer1()
+    optimizer = build.build_optimizer(detr, args)
+    group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    for name, p in detr.named_parameters():
+        expected = (None if not p.requires_grad else 1 if name.startswith("backbone.0.") else
+                    2 if "sampling_offsets" in name or "reference_points" in name else 0)
+        assert group_of.get(id(p)) == expected, name
+    assert "transformer.reference_points.weight" in dict(detr.named_parameters())
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([3e-4, 5e-5, 3e-5])
+    for group in optimizer.param_groups:
+        assert (group["betas"], group["eps"], group["weight_decay"], group["amsgrad"]) == ((0.9, 0.999), 1e-8, 3e-3,
+                                                                                          False)
+
+
+def test_the_training_criterion_has_the_official_constants(tmp_path):
+    """Matching cost 2 focal + 5 L1 + 2 GIoU, focal alpha 0.25 and gamma 2 in the matcher and in the losses (the
+    set criterion's and DynQL's), loss weights 2 / 5 / 2 and 1 for Eq. 5: the training run's objects, not only
+    the classes' defaults."""
+    import inspect
+
+    import dynql
+    import matcher
+    args = parse_args("--method", "baseline", "--hidden-dim", "32", "--dim-feedforward", "32", "--enc-layers", "1",
+                      "--dec-layers", "1", "--nheads", "4", "--num-queries", "5", "--output-dir", tmp_path)
+    with torch.device("meta"):
+        _, criterion, _ = build.build_model(args, ["a", "b"])
+    m = criterion.matcher
+    assert (m.cost_class, m.cost_bbox, m.cost_giou, m.alpha, m.gamma, criterion.focal_alpha) == (2, 5, 2, 0.25, 2, 0.25)
+    defaults = lambda fn: {k: v.default for k, v in inspect.signature(fn).parameters.items()  # noqa: E731
+                           if v.default is not inspect.Parameter.empty}
+    assert defaults(matcher.focal_loss) == dict(alpha=0.25, gamma=2.0)
+    assert defaults(dynql.dynql_loss)["focal_alpha"] == defaults(dynql.dynql_set_losses)["focal_alpha"] == 0.25
+    assert matcher.weight_dict(["loss_ce", "loss_bbox", "loss_giou", "loss_align"]) == dict(
+        loss_ce=2.0, loss_bbox=5.0, loss_giou=2.0, loss_align=1.0)

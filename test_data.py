@@ -164,6 +164,32 @@ def test_shapes_set_is_reused_and_new_arguments_get_a_new_folder(tmp_path, monke
     assert len(os.listdir(tmp_path)) == 2
 
 
+@pytest.mark.parametrize("change", [dict(num_train=4), dict(num_val=2), dict(seed=1), dict(min_size=50),
+                                    dict(max_size=70), dict(max_objects=2), dict(version=data.SHAPES_VERSION + 1)],
+                         ids=lambda change: next(iter(change)))
+def test_every_argument_of_a_shapes_set_is_in_its_folder_name(change, tmp_path, monkeypatch):
+    """A set generated for one (arguments, drawing version) is never served for another: each one changed alone
+    generates a set of its own, in a folder of its own, from exactly the changed arguments."""
+    calls = []
+
+    def write_split(folder, split_code, **kwargs):
+        os.makedirs(folder)
+        calls.append(kwargs | {"version": data.SHAPES_VERSION})
+        return {"images": [], "annotations": [], "categories": []}
+
+    monkeypatch.setattr(data, "_write_shapes_split", write_split)
+    first = data.make_shapes(str(tmp_path), **TINY_SHAPES)
+    change = dict(change)
+    if "version" in change:
+        monkeypatch.setattr(data, "SHAPES_VERSION", change["version"])
+    other = data.make_shapes(str(tmp_path), **{**TINY_SHAPES, **{k: v for k, v in change.items() if k != "version"}})
+    assert os.path.dirname(other["train_json"]) != os.path.dirname(first["train_json"])
+    assert len(calls) == 4, "the changed arguments were served the first set"
+    expected = {"seed": 0, **TINY_SHAPES, "version": data.SHAPES_VERSION, **change}
+    split_sizes = {"train": expected.pop("num_train"), "val": expected.pop("num_val")}
+    assert calls[2:] == [dict(expected, num_images=n) for n in split_sizes.values()]
+
+
 def test_interrupted_shapes_generation_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(folder, *args, **kwargs):
         os.makedirs(folder)

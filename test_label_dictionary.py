@@ -71,17 +71,22 @@ def test_cache_hit_does_not_rebuild(tmp_path, monkeypatch):
 @pytest.mark.parametrize('change', [
     dict(model_name='ViT-B-32'), dict(pretrained='openai'), dict(prompt='a drawing of a {}'),
     dict(class_names=['red circle', 'blue triangle', 'yellow star']), dict(class_names=list(reversed(NAMES))),
-], ids=['model', 'pretrained tag', 'prompt', 'names', 'order of the names'])
+    dict(version=label_dictionary.TABLE_VERSION + 1),
+], ids=['model', 'pretrained tag', 'prompt', 'names', 'order of the names', 'format version'])
 def test_every_input_of_the_table_is_in_its_cache_key(change, monkeypatch):
-    """A table cached for one (model, tag, prompt, names in order) is never served for another: a key without
-    the tag would hand a random-weight table to a run asking for CLIP's real weights."""
+    """A table cached for one (model, tag, prompt, names in order, format version) is never served for another: a
+    key without the tag would hand a random-weight table to a run asking for CLIP's real weights, one without the
+    version a table computed the old way (all names in one batch) to a run that reads rows name by name."""
     def fake_encoder(class_names, *, model_name, pretrained, prompt, device):
-        # Rows that tell every input apart: one (K, 3) table per (model, tag, prompt, name).
-        return torch.tensor([[len(model_name), len(pretrained) + 0.5, hash((prompt, name)) % 997 + 1.0]
-                             for name in class_names])
+        # Rows that tell every input apart: one (K, 3) table per (model, tag, prompt, name, version).
+        return torch.tensor([[len(model_name), len(pretrained) + 0.5 * label_dictionary.TABLE_VERSION,
+                              hash((prompt, name)) % 997 + 1.0] for name in class_names])
     monkeypatch.setattr(label_dictionary, '_encode_with_clip', fake_encoder)
     base = dict(class_names=NAMES, model_name='RN50', pretrained='none', prompt='a photo of a {}')
     label_embeddings(**base)
+    change = dict(change)
+    if 'version' in change:
+        monkeypatch.setattr(label_dictionary, 'TABLE_VERSION', change.pop('version'))
     other = dict(base, **change)
     expected = torch.nn.functional.normalize(fake_encoder(other['class_names'], model_name=other['model_name'],
                                                           pretrained=other['pretrained'], prompt=other['prompt'],

@@ -402,6 +402,96 @@ def test_official_variants_load_strict(two_stage, refine, tiny_detr):
     check_official_load(detr, shapes, shared_heads=not refine)
 
 
+# Initial values the official code fixes ---------------------------------------------------------------
+
+PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # focal-loss prior 0.01: sigmoid(bias) = 0.01
+
+
+def assert_xavier_uniform(name, weight, gain=1.0):
+    """Drawn from U(-b, b), b = gain * sqrt(6 / (fan_in + fan_out)): none beyond b, and (with >= 60 draws) some
+    beyond 0.8 b, which PyTorch's default Linear/Conv init (b = 1 / sqrt(fan_in), at most 0.58 of it) never is."""
+    fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(weight)
+    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+    largest = weight.detach().abs().max().item()
+    assert 0.8 * bound < largest <= bound, (name, largest, bound)
+
+
+@pytest.mark.parametrize('two_stage, refine', [(True, True), (False, True), (False, False)])
+def test_class_and_box_heads_start_as_the_official_ones(two_stage, refine, tiny_detr):
+    """Every class head's bias is the focal-loss prior -log(99) (sigmoid 0.01), not +log(99); the box heads' last
+    layer is zero, with -2 on (w, h) of the shared head, of box-refinement head 0 only, and of none with two-stage
+    (its boxes start as the proposals)."""
+    detr = tiny_detr(two_stage=two_stage, with_box_refine=refine)
+    num_pred = 2 + (1 if two_stage else 0)
+    assert len(detr.class_embed) == len(detr.bbox_embed) == num_pred
+    for i, (cls, box) in enumerate(zip(detr.class_embed, detr.bbox_embed)):
+        torch.testing.assert_close(cls.bias.detach(), torch.full_like(cls.bias, PRIOR_BIAS), rtol=0, atol=0)
+        torch.testing.assert_close(cls.bias.sigmoid().detach(), torch.full_like(cls.bias, 0.01))
+        assert not box.layers[-1].weight.any(), i
+        size_bias = -2.0 if not two_stage and (not refine or i == 0) else 0.0
+        assert box.layers[-1].bias.tolist() == [0.0, 0.0, size_bias, size_bias], i
+        assert all(layer.weight.any() for layer in box.layers[:-1]), i
+    if not refine:  # one head for every layer, as in the official code
+        assert len({id(m) for m in detr.class_embed}) == len({id(m) for m in detr.bbox_embed}) == 1
+
+
+def test_open_vocabulary_heads_start_at_the_focal_prior_and_clips_scale():
+    """The open-vocabulary head (every decoder layer) and the two-stage objectness head start at the focal prior
+    too, and the head's logit scale at CLIP's 1/0.07, capped at 100."""
+    table = torch.randn(4, 8)
+    head = model.LabelEmbeddingClassifier(label_embeddings=table, d_model=D_MODEL, train_classes=[0, 2])
+    class_embeds, _ = model.prediction_heads(D_MODEL, 4, 3, with_box_refine=True, two_stage=True, class_head=head)
+    for cls in class_embeds[:-1]:
+        assert isinstance(cls, model.LabelEmbeddingClassifier)
+        assert cls.bias.item() == pytest.approx(PRIOR_BIAS, abs=1e-6)
+        assert cls.logit_scale.item() == pytest.approx(math.log(1 / 0.07)) and cls.logit_scale_max == 100.0
+        assert cls.scale.item() == pytest.approx(1 / 0.07)
+    objectness = class_embeds[-1]
+    assert objectness.out_features == 1 and objectness.bias.item() == pytest.approx(PRIOR_BIAS, abs=1e-6)
+    with torch.no_grad():
+        class_embeds[0].logit_scale.fill_(math.log(1000.0))
+    assert class_embeds[0].scale.item() == pytest.approx(100.0)
+
+
+def test_deformable_attention_starts_at_the_official_sampling_grid():
+    """Offsets start as a fixed grid (weight 0): head h points along angle 2 pi h / M, scaled so the larger
+    coordinate is 1, point p at distance p + 1, on every level; attention weights start uniform (weight and bias
+    0); the value and output projections are xavier-uniform with zero bias."""
+    attn = MSDeformAttn(d_model=D_MODEL, n_levels=3, n_heads=8, n_points=3)
+    assert not attn.sampling_offsets.weight.any()
+    directions = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]],
+                              dtype=torch.float32)  # (M, 2) for M = 8
+    expected = directions[:, None, None, :] * torch.arange(1.0, 4.0)[None, None, :, None]  # (M, 1, P, 2)
+    grid = attn.sampling_offsets.bias.detach().view(8, 3, 3, 2)  # (M, L, P, 2)
+    torch.testing.assert_close(grid, expected.expand(8, 3, 3, 2), rtol=0, atol=1e-5)
+    assert not attn.attention_weights.weight.any() and not attn.attention_weights.bias.any()
+    for name in ('value_proj', 'output_proj'):
+        layer = getattr(attn, name)
+        assert_xavier_uniform(name, layer.weight)
+        assert not layer.bias.any(), name
+
+
+@pytest.mark.parametrize('two_stage', [True, False])
+def test_transformer_and_input_projections_start_as_the_official_ones(two_stage, tiny_detr):
+    """Every matrix of the transformer is xavier-uniform (but the attention's zero offsets and weights), the
+    single-stage reference points xavier (gain 1) with zero bias, the level embedding N(0, 1); input_proj's convs
+    xavier-uniform with zero bias, its GroupNorms at weight 1, bias 0."""
+    detr = tiny_detr(two_stage=two_stage, with_box_refine=True, seed=3)
+    transformer = detr.transformer
+    for name, p in transformer.named_parameters():
+        if p.dim() < 2 or name.endswith(('sampling_offsets.weight', 'attention_weights.weight', 'level_embed')) \
+                or name.startswith(('decoder.bbox_embed', 'decoder.class_embed')):
+            continue
+        assert_xavier_uniform(name, p)
+    if not two_stage:
+        assert not transformer.reference_points.bias.any()
+    level_embed = transformer.level_embed.detach()  # (L, C): 128 draws of N(0, 1)
+    assert abs(level_embed.mean().item()) < 0.35 and 0.75 < level_embed.std().item() < 1.25
+    for i, (conv, norm) in enumerate(detr.input_proj):
+        assert_xavier_uniform(f'input_proj.{i}', conv.weight)
+        assert not conv.bias.any() and bool((norm.weight == 1).all()) and not norm.bias.any(), i
+
+
 # Two-stage proposals -----------------------------------------------------------------------------------
 
 def test_encoder_proposals_mask_padding_and_out_of_range_boxes():

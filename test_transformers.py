@@ -359,6 +359,13 @@ def edit_config(folder, target, **changes):
     (target / "config.json").write_text(json.dumps(config | changes))
 
 
+def edit_weights(folder, change):
+    """A checkpoint folder's model.safetensors replaced by change(its state)."""
+    from safetensors.torch import load_file, save_file
+    path = str(folder / "model.safetensors")
+    save_file({k: v.clone() for k, v in change(load_file(path)).items()}, path)
+
+
 @pytest.mark.parametrize("case, error, match", [
     ("offline", FileNotFoundError, r"config\.json is not in the Hugging Face cache and the hub cannot be reached"),
     ("bad id", ValueError, "no model repository 'bad id!' on the Hugging Face hub"),
@@ -373,10 +380,13 @@ def edit_config(folder, target, **changes):
     ("flags", ValueError, "config.json has encoder_layers=3 where the run has --enc-layers 2; "
                           "two_stage=True where the run has --no-two-stage"),
     ("class ids", ValueError, r"category ids \[95\] are not among them"),
+    ("one more layer", ValueError, r"have no place in this model, e\.g\. \['transformer\.decoder\.layers\.2\."),
+    ("missing tensor", ValueError, r"does not match the model: missing \['input_proj\.0\.0\.bias'\]"),
 ])
 def test_checkpoint_errors_are_one_line(case, error, match, built, small_model, hub_cache, tmp_path):
     """Each bad --pretrained is an error naming the checkpoint and what was expected (the CLIs print it as one
-    line, test_cli_...). The cases use the plain variant's folder."""
+    line, test_cli_...); a file with tensors the model lacks (one more decoder layer) or lacking one of the model's
+    is refused, never loaded in part. The cases use the plain variant's folder."""
     variant = built("plain")
     folder, cat_ids = tmp_path / "ckpt", list(range(91))
     edits = dict(detr=dict(model_type="detr"), dc5=dict(dilation=True), flags=dict(encoder_layers=3, two_stage=True),
@@ -391,7 +401,11 @@ def test_checkpoint_errors_are_one_line(case, error, match, built, small_model, 
         {"no config": lambda: (folder / "config.json").unlink(),
          "no weights": lambda: (folder / "model.safetensors").unlink(),
          "damaged": lambda: (folder / "model.safetensors").write_bytes(b"not safetensors"),
-         "class ids": lambda: cat_ids.__setitem__(-1, 95)}[case]()
+         "class ids": lambda: cat_ids.__setitem__(-1, 95),
+         "one more layer": lambda: edit_weights(folder, lambda state: state | {
+             k.replace("layers.1.", "layers.2.", 1): v for k, v in state.items() if "decoder.layers.1." in k}),
+         "missing tensor": lambda: edit_weights(folder, lambda state: {
+             k: v for k, v in state.items() if k != "model.input_proj.0.0.bias"})}[case]()
     with pytest.raises(error, match=match) as info:
         build.load_pretrained(small_model, source, cat_ids)
     assert "\n" not in str(info.value)

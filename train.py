@@ -47,8 +47,9 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from build import (build_dataset, build_model, build_optimizer, build_train_batches, build_val_batches, check_device,
-                   check_output_path, class_split, default_device, load_checkpoint, load_model_state, load_pretrained)
+from build import (DATASET_FLAGS, build_dataset, build_model, build_optimizer, build_train_batches, build_val_batches,
+                   check_dataset_flags, check_device, check_output_path, class_split, default_device, load_checkpoint,
+                   load_model_state, load_pretrained)
 from dynql import dynql_loss, dynql_set_losses
 from errors import ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, write_atomically
 from matcher import global_num_boxes, weight_dict
@@ -204,6 +205,11 @@ def config_line(args):
     return "configuration (where it differs from the paper's COCO setup): " + (", ".join(flags) or "none")
 
 
+# The methods that read each flag of the training modules (Table 4); another method says it does not use it (a sweep
+# over the methods passes them all the same flags). DynQL alone keeps AlignNet's Eq. 3 projection, not its loss.
+METHOD_FLAGS = {"align_feature": ("alignnet", "dynql", "clip-detr"), "align_loss_coef": ("alignnet", "clip-detr"),
+                "dynql_betas": ("dynql", "clip-detr"), "dynql_rho": ("dynql", "clip-detr")}
+
 # Lowest sensible value of numeric flags: below it a run cannot train (0 queries, 0 epochs, ...). The backbone
 # always gives C3-C5, so there are at least 3 feature levels (the official single-scale variant is not built here).
 FLAG_MINIMUM = dict(hidden_dim=1, dim_feedforward=1, enc_layers=0, dec_layers=1, nheads=1, num_queries=1,
@@ -225,6 +231,7 @@ def native_bf16(device):
 def finalize_args(args):
     """Fill dataset-dependent defaults; reject values and combinations that cannot run or would be ignored."""
     explicit = {key: getattr(args, key) for key in ("clip_model", "clip_pretrained")}
+    defaults = get_parser()
     if args.dataset == "shapes":
         # shapes trains at the size it generates unless told otherwise (its defaults are those sizes' defaults).
         args.min_size = args.min_size or args.shapes_min_size
@@ -232,7 +239,7 @@ def finalize_args(args):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for action in get_parser()._actions:
+    for action in defaults._actions:
         values = getattr(args, action.dest, None)
         if action.type is float and values is not None:
             for value in values if isinstance(values, list) else [values]:
@@ -247,6 +254,9 @@ def finalize_args(args):
     if args.label_embeddings and not os.path.isfile(args.label_embeddings):
         raise FileNotFoundError(f"--label-embeddings {args.label_embeddings} not found (expected a .pt or .npy file "
                                 "with one row per class)")
+    if args.pretrained and args.pretrained_backbone:
+        raise InputError(f"--pretrained {args.pretrained} holds the ResNet's weights, which would replace the ImageNet "
+                         "ones of --pretrained-backbone: drop --pretrained-backbone")
     if args.method == "baseline" and args.dataset != "ov-coco" and not args.novel_classes and is_main():
         # Not an error: a sweep over Table 4's methods passes every method the same flags.
         given = [flag for flag, value in (("--label-embeddings", args.label_embeddings),
@@ -255,11 +265,21 @@ def finalize_args(args):
         if given:
             print(f"note: {' and '.join(given)} not used: --method baseline without --novel-classes builds no label "
                   "dictionary")
+    elif args.label_embeddings and is_main():
+        clip = [flag for flag, value in (("--clip-model", explicit["clip_model"]),
+                                         ("--clip-pretrained", explicit["clip_pretrained"])) if value]
+        if clip:
+            print(f"note: {' and '.join(clip)} not used: --label-embeddings replaces the CLIP text encoder")
+    unused = [f"--{key.replace('_', '-')}" for key, methods in METHOD_FLAGS.items()
+              if args.method not in methods and getattr(args, key) != defaults.get_default(key)]
+    if unused and is_main():
+        print(f"note: {' and '.join(unused)} not used by --method {args.method}")
     if any(epoch < 0 for epoch in args.lr_drop):
         raise InputError(f"--lr-drop {' '.join(map(str, args.lr_drop))}: expected epochs >= 0")
     if args.dataset == "ov-coco" and args.novel_classes:
         raise InputError("--novel-classes with --dataset ov-coco: ov-coco holds out OVR-CNN's 17 novel categories "
                          "itself; for another split use --dataset coco --novel-classes NAME [NAME ...]")
+    check_dataset_flags(args.dataset, [key for key in DATASET_FLAGS if getattr(args, key) != defaults.get_default(key)])
     if args.hidden_dim % (2 * args.nheads):
         raise InputError(f"--hidden-dim {args.hidden_dim}: expected a multiple of 2 x --nheads ({2 * args.nheads}); "
                          "the sine position embedding takes half the channels for x and half for y")
