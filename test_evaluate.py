@@ -19,7 +19,7 @@ import build
 import data
 import evaluate
 import train
-from conftest import COCO_80, TINY, parse_args
+from conftest import COCO_80, TINY, TINY_MODEL, parse_args
 from model import (Backbone, DeformableDETR, DeformableTransformer, Joiner, LabelEmbeddingClassifier,
                    PositionEmbeddingSine, PostProcess)
 
@@ -251,7 +251,7 @@ def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatc
     table = tmp_path / "labels.pt"
     torch.save(torch.randn(len(COCO_80), 16), table)
     args = parse_args(
-        "--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY, "--backbone", "resnet18", "--method", "baseline",
+        "--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY_MODEL, "--backbone", "resnet18", "--method", "baseline",
         "--device", "cpu", "--label-embeddings", str(table))
     model, _, _ = build.build_model(args, COCO_80)
     assert isinstance(model.class_embed[0], LabelEmbeddingClassifier)
@@ -278,7 +278,7 @@ def test_ov_coco_encoder_proposals_come_from_a_class_agnostic_objectness_head(tm
     table = tmp_path / "labels.pt"
     torch.save(torch.randn(len(COCO_80), 16), table)
     args = parse_args(
-        "--dataset", "ov-coco", *TINY, "--backbone", "resnet18", "--method", "clip-detr", "--device", "cpu",
+        "--dataset", "ov-coco", *TINY_MODEL, "--backbone", "resnet18", "--method", "clip-detr", "--device", "cpu",
         "--label-embeddings", str(table), "--dynql-betas", "0.5")
     torch.manual_seed(0)
     model, criterion, _ = build.build_model(args, COCO_80)

@@ -48,9 +48,11 @@ from tqdm import tqdm
 import data
 import evaluate
 from build import (build_dataset, build_model, build_optimizer, build_train_batches, build_val_batches, check_device,
-                   check_output_path, class_split, default_device, load_checkpoint, load_model_state, load_pretrained)
+                   check_output_path, check_writes, class_split, dataset_files, default_device, load_checkpoint,
+                   load_model_state, load_pretrained)
 from dynql import dynql_loss, dynql_set_losses
-from errors import ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, write_atomically
+from errors import (ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, user_file,
+                    write_atomically)
 from matcher import global_num_boxes, weight_dict
 from model import check_variant
 
@@ -212,6 +214,26 @@ FLAG_MINIMUM = dict(hidden_dim=1, dim_feedforward=1, enc_layers=0, dec_layers=1,
                     clip_max_norm=0, align_loss_coef=0)
 
 
+# Flags that only one kind of dataset reads: given with another, they would be silently ignored.
+DATASET_FLAGS = {"custom": ("train_json", "train_images", "val_json", "val_images"),
+                 "shapes": ("shapes_num_train", "shapes_num_val", "shapes_min_size", "shapes_max_size",
+                            "shapes_max_objects", "shapes_seed")}
+
+
+def check_dataset_flags(args):
+    """Refuse the flags of another kind of dataset (--train-json without --dataset custom, --shapes-* without
+    shapes, --data-path with custom, whose files --train-json and friends name): each would be ignored."""
+    defaults = {action.dest: action.default for action in get_parser()._actions}
+    for dataset, keys in DATASET_FLAGS.items():
+        given = [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) != defaults[k]]
+        if given and args.dataset != dataset:
+            raise InputError(f"{' '.join(given)} only act with --dataset {dataset}, not --dataset {args.dataset}: drop "
+                             f"{'it' if len(given) == 1 else 'them'}")
+    if args.dataset == "custom" and args.data_path:
+        raise InputError("--data-path is not read by --dataset custom, whose files --train-json, --train-images, "
+                         "--val-json and --val-images name: drop it")
+
+
 def native_bf16(device):
     """True where bf16 autocast pays: the device multiplies bf16 in hardware. On a CPU without AVX512-BF16 or
     AMX, oneDNN emulates bf16 and a step is slower than in float32 (3x measured for the COCO model)."""
@@ -244,9 +266,8 @@ def finalize_args(args):
             raise InputError(f"--{key.replace('_', '-')} {value}: expected a number >= {low}")
     if not 0 <= args.dropout < 1:
         raise InputError(f"--dropout {args.dropout}: expected a probability in [0, 1)")
-    if args.label_embeddings and not os.path.isfile(args.label_embeddings):
-        raise FileNotFoundError(f"--label-embeddings {args.label_embeddings} not found (expected a .pt or .npy file "
-                                "with one row per class)")
+    if args.label_embeddings:
+        user_file(args.label_embeddings, "--label-embeddings", "a .pt or .npy file with one row per class")
     if args.method == "baseline" and args.dataset != "ov-coco" and not args.novel_classes and is_main():
         # Not an error: a sweep over Table 4's methods passes every method the same flags.
         given = [flag for flag, value in (("--label-embeddings", args.label_embeddings),
@@ -260,6 +281,7 @@ def finalize_args(args):
     if args.dataset == "ov-coco" and args.novel_classes:
         raise InputError("--novel-classes with --dataset ov-coco: ov-coco holds out OVR-CNN's 17 novel categories "
                          "itself; for another split use --dataset coco --novel-classes NAME [NAME ...]")
+    check_dataset_flags(args)
     if args.hidden_dim % (2 * args.nheads):
         raise InputError(f"--hidden-dim {args.hidden_dim}: expected a multiple of 2 x --nheads ({2 * args.nheads}); "
                          "the sine position embedding takes half the channels for x and half for y")
@@ -596,7 +618,7 @@ def build_run(args, rank, world, ckpt, resume):
     detr, criterion, postprocess = build_model(args, train_set.cat_names)
     detr.to(device)
     if args.pretrained:
-        load_pretrained(detr, args.pretrained, train_set.cat_ids)
+        load_pretrained(detr, args.pretrained, train_set.cat_names)
     model = detr
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -722,10 +744,16 @@ def _lock_owner_alive(owner):
     return True
 
 
+# The files a run writes into its --output-dir besides run.lock: another run's are never written over.
+RUN_FILES = ("checkpoint.pth", "log.jsonl")
+
+
 def claim_output_dir(output_dir, resume):
     """Make `output_dir` this run's: refuse while another live run writes there (its run.lock names it), and when
-    it holds a checkpoint this run does not resume from (the first epoch would overwrite it). A lock left by a
-    killed run is taken over. Returns the lock's path; the caller removes it when the run ends."""
+    it holds another run's checkpoint or log, which this run would overwrite: any run, fresh or resumed from a
+    checkpoint elsewhere, except one that continues the folder's own checkpoint (--resume auto, or --resume naming
+    that file). A lock left by a killed run is taken over. Returns the lock's path; the caller removes it when the
+    run ends."""
     lock = os.path.join(output_dir, LOCK_NAME)
     for attempt in range(2):
         try:
@@ -743,10 +771,15 @@ def claim_output_dir(output_dir, resume):
     with os.fdopen(fd, "w") as f:
         f.write(f"{socket.gethostname()} {os.getpid()}\n")
     checkpoint = os.path.join(output_dir, "checkpoint.pth")
-    if os.path.isfile(checkpoint) and not (resume and os.path.samefile(resume, checkpoint)):
+    continues = (bool(resume) and os.path.isfile(checkpoint) and os.path.exists(resume)
+                 and os.path.samefile(resume, checkpoint))
+    others = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if others and not continues:
         os.remove(lock)
-        raise InputError(f"--output-dir {output_dir} holds the checkpoint of an earlier run, which this run would "
-                         "overwrite: continue it with --resume auto, or choose another --output-dir")
+        how = (f"this run resumes {resume} instead" if resume else
+               "continue it with --resume auto" if os.path.isfile(checkpoint) else "it holds no checkpoint to resume")
+        raise InputError(f"--output-dir {output_dir} holds {' and '.join(others)} of an earlier run, which this run "
+                         f"would overwrite ({how}): choose another --output-dir")
     return lock
 
 
@@ -765,6 +798,20 @@ def claim_output_dir_on_every_rank(args, resume, world):
     if problem:
         raise InputError(problem)
     return lock
+
+
+def run_writes_and_reads(args, resume):
+    """(flag, path) of the files a run writes into --output-dir, and of the files and folders it reads, for
+    build.check_writes. The checkpoint it resumes is its own to write over (--resume auto, or --resume naming
+    OUTPUT_DIR/checkpoint.pth), the one documented case; claim_output_dir guards the folder's other files."""
+    writes = [("--output-dir", os.path.join(args.output_dir, name)) for name in (*RUN_FILES, LOCK_NAME)]
+    own = os.path.join(args.output_dir, "checkpoint.pth")
+    continues = bool(resume) and os.path.isfile(own) and os.path.isfile(resume) and os.path.samefile(resume, own)
+    reads = [(flag, path) for flag, path in (("--resume", None if continues else resume),
+                                             ("--pretrained", args.pretrained),
+                                             ("--label-embeddings", args.label_embeddings)) if path]
+    reads += [read for image_set in ("train", "val") for read in dataset_files(image_set, args)]
+    return writes, reads
 
 
 def train_epochs(run, start_epoch):
@@ -811,8 +858,9 @@ def main(args):
     if is_main():
         print(config_line(args), flush=True)
     seed_everything(args.seed + rank)
-    os.makedirs(args.output_dir, exist_ok=True)
     resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
+    check_writes(*run_writes_and_reads(args, resume))
+    os.makedirs(args.output_dir, exist_ok=True)
     lock = claim_output_dir_on_every_rank(args, resume, world)
     try:
         if is_main():
