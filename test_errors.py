@@ -1065,3 +1065,46 @@ def test_compare_names_the_second_checkpoints_boxes_by_its_own_classes(checkpoin
     assert drawn == [["box", "disc"], ["disc", "box"]]
     code, lines = run_cli(evaluate.cli, [*argv, "--compare", str(tmp_path / "other.pth")], capsys)
     assert_one_line(code, lines, "only the model has ['star'], only the val set has ['disc']")
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+HELD = {"checkpoint and log": ("checkpoint.pth", "log.jsonl"), "log only": ("log.jsonl",),
+        "checkpoint only": ("checkpoint.pth",)}
+
+
+# --resume auto in a folder with a checkpoint continues that run (documented), so it meets only the log.
+@pytest.mark.parametrize("how, held", [(how, held) for how in ("fresh", "--resume auto", "--resume elsewhere")
+                                       for held in HELD if how != "--resume auto" or held == "log only"],
+                         ids=lambda value: value)
+def test_a_run_never_writes_over_another_runs_files(how, held, shapes, tmp_path, capsys):
+    """Every way a run chooses its folder, against a folder holding another run's files: refused in one line, both
+    runs' files byte for byte."""
+    held = HELD[held]
+    other, run_a = tmp_path / "b", tmp_path / "a"
+    for folder, names in ((other, held), (run_a, ("checkpoint.pth", "log.jsonl"))):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(f"{folder.name}'s {name}".encode())
+    before = files_under(tmp_path)
+    resume = {"fresh": [], "--resume auto": ["--resume", "auto"],
+              "--resume elsewhere": ["--resume", str(run_a / "checkpoint.pth")]}[how]
+    code, lines = run_cli(train.cli, [*QUICK, *shapes, "--output-dir", str(other), "--epochs", "2", *resume], capsys)
+    assert_one_line(code, lines, f"--output-dir {other} holds {' and '.join(held)} of an earlier run, which this run "
+                                 "would overwrite")
+    assert files_under(tmp_path) == before
+
+
+def test_a_run_resumed_from_elsewhere_fills_an_empty_folder_and_a_linked_folder_continues(shapes, tmp_path, capsys):
+    """--resume a/checkpoint.pth --output-dir b/ with b/ empty: b/ gets the run, a/ stays as it was; the folder's
+    own checkpoint named through a symlinked folder is that run continued."""
+    argv = [*QUICK, *shapes]
+    train.main(parse_args(*argv, "--output-dir", tmp_path / "a"))
+    first = files_under(tmp_path / "a")
+    train.main(parse_args(*argv, "--output-dir", tmp_path / "b", "--epochs", "2", "--resume",
+                          tmp_path / "a" / "checkpoint.pth"))
+    assert files_under(tmp_path / "a") == first
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    os.symlink(tmp_path / "b", tmp_path / "b-link")
+    train.main(parse_args(*argv, "--output-dir", tmp_path / "b", "--epochs", "3", "--resume",
+                          tmp_path / "b-link" / "checkpoint.pth"))
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["epoch"] == 2

@@ -190,3 +190,28 @@ def test_names_the_text_encoder_tells_apart_keep_their_rows():
     names = ['cat', 'cats', 'car', 'red box', 'red box!', f'{LONG[:300]} cat', f'{LONG[:300]} dog']
     table = label_embeddings(names, model_name='ViT-S-32-alt', pretrained='none')
     assert table.shape[0] == len(names) and not label_dictionary._same_rows(table)
+
+
+@pytest.mark.parametrize('damage', [b'', b'PK\x03\x04 cut short', torch.zeros(3, 4), torch.ones(2, 4, dtype=torch.int64),
+                                    torch.full((2, 4), float('nan'))],
+                         ids=['empty', 'truncated', 'other shape', 'integers', 'NaN'])
+def test_a_damaged_cache_is_recomputed_said_once_and_replaced(damage, capsys, monkeypatch):
+    """The cache is the project's own file: a damaged one is recomputed, said once, and written again, so the next
+    run reads it instead of paying for the encoder again."""
+    first = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none')
+    cached = label_dictionary._cache_path(None, 'ViT-S-32-alt', 'none', 'a photo of a {}', NAMES)
+    if isinstance(damage, bytes):
+        cached.write_bytes(damage)
+    else:
+        torch.save(damage, cached)
+    capsys.readouterr()
+    torch.testing.assert_close(label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none'), first,
+                               rtol=0, atol=0)
+    assert capsys.readouterr().out.count('recomputing it') == 1
+
+    def no_encoder(class_names, **kwargs):
+        raise AssertionError('the damaged cache was not replaced')
+    monkeypatch.setattr(label_dictionary, '_encode_with_clip', no_encoder)
+    torch.testing.assert_close(label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none'), first,
+                               rtol=0, atol=0)
+    assert 'recomputing' not in capsys.readouterr().out
