@@ -35,6 +35,9 @@
 Shape legend (attention): value (B, S_all, M, C/M), sampling locations (B, Lq, M, L, P, 2), B batch, Lq
 queries, M heads, L levels, P points, S_all = sum_l H_l*W_l.
 
+bench.py is a command like train.py: a bad flag (a count below 1, a device this machine lacks, an unknown method)
+or a failed worker run ends in one line on stderr and exit status 2.
+
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is the peak resident set size of a
 fresh process per configuration (so numbers include the Python/torch baseline of ~0.5 GB).
 

@@ -3,25 +3,27 @@
 train.py and evaluate.py are peers that both import this module; nothing below it reads an argparse
 namespace. Everything that turns `args` (train.py's parser, or a checkpoint's stored arguments) into objects is
 here, each in one `build_*` function:
-  build_dataset        the datasets of §4 (COCO, OV-COCO, LVIS, a custom COCO-format JSON, the `shapes` demo)
+  build_dataset        the datasets of §4 (COCO, OV-COCO, LVIS, a custom COCO-format JSON, the `shapes` demo), from
+                       `dataset_location`, the files each reads
   build_label_table    the CLIP label dictionary f_cls of AlignNet (Eq. 2), from label_dictionary.py
   class_split          an open-vocabulary run's base and novel classes (--novel-classes, or ov-coco's split)
   build_model          Deformable DETR (§3.1) with AlignNet (Eq. 1-5) and DynQL (Eq. 6-10) attached for training,
                        the set-prediction criterion and the post-processing
   build_optimizer      AdamW with the official parameter groups (§4.1)
-the checks a run makes before any work (`check_device`, `check_output_path`), and the weights a model starts
-from or resumes: `load_checkpoint` (a checkpoint train.py wrote), `load_model_state` (strict, naming what
-differs), `load_pretrained` (a released Deformable DETR: an official .pth, or a transformers checkpoint read by
-transformers_checkpoint.py), `checkpoint_args` / `checkpoint_detector` (evaluate.py's plain detector from a
-checkpoint) and `hf_detector` (from a transformers one). An open-vocabulary checkpoint scores any names at
+the checks a run makes before any work (`check_device`, `check_output_path`, and `check_writes`: no file a command
+writes is one it reads), and the weights a model starts from or resumes: `load_checkpoint` (a checkpoint
+train.py wrote), `load_model_state` (strict, naming what differs), `load_pretrained` (a released Deformable
+DETR: an official .pth, or a transformers checkpoint read by transformers_checkpoint.py, its class rows matched
+to the dataset's classes by name: `class_head_rows`), `checkpoint_args` / `checkpoint_detector` (evaluate.py's
+plain detector from a checkpoint) and `hf_detector` (from a transformers one). An open-vocabulary checkpoint scores any names at
 inference: `checkpoint_vocabulary` embeds them, `checkpoint_detector(..., vocabulary=...)` swaps them in.
 
 No equations of their own. Shape legend: K classes (91 COCO category ids in released heads), D CLIP text width,
 C model width.
 Deviations from the paper: none here (the paper starts from ImageNet weights; released detectors are an extra
-starting point, loaded with the official code's conventions: 91-row heads cut to the dataset's ids, the
-two-stage encoder head's objectness row kept, the ResNet's stem and layer1 frozen). The defaults that differ
-for the CPU demo are train.py's.
+starting point, loaded with the official code's conventions: 91-row COCO heads cut to the dataset's classes (by
+name), the two-stage encoder head's objectness row kept, the ResNet's stem and layer1 frozen). The defaults that
+differ for the CPU demo are train.py's.
 """
 import argparse
 import os

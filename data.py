@@ -3,7 +3,9 @@
 Everything the detector sees comes through `CocoDetection`: COCO 2017 and LVIS v1 (paper §4.1, Tables 1-2),
 OV-COCO (paper §4.2, Table 3), any COCO-format JSON with an image folder, and the embedded procedural `shapes`
 set, which is written once to disk in COCO layout so that the CPU demo runs exactly the code a COCO run runs.
-Category names come from the JSON, because CLIP's label dictionary (AlignNet, Eq. 1) is built from them.
+Category names come from the JSON, because CLIP's label dictionary (AlignNet, Eq. 1) is built from them. A JSON is
+read as UTF-8 (a byte-order mark allowed); every id it relies on (images, categories, annotations) is a unique
+integer. `COCO_ROW_NAMES` names the rows of released COCO detectors' 91-row class heads.
 
 The transforms follow Deformable DETR (Zhu et al., 2021), which took them from DETR: random horizontal flip,
 then either a multi-scale resize (shorter side 480-800 step 32, longer side at most 1333) or a resize to

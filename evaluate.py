@@ -27,6 +27,10 @@ plain (K, D) .pt/.npy table with rows in --classes order. With --images the PNGs
 (category_id is the name's 1-based place in --classes); on a val set the names are matched to its categories by
 name, every name must be one of them, and AP covers the named categories (novel: those the checkpoint did not
 train on).
+Every flag a mode takes acts the same on the eager and the ONNX path (`check_values`); one a mode would ignore is
+refused by name. No mode writes over a file it reads (build.check_writes, before any work): --output, --log,
+--export-onnx and the PNGs of --images and --visualize, by their exact names, against the checkpoints, the
+images, the val set and every other input.
 
 The file holds no equation; the paper content is the protocols above and the score map of Appendix A.1:
 the l2-norm over C of the encoder memory at every location, min-max normalized, values below 0.5 left out.
@@ -638,13 +642,13 @@ def check_cli(cli):
     if len(sources) != 1:
         raise InputError(f"give one of --resume CKPT (written by train.py), --pretrained FOLDER|hf:ORG/NAME and "
                          f"--onnx FILE{'' if not sources else ', not ' + ' and '.join(sources)}")
+    if cli.onnx or cli.export_onnx:
+        check_onnx_cli(cli)
     for flag, path, expected in (("--onnx", cli.onnx, "an .onnx file written by evaluate.py --export-onnx"),
                                  ("--classes-file", cli.classes_file, "a text file, one name a line"),
                                  ("--label-embeddings", cli.label_embeddings, "a .pt or .npy file")):
         if path:
             user_file(path, flag, expected)
-    if cli.onnx or cli.export_onnx:
-        check_onnx_cli(cli)
     if cli.pretrained and (cli.classes or cli.classes_file or cli.label_embeddings):
         raise InputError("--pretrained: a released Deformable DETR has a fixed class head and cannot score other names; "
                          "--classes needs an open-vocabulary checkpoint of train.py (--novel-classes or --dataset "

@@ -10,7 +10,9 @@ inference, among any other names, gets exactly the row it had in training.
 
 A label-embeddings file replaces the encoder: a (K, D) table (.pt or .npy) whose rows follow the class order, or
 a named table, a .pt holding {"names": [K strings], "embeddings": (K, D) float tensor}, whose rows are looked up
-by name (training picks its categories' rows; inference the names asked for).
+by name (training picks its categories' rows; inference the names asked for). Whatever the source, two classes
+whose rows point the same way are refused (`check_distinct_rows`): CLIP's tokenizer lower-cases and reads 77
+tokens, so 'red box' and 'Red Box' would be scored alike and every detection reported twice.
 
 Shapes: K classes, D CLIP text embedding width (1024 for RN50x64).
 

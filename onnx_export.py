@@ -15,7 +15,9 @@ whatever --attn-impl the checkpoint names.
             them all
   outside   decoding, resizing, normalizing and padding images, and the top-k post-processing (PostProcess)
   metadata  class names and category ids, the val transforms' dataset and sizes, the batch size and the top-k
-            (metadata_props, JSON values), so the file alone runs `--onnx FILE --images DIR`
+            (metadata_props, JSON values), so the file alone runs `--onnx FILE --images DIR`; OnnxDetector checks
+            the graph's inputs and outputs too (`check_graph_signature`), so another model carrying the metadata
+            is one line, not an onnxruntime error at the first image
 Exporter: torch.onnx.export(dynamo=True) (torch.export and onnxscript). The TorchScript exporter records the level
 sizes as constants, and its graph gave wrong boxes, silently, at any size but the traced one; torch.export keeps
 H and W symbolic because model.py carries the level sizes as Python ints (`level_shapes`) and builds its grids

@@ -355,7 +355,8 @@ def test_annotation_files_are_utf8_with_or_without_a_byte_order_mark(encoding, a
 @pytest.mark.parametrize("annotations, error", [
     ([ann(4, 5, 3, [0, 0, 5, 5]), ann(4, 5, 7, [1, 1, 5, 5])], "annotation id 4 is used by more than one annotation"),
     ([ann(4, 5, 3, [0, 0, 5, 5]), ann(4, 5, 3, [1, 1, 5, 5], iscrowd=1)], "annotation id 4 is used by more than one"),
-    ([{k: v for k, v in ann(4, 5, 3, [0, 0, 5, 5]).items() if k != "id"}], "annotation {.* has no 'id', expected a unique integer"),
+    ([{k: v for k, v in ann(4, 5, 3, [0, 0, 5, 5]).items() if k != "id"}],
+     "annotation {.* has no 'id', expected a unique integer"),
     ([ann("4", 5, 3, [0, 0, 5, 5])], "annotation '4' has id '4' \\(a str\\), expected an integer"),
     ([ann(4.0, 5, 3, [0, 0, 5, 5])], "annotation 4.0 has id 4.0 \\(a float\\)"),
     ([ann(True, 5, 3, [0, 0, 5, 5])], "annotation True has id True \\(a bool\\)"),

@@ -426,7 +426,7 @@ def test_a_second_run_never_overwrites_the_first_runs_checkpoint(shapes, tmp_pat
     train.main(parse_args(*argv))
     first = (out / "checkpoint.pth").read_bytes()
     code, lines = run_cli(train.cli, argv, capsys)
-    assert_one_line(code, lines, "holds the checkpoint of an earlier run, which this run would overwrite")
+    assert_one_line(code, lines, "holds checkpoint.pth and log.jsonl of an earlier run, which this run would overwrite")
     assert (out / "checkpoint.pth").read_bytes() == first and not (out / train.LOCK_NAME).exists()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -813,7 +813,8 @@ BAD_VALUES = [(["--min-size", "0"], "--min-size 0: expected a number >= 1"),
               (["--num-workers", "-1"], "--num-workers -1: expected a number >= 0"),
               (["--score-threshold", "1.5"], "--score-threshold 1.5: expected a score in [0, 1]"),
               (["--score-threshold", "nan"], "--score-threshold nan: expected a score in [0, 1]"),
-              (["--min-size", "97", "--max-size", "96"], "--min-size 97 / --max-size 96: expected min-size <= max-size")]
+              (["--min-size", "97", "--max-size", "96"],
+               "--min-size 97 / --max-size 96: expected min-size <= max-size")]
 
 
 @pytest.mark.parametrize("flags, named", BAD_VALUES, ids=[" ".join(flags) for flags, _ in BAD_VALUES])
@@ -901,8 +902,9 @@ def test_a_text_file_in_another_encoding_is_one_line(what, content, named, user_
         argv[argv.index("--train-json") + 1] = str(path)
         code, lines = run_cli(train.cli, argv, capsys)
     elif what == "--classes-file":
-        code, lines = run_cli(evaluate.cli, ["--resume", user_files["ck"], "--images", user_files["photos"],
-                                             "--output-dir", str(tmp_path / "out"), "--classes-file", str(path)], capsys)
+        argv = ["--resume", user_files["ck"], "--images", user_files["photos"], "--output-dir", str(tmp_path / "out"),
+                "--classes-file", str(path)]
+        code, lines = run_cli(evaluate.cli, argv, capsys)
     else:
         (tmp_path / "hf").mkdir()
         path = (tmp_path / "hf" / "config.json")
@@ -1018,7 +1020,8 @@ def test_a_full_disk_while_writing_pngs_or_the_log_is_one_line(user_files, tmp_p
         return lambda path, mode="r", *a, **k: (real_open("/dev/full", "w" + mode.strip("wa")) if full(str(path), mode)
                                                 else real_open(path, mode, *a, **k))
     argv = ["--resume", user_files["ck"], "--images", user_files["photos"], "--min-size", "64", "--max-size", "96"]
-    monkeypatch.setattr("builtins.open", open_on_a_full_disk(lambda path, mode: ".png." in path and path.endswith(TEMP)))
+    png = lambda path, mode: ".png." in path and path.endswith(TEMP)  # noqa: E731  a PNG's temporary file
+    monkeypatch.setattr("builtins.open", open_on_a_full_disk(png))
     code, lines = run_cli(evaluate.cli, [*argv, "--output-dir", str(tmp_path / "pngs")], capsys)
     assert_one_line(code, lines, f"cannot write {tmp_path / 'pngs' / 'a.png'}: No space left on device")
     monkeypatch.undo()
@@ -1108,3 +1111,18 @@ def test_a_run_resumed_from_elsewhere_fills_an_empty_folder_and_a_linked_folder_
     train.main(parse_args(*argv, "--output-dir", tmp_path / "b", "--epochs", "3", "--resume",
                           tmp_path / "b-link" / "checkpoint.pth"))
     assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.parametrize("method, flags, said", [
+    ("baseline", ["--align-feature", "label", "--dynql-rho", "0.5"], "--align-feature and --dynql-rho not used by "
+                                                                      "--method baseline"),
+    ("dynql", ["--align-loss-coef", "2"], "--align-loss-coef not used by --method dynql"),
+    ("alignnet", ["--dynql-betas", "0.5"], "--dynql-betas not used by --method alignnet"),
+])
+def test_training_module_flags_a_method_does_not_use_are_said_so(method, flags, said, tmp_path, capsys):
+    """A Table 4 sweep gives every method the same flags: a method that builds no AlignNet, no alignment loss or no
+    DynQL says which of them it does not use (the methods that do use them say nothing)."""
+    parse_args(*QUICK, *write_set(tmp_path), "--method", method, *flags)
+    assert said in capsys.readouterr().out
+    parse_args(*QUICK, *write_set(tmp_path), "--method", "clip-detr", *flags)
+    assert "not used" not in capsys.readouterr().out

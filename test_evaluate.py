@@ -251,8 +251,8 @@ def test_ov_coco_evaluation_reports_novel_base_all(ov_coco, tmp_path, monkeypatc
     table = tmp_path / "labels.pt"
     torch.save(torch.randn(len(COCO_80), 16), table)
     args = parse_args(
-        "--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY_MODEL, "--backbone", "resnet18", "--method", "baseline",
-        "--device", "cpu", "--label-embeddings", str(table))
+        "--dataset", "ov-coco", "--data-path", str(ov_coco), *TINY_MODEL, "--backbone", "resnet18", "--method",
+        "baseline", "--device", "cpu", "--label-embeddings", str(table))
     model, _, _ = build.build_model(args, COCO_80)
     assert isinstance(model.class_embed[0], LabelEmbeddingClassifier)
     ckpt = str(tmp_path / "ov.pth")

@@ -155,7 +155,8 @@ LONG = ' '.join(['striped'] * 80)  # a prompt of more than CLIP's 77 tokens: wha
     (['red box', 'Red Box'], "CLIP's tokenizer lower-cases text and collapses spaces"),
     (['red box', 'red   box'], "CLIP's tokenizer lower-cases text and collapses spaces"),
     (['cat', 'dog', 'DOG'], "CLIP's tokenizer lower-cases text and collapses spaces"),
-    ([f'{LONG} cat', f'{LONG} dog'], "they differ only past CLIP's 77-token context, prompt 'a photo of a {}' included"),
+    ([f'{LONG} cat', f'{LONG} dog'],
+     "they differ only past CLIP's 77-token context, prompt 'a photo of a {}' included"),
 ], ids=['case', 'spaces', 'among others', 'past the context'])
 def test_names_the_text_encoder_cannot_tell_apart_are_refused(names, why, capsys):
     """Two names with one row would be scored alike: every detection twice, under two names. The encoder runs, and
@@ -192,8 +193,8 @@ def test_names_the_text_encoder_tells_apart_keep_their_rows():
     assert table.shape[0] == len(names) and not label_dictionary._same_rows(table)
 
 
-@pytest.mark.parametrize('damage', [b'', b'PK\x03\x04 cut short', torch.zeros(3, 4), torch.ones(2, 4, dtype=torch.int64),
-                                    torch.full((2, 4), float('nan'))],
+@pytest.mark.parametrize('damage', [b'', b'PK\x03\x04 cut short', torch.zeros(3, 4),
+                                    torch.ones(2, 4, dtype=torch.int64), torch.full((2, 4), float('nan'))],
                          ids=['empty', 'truncated', 'other shape', 'integers', 'NaN'])
 def test_a_damaged_cache_is_recomputed_said_once_and_replaced(damage, capsys, monkeypatch):
     """The cache is the project's own file: a damaged one is recomputed, said once, and written again, so the next

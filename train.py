@@ -15,6 +15,9 @@ Paper ablations as flags:
   Table 8   --dynql-rho 1.0
   Table 3   --dataset ov-coco; --novel-classes NAME [NAME ...] holds out any categories of any dataset
 
+A run owns its --output-dir (run.lock, checkpoint.pth, log.jsonl): it never writes over another run's files
+(`claim_output_dir`) nor over a file it reads (build.check_writes); flags of another kind of dataset are refused.
+
 Every loss term of one step (Eq. 5 `loss_align`, Eq. 10 `loss_dynql_*`, the set-prediction terms) is
 logged separately, one JSON line per epoch in OUTPUT_DIR/log.jsonl; with DynQL also `z_attr_norm` (mean
 ||z_attr|| before Eq. 6's rescaling) and `dynql_b{beta}_{ce,bbox,giou}`, the last layer's DynQL loss per
@@ -234,6 +237,22 @@ def check_dataset_flags(args):
                          "--val-json and --val-images name: drop it")
 
 
+# The flags of the training modules, and the methods that build what each configures.
+METHOD_FLAGS = {"align_feature": ("alignnet", "dynql", "clip-detr"), "align_loss_coef": ("alignnet", "clip-detr"),
+                "dynql_betas": ("dynql", "clip-detr"), "dynql_rho": ("dynql", "clip-detr")}
+
+
+def note_method_flags(args):
+    """Say which given training-module flags the method does not use. Not an error, as for the label flags of the
+    baseline: a sweep over Table 4's methods passes every method the same flags."""
+    defaults = {action.dest: action.default for action in get_parser()._actions}
+    unused = [f"--{key.replace('_', '-')}" for key, methods in METHOD_FLAGS.items()
+              if getattr(args, key) != defaults[key] and args.method not in methods]
+    if unused and is_main():
+        print(f"note: {' and '.join(unused)} not used by --method {args.method} (AlignNet: alignnet, dynql, "
+              "clip-detr; its loss: alignnet, clip-detr; DynQL: dynql, clip-detr)")
+
+
 def native_bf16(device):
     """True where bf16 autocast pays: the device multiplies bf16 in hardware. On a CPU without AVX512-BF16 or
     AMX, oneDNN emulates bf16 and a step is slower than in float32 (3x measured for the COCO model)."""
@@ -276,6 +295,7 @@ def finalize_args(args):
         if given:
             print(f"note: {' and '.join(given)} not used: --method baseline without --novel-classes builds no label "
                   "dictionary")
+    note_method_flags(args)
     if any(epoch < 0 for epoch in args.lr_drop):
         raise InputError(f"--lr-drop {' '.join(map(str, args.lr_drop))}: expected epochs >= 0")
     if args.dataset == "ov-coco" and args.novel_classes:

@@ -3,8 +3,9 @@
 `--pretrained FOLDER|hf:ORG/NAME` (train.py and evaluate.py) starts from a released detector saved by
 transformers: a save_pretrained folder (config.json + model.safetensors or pytorch_model.bin) or a hub id
 hf:ORG/NAME (also hf-hub:ORG/NAME, timm's and open_clip's spelling), downloaded through huggingface_hub. No
-transformers is needed: config.json is checked against the built detector and the names are mapped onto the
-official ones, strictly (every tensor of the model filled once, nothing of the file left over). build.py's
+transformers is needed: config.json (UTF-8) is checked against the built detector and the names are mapped onto
+the official ones, strictly (every tensor of the model filled once, nothing of the file left over); its id2label
+names the class head's rows (`hf_class_names`), which build.py matches to the dataset's classes by name. build.py's
 `load_pretrained` hands a folder or hub id here and loads the state it gets back.
 
   transformers                                     official (this model)
