@@ -644,11 +644,6 @@ def check_cli(cli):
                          f"--onnx FILE{'' if not sources else ', not ' + ' and '.join(sources)}")
     if cli.onnx or cli.export_onnx:
         check_onnx_cli(cli)
-    for flag, path, expected in (("--onnx", cli.onnx, "an .onnx file written by evaluate.py --export-onnx"),
-                                 ("--classes-file", cli.classes_file, "a text file, one name a line"),
-                                 ("--label-embeddings", cli.label_embeddings, "a .pt or .npy file")):
-        if path:
-            user_file(path, flag, expected)
     if cli.pretrained and (cli.classes or cli.classes_file or cli.label_embeddings):
         raise InputError("--pretrained: a released Deformable DETR has a fixed class head and cannot score other names; "
                          "--classes needs an open-vocabulary checkpoint of train.py (--novel-classes or --dataset "
@@ -676,6 +671,12 @@ def check_cli(cli):
     if cli.visualize is not None and (cli.classes or cli.classes_file or cli.label_embeddings):
         raise InputError("--visualize draws the checkpoints' own classes: drop --classes/--classes-file/"
                          "--label-embeddings, or detect the names with --images")
+    # Files named by a flag, once the flags make sense together: a folder given for one is named as such.
+    for flag, path, expected in (("--onnx", cli.onnx, "an .onnx file written by evaluate.py --export-onnx"),
+                                 ("--classes-file", cli.classes_file, "a text file, one name a line"),
+                                 ("--label-embeddings", cli.label_embeddings, "a .pt or .npy file")):
+        if path:
+            user_file(path, flag, expected)
 
 
 # Flags --visualize has no use for: it draws one image at a time and writes no results JSON.
