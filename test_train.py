@@ -13,7 +13,7 @@ import build
 import errors
 import evaluate
 import train
-from conftest import HERE, TINY
+from conftest import HERE, TINY, TINY_MODEL
 from errors import InputError
 
 # Whole runs through the command lines: the full tier only (`pytest -m "not slow"` leaves them out).
@@ -229,12 +229,12 @@ def test_cli_errors_are_one_line(tmp_path, cache):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     (tmp_path / "imgs").mkdir()
-    cases = [(["--dataset", "coco", "--data-path", "/nonexistent/coco"], "/nonexistent/coco"),
-             (["--dataset", "custom", "--train-json", bad, "--train-images", tmp_path / "imgs", "--val-json", bad,
-               "--val-images", tmp_path / "imgs"], str(bad)),
-             (["--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth")]
-    results = run_clis("train.py", [[*TINY, "--data-path", cache / "shapes", "--output-dir", tmp_path / f"o{i}", *argv]
-                                    for i, (argv, _) in enumerate(cases)], env_extra={"CLIP_DETR_CACHE": str(cache)})
+    cases = [([*TINY_MODEL, "--dataset", "coco", "--data-path", "/nonexistent/coco"], "/nonexistent/coco"),
+             ([*TINY_MODEL, "--dataset", "custom", "--train-json", bad, "--train-images", tmp_path / "imgs",
+               "--val-json", bad, "--val-images", tmp_path / "imgs"], str(bad)),
+             ([*TINY, "--data-path", cache / "shapes", "--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth")]
+    results = run_clis("train.py", [[*argv, "--output-dir", tmp_path / f"o{i}"] for i, (argv, _) in enumerate(cases)],
+                       env_extra={"CLIP_DETR_CACHE": str(cache)})
     for (argv, expected), result in zip(cases, results):
         assert result.returncode != 0, argv
         lines = result.stderr.strip().splitlines()
@@ -464,7 +464,7 @@ def test_shapes_is_evaluated_on_batches_of_one_aspect(tmp_path, monkeypatch, tin
                         or real(model, post, loader, *a, **k))
     flags = ("--shapes-num-val", "12", "--batch-size", "3", "--epochs", "1", "--max-steps", "1")
     train.main(tiny_args(*flags))
-    evaluate.main(["--resume", str(tmp_path / "out" / "checkpoint.pth"), "--output-dir", str(tmp_path / "ev")])
+    evaluate.main(["--resume", str(tmp_path / "out" / "checkpoint.pth")])
     assert len(loaders) == 2
     groups = loaders[0].dataset.aspect_groups()
     in_order = [list(range(i, i + 3)) for i in range(0, 12, 3)]

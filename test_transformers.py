@@ -465,8 +465,10 @@ def test_cli_train_from_a_hub_id_and_evaluate_a_folder(built, coco_dir, hub_cach
     """`train.py --pretrained hf:ORG/NAME` trains CLIP-DETR a step from the cached two-stage checkpoint (flags
     describing its model), `evaluate.py --pretrained FOLDER` scores the checkpoint on the COCO-format val set, and a
     flag that differs from config.json stops train.py with exit status 2 and one line naming both values."""
-    variant = built("two-stage")
-    publish(hub_cache, "ORG/NAME", variant.folder)
+    # The checkpoint's 91 rows named as the hub's COCO checkpoints name them, so the COCO set's classes meet them.
+    folder = tmp_path / "coco-head"
+    edit_config(built("two-stage").folder, folder, id2label={str(i): name for i, name in HUB_ROW_NAMES.items()})
+    publish(hub_cache, "ORG/NAME", folder)
     common = ["--dataset", "coco", "--data-path", str(coco_dir), "--device", "cpu", "--min-size", "64",
               "--max-size", "96"]
     argv = [*common, *TINY_FLAGS, "--label-embeddings", str(coco_dir / "labels.pt"), "--epochs", "1",
@@ -477,8 +479,8 @@ def test_cli_train_from_a_hub_id_and_evaluate_a_folder(built, coco_dir, hub_cach
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert log[-1]["train_steps"] == 1 and "train_loss_align" in log[-1]
 
-    result = evaluate.main([*common, "--pretrained", variant.folder, "--batch-size", "1"])
-    assert result["checkpoint"] == variant.folder and len(result["coco_stats"]) == 12
+    result = evaluate.main([*common, "--pretrained", str(folder), "--batch-size", "1"])
+    assert result["checkpoint"] == str(folder) and len(result["coco_stats"]) == 12
     assert "loaded transformers checkpoint" in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as exit_info:
