@@ -35,12 +35,14 @@
 Shape legend (attention): value (B, S_all, M, C/M), sampling locations (B, Lq, M, L, P, 2), B batch, Lq
 queries, M heads, L levels, P points, S_all = sum_l H_l*W_l.
 
+bench.py is a command like train.py: a bad flag (a count below 1, a device this machine lacks, an unknown method)
+or a failed worker run ends in one line on stderr and exit status 2.
+
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is the peak resident set size of a
 fresh process per configuration (so numbers include the Python/torch baseline of ~0.5 GB).
 
 Deviations from the paper: none (the paper reports no timings).
 """
-import argparse
 import contextlib
 import functools
 import itertools
@@ -55,6 +57,8 @@ import tempfile
 import time
 
 import torch
+
+from errors import ArgumentParser, InputError, error_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -176,11 +180,17 @@ def _train_worker(argv, steps, out_path):
 
 def measure_train_steps(argv, steps, env=None):
     """{"step_s", "peak_mib"} of train.py's configuration `argv` in a fresh process: the median step time over
-    `steps` steps on fixed batches, and the process's peak memory (results.py's cost table reads it too)."""
+    `steps` steps on fixed batches, and the process's peak memory (results.py's cost table reads it too). The
+    worker's failure (a bad train.py flag, a bad input: its one error line) is an InputError carrying that line."""
     with tempfile.TemporaryDirectory(prefix="clip-detr-bench-") as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.abspath(__file__), "_worker", "--steps", str(steps), "--out", out, "--", *argv]
-        subprocess.run(cmd, check=True, cwd=HERE, env=dict(env or os.environ, HF_HUB_OFFLINE="1"))
+        run = subprocess.run(cmd, cwd=HERE, env=dict(env or os.environ, HF_HUB_OFFLINE="1"), stderr=subprocess.PIPE,
+                             text=True)
+        if run.returncode:
+            said = (run.stderr.strip().splitlines() or ["no error message"])[-1].removeprefix("error: ")
+            raise InputError(f"bench.py train: the run of {' '.join(argv)} failed: {said}")
+        sys.stderr.write(run.stderr)
         with open(out) as f:
             return json.load(f)
 
@@ -497,12 +507,8 @@ def bench_onnx(args):
     import tempfile
 
     import onnx_export
-    from errors import InputError
-    try:
-        for module in ("onnx", "onnxscript", "onnxruntime"):
-            onnx_export.require_package(module, "bench.py onnx")
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        onnx_export.require_package(module, "bench.py onnx")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -683,8 +689,28 @@ def bench_profile(args):
         print(f"{name:>40} {fwd:11.1f} {bwd:12.1f} {100 * (fwd + bwd) / wall:5.1f}%")
 
 
+# Counts of each command that must be at least 1 (a median of no repeats is no number), and the smallest --size.
+COUNTS = ("repeats", "steps", "rounds", "rows")
+HF_MIN_SIZE = 160
+
+
+def check_args(args):
+    """The flags' values, before anything is measured: counts >= 1, a device this machine has."""
+    for key in COUNTS:
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise InputError(f"--{key} {value}: expected a number >= 1")
+    if getattr(args, "size", HF_MIN_SIZE) < HF_MIN_SIZE:
+        raise InputError(f"--size {args.size}: expected at least {HF_MIN_SIZE} pixels (transformers needs 300 "
+                         "encoder positions)")
+    if getattr(args, "device", None) is not None:
+        from build import check_device
+        check_device(args.device)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser("bench", description=__doc__.split("\n")[0])
+    from train import METHODS
+    p = ArgumentParser("bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("attn")
     a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -692,12 +718,12 @@ def main(argv=None):
     t = sub.add_parser("train")
     t.add_argument("--device", default="cpu")
     t.add_argument("--steps", type=int, default=10)
-    t.add_argument("--methods", nargs="+", default=["baseline", "alignnet", "dynql", "clip-detr"])
+    t.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     t.add_argument("extra", nargs="*", help="more train.py flags after --")
     c = sub.add_parser("coco-step")
     c.add_argument("--device", default="cpu")
     c.add_argument("--steps", type=int, default=3)
-    c.add_argument("--method", default="baseline")
+    c.add_argument("--method", default="baseline", choices=METHODS)
     gp = sub.add_parser("gpu", help="CUDA tests, attention benchmark and COCO training steps in one table")
     gp.add_argument("--steps", type=int, default=20)
     gp.add_argument("--repeats", type=int, default=10)
@@ -726,6 +752,7 @@ def main(argv=None):
     w.add_argument("--out")
     w.add_argument("argv", nargs="*")
     args = p.parse_args(argv)
+    check_args(args)
     if args.what == "_worker":
         _train_worker(args.argv, args.steps, args.out)
         return
@@ -733,5 +760,15 @@ def main(argv=None):
      "amp": bench_amp, "profile": bench_profile, "onnx": bench_onnx}[args.what](args)
 
 
+def cli(argv=None):
+    """main() with bad input (a flag's value, a device this machine lacks, a failed worker run) as one line on
+    stderr and exit status 2, as train.py and evaluate.py do; bugs keep their traceback."""
+    try:
+        main(argv)
+    except (InputError, FileNotFoundError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

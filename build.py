@@ -3,25 +3,27 @@
 train.py and evaluate.py are peers that both import this module; nothing below it reads an argparse
 namespace. Everything that turns `args` (train.py's parser, or a checkpoint's stored arguments) into objects is
 here, each in one `build_*` function:
-  build_dataset        the datasets of §4 (COCO, OV-COCO, LVIS, a custom COCO-format JSON, the `shapes` demo)
+  build_dataset        the datasets of §4 (COCO, OV-COCO, LVIS, a custom COCO-format JSON, the `shapes` demo), from
+                       `dataset_location`, the files each reads
   build_label_table    the CLIP label dictionary f_cls of AlignNet (Eq. 2), from label_dictionary.py
   class_split          an open-vocabulary run's base and novel classes (--novel-classes, or ov-coco's split)
   build_model          Deformable DETR (§3.1) with AlignNet (Eq. 1-5) and DynQL (Eq. 6-10) attached for training,
                        the set-prediction criterion and the post-processing
   build_optimizer      AdamW with the official parameter groups (§4.1)
-the checks a run makes before any work (`check_device`, `check_output_path`), and the weights a model starts
-from or resumes: `load_checkpoint` (a checkpoint train.py wrote), `load_model_state` (strict, naming what
-differs), `load_pretrained` (a released Deformable DETR: an official .pth, or a transformers checkpoint read by
-transformers_checkpoint.py), `checkpoint_args` / `checkpoint_detector` (evaluate.py's plain detector from a
-checkpoint) and `hf_detector` (from a transformers one). An open-vocabulary checkpoint scores any names at
+the checks a run makes before any work (`check_device`, `check_output_path`, and `check_writes`: no file a command
+writes is one it reads), and the weights a model starts from or resumes: `load_checkpoint` (a checkpoint
+train.py wrote), `load_model_state` (strict, naming what differs), `load_pretrained` (a released Deformable
+DETR: an official .pth, or a transformers checkpoint read by transformers_checkpoint.py, its class rows matched
+to the dataset's classes by name: `class_head_rows`), `checkpoint_args` / `checkpoint_detector` (evaluate.py's
+plain detector from a checkpoint) and `hf_detector` (from a transformers one). An open-vocabulary checkpoint scores any names at
 inference: `checkpoint_vocabulary` embeds them, `checkpoint_detector(..., vocabulary=...)` swaps them in.
 
 No equations of their own. Shape legend: K classes (91 COCO category ids in released heads), D CLIP text width,
 C model width.
 Deviations from the paper: none here (the paper starts from ImageNet weights; released detectors are an extra
-starting point, loaded with the official code's conventions: 91-row heads cut to the dataset's ids, the
-two-stage encoder head's objectness row kept, the ResNet's stem and layer1 frozen). The defaults that differ
-for the CPU demo are train.py's.
+starting point, loaded with the official code's conventions: 91-row COCO heads cut to the dataset's classes (by
+name), the two-stage encoder head's objectness row kept, the ResNet's stem and layer1 frozen). The defaults that
+differ for the CPU demo are train.py's.
 """
 import argparse
 import os
@@ -105,36 +107,22 @@ def build_val_batches(args, dataset, sampler):
     return torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=False)
 
 
-def build_dataset(image_set, args):
-    """The `image_set` ('train' or 'val') split of args.dataset as a data.CocoDetection.
-
-    Reads args.dataset, args.data_path, args.min_size/max_size, args.novel_classes (held out of 'train'), for
-    'custom' args.{train,val}_{json,images}, and for 'shapes' args.shapes_{num_train, num_val, seed, min_size,
-    max_size, max_objects}.
-    """
+def dataset_location(image_set, args):
+    """(image folders, annotation file, the flag that names them) of the `image_set` split of args.dataset; a
+    missing flag, folder or file of the layout is an error naming it. The `shapes` set's paths are those it has
+    (or will have, once generated) in its cache folder."""
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
-    transforms = build_transforms(image_set, args)
-    # An open-vocabulary run trains on its base categories' annotations only and evaluates base and novel ones.
-    kept = {"transforms": transforms, "drop_flag": "--novel-classes"}
-    split = novel_split(args)
-    if split is not None:
-        base, novel = split
-        kept["drop_cat_names"] = novel if image_set == "train" else ()
-        if base is not None:
-            kept["keep_cat_names"] = base if image_set == "train" else base + novel
     if args.dataset == "shapes":
-        paths = data.make_shapes(args.data_path or cache_dir(), num_train=args.shapes_num_train,
-                                 num_val=args.shapes_num_val, seed=args.shapes_seed, min_size=args.shapes_min_size,
-                                 max_size=args.shapes_max_size, max_objects=args.shapes_max_objects)
-        return data.CocoDetection(paths[f"{image_set}_images"], paths[f"{image_set}_json"], **kept)
+        paths = data.shapes_paths(args.data_path or cache_dir(), **shapes_options(args))
+        return [paths[f"{image_set}_images"]], paths[f"{image_set}_json"], "the shapes set (--data-path)"
     if args.dataset == "custom":
         ann_file, img_folder = getattr(args, f"{image_set}_json"), getattr(args, f"{image_set}_images")
         if not ann_file or not img_folder:
             missing = [flag for flag, value in ((f"--{image_set}-json", ann_file),
                                                 (f"--{image_set}-images", img_folder)) if not value]
             raise InputError(f"dataset 'custom' needs {', '.join(missing)}: a COCO-format JSON and its image folder")
-        return data.CocoDetection(img_folder, ann_file, **kept)
+        return [img_folder], ann_file, f"--{image_set}-json/--{image_set}-images"
     if args.dataset not in DATASETS:
         raise InputError(f"unknown dataset {args.dataset!r}; expected one of {', '.join(map(repr, DATASETS))}")
     layout = LVIS_LAYOUT if args.dataset == "lvis" else COCO_LAYOUT
@@ -146,12 +134,44 @@ def build_dataset(image_set, args):
         # LVIS v1 val draws images from COCO train2017 as well as val2017, so both folders are searched.
         folders = [os.path.join(args.data_path, "train2017"), os.path.join(args.data_path, "val2017")]
         ann_file = os.path.join(args.data_path, "annotations", f"lvis_v1_{image_set}.json")
-        _require([*folders, ann_file], args.dataset, layout)
-        return data.CocoDetection(folders, ann_file, **kept)
-    img_folder = os.path.join(args.data_path, f"{image_set}2017")
-    ann_file = os.path.join(args.data_path, "annotations", f"instances_{image_set}2017.json")
-    _require([img_folder, ann_file], args.dataset, layout)
-    return data.CocoDetection(img_folder, ann_file, **kept)
+    else:
+        folders = [os.path.join(args.data_path, f"{image_set}2017")]
+        ann_file = os.path.join(args.data_path, "annotations", f"instances_{image_set}2017.json")
+    _require([*folders, ann_file], args.dataset, layout)
+    return folders, ann_file, "--data-path"
+
+
+def dataset_files(image_set, args):
+    """(flag, path) of what the `image_set` split reads, its image folders and its JSON, for `check_writes`."""
+    folders, ann_file, flag = dataset_location(image_set, args)
+    return [(flag, path) for path in [*folders, ann_file]]
+
+
+def shapes_options(args):
+    """make_shapes' keyword arguments from the --shapes-* flags."""
+    return dict(num_train=args.shapes_num_train, num_val=args.shapes_num_val, seed=args.shapes_seed,
+                min_size=args.shapes_min_size, max_size=args.shapes_max_size, max_objects=args.shapes_max_objects)
+
+
+def build_dataset(image_set, args):
+    """The `image_set` ('train' or 'val') split of args.dataset as a data.CocoDetection, from `dataset_location`.
+
+    Reads args.dataset, args.data_path, args.min_size/max_size, args.novel_classes (held out of 'train'), for
+    'custom' args.{train,val}_{json,images}, and for 'shapes' args.shapes_{num_train, num_val, seed, min_size,
+    max_size, max_objects} (the set is generated into its cache folder the first time).
+    """
+    folders, ann_file, _ = dataset_location(image_set, args)
+    if args.dataset == "shapes":
+        data.make_shapes(args.data_path or cache_dir(), **shapes_options(args))
+    # An open-vocabulary run trains on its base categories' annotations only and evaluates base and novel ones.
+    kept = {"transforms": build_transforms(image_set, args), "drop_flag": "--novel-classes"}
+    split = novel_split(args)
+    if split is not None:
+        base, novel = split
+        kept["drop_cat_names"] = novel if image_set == "train" else ()
+        if base is not None:
+            kept["keep_cat_names"] = base if image_set == "train" else base + novel
+    return data.CocoDetection(folders if len(folders) > 1 else folders[0], ann_file, **kept)
 
 
 def novel_split(args):
@@ -309,6 +329,62 @@ def check_output_path(path, flag, folder=True):
                          "writable folder") from None
 
 
+def _entries(path):
+    """The directory entries a path stands for, as (folder resolved, name): its own, and where it is a link, the
+    file it reaches. A file is replaced through its own entry (a rename) or written through the link (an open)."""
+    own = os.path.abspath(path)
+    real = os.path.realpath(path)
+    return {(os.path.realpath(os.path.dirname(own)), os.path.basename(own)),
+            (os.path.dirname(real), os.path.basename(real))}
+
+
+def _inode(path):
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def check_writes(writes, reads):
+    """Refuse, before any work, a command that would write over what it reads: `writes` are (flag, path) of the
+    files it will write, `reads` (flag, path) of the files and folders it reads, a folder standing for every file
+    in it (an --images folder, a dataset's image folder). A written path collides with a read one when both name
+    one directory entry (relative paths, `..` and linked folders resolved), when one reaches the other through a
+    symlink, or when both are one file (a hard link); two writes of one file collide as well. The InputError
+    names both flags and the file."""
+    owners, inodes = {}, {}
+    for flag, path in reads:
+        if not path or not os.path.exists(path):
+            continue
+        if os.path.isdir(path):
+            folder = os.path.realpath(path)
+            with os.scandir(path) as members:
+                for member in members:
+                    if not member.is_file():
+                        continue
+                    where = f"a file of {flag} {path}"
+                    owners.setdefault((folder, member.name), where)
+                    if member.is_symlink():
+                        for entry in _entries(member.path):
+                            owners.setdefault(entry, where)
+        else:
+            for entry in _entries(path):
+                owners.setdefault(entry, f"{flag} {path}")
+            inodes.setdefault(_inode(path), f"{flag} {path}")
+    written = {}
+    for flag, path in writes:
+        entries = _entries(path)
+        read = next((owners[e] for e in entries if e in owners), None) or inodes.get(_inode(path) or ())
+        if read is not None:
+            raise InputError(f"{flag} would write {path}, which is {read}: a command never writes over what it "
+                             f"reads; choose another {flag}")
+        twice = next((written[e] for e in entries if e in written), None)
+        if twice is not None and twice != flag:
+            raise InputError(f"{twice} and {flag} would both write {path}: choose other paths")
+        written.update(dict.fromkeys(entries, flag))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints and the weights a run starts from
 # ----------------------------------------------------------------------------------------------------------
@@ -373,36 +449,61 @@ def official_checkpoint_state(path):
     return state, f"official checkpoint {path}"
 
 
+def class_head_rows(row_names, class_names, source):
+    """The row of a checkpoint's class head for each of `class_names`, matched by name: `row_names` names the
+    head's rows (None for a row without a class). A name the head lacks, or holds in two rows, is an InputError
+    naming it: a class is never given another class's row."""
+    rows = {}
+    for row, name in enumerate(row_names):
+        if name is not None:
+            rows.setdefault(name, []).append(row)
+    missing = [n for n in class_names if n not in rows]
+    twice = [n for n in class_names if len(rows.get(n, ())) > 1]
+    if missing or twice:
+        named = [n for n in row_names if n is not None]
+        problem = (f"the dataset's categories {missing[:5]}{' ...' if len(missing) > 5 else ''} are not among them"
+                   if missing else f"it names {twice[:5]} in more than one row")
+        raise InputError(f"{source}: its class head scores {len(named)} named classes ({', '.join(named[:8])}"
+                         f"{' ...' if len(named) > 8 else ''}); {problem}, expected each of the dataset's category "
+                         "names once (classes are matched by name, not by position or id)")
+    return [rows[n][0] for n in class_names]
 
-def coco_class_heads(state, model, cat_ids, source):
-    """A checkpoint's 91-row COCO class heads (one row per COCO category id 0-90) for the dataset's classes: class
-    k gets row cat_ids[k]. The two-stage encoder head keeps rows 0..K-1, so its objectness row 0 stays column 0:
-    it is class-agnostic (every target is class 0, proposals are ranked by that logit), its other rows only ever
-    saw negatives. `source` names the checkpoint in errors."""
+
+def select_class_rows(state, model, rows):
+    """Cut a checkpoint's class heads to the model's classes: decoder head row `rows[k]` becomes class k. The
+    two-stage encoder head keeps rows 0..K-1 in place, so its objectness row 0 stays column 0: it is
+    class-agnostic (every target is class 0, proposals are ranked by that logit), its other rows only ever saw
+    negatives."""
     encoder_head = f"class_embed.{model.transformer.decoder.num_layers}." if model.two_stage else None
+    first = next((v for k, v in state.items() if "class_embed" in k), None)
     for key in list(state):
-        if "class_embed" not in key or state[key].shape[0] != 91:
+        if "class_embed" not in key or state[key].shape[0] != first.shape[0]:
             continue
         if encoder_head and key.removeprefix("transformer.decoder.").startswith(encoder_head):
-            state[key] = state[key][:len(cat_ids)]
-        elif all(0 <= c < 91 for c in cat_ids):
-            state[key] = state[key][torch.as_tensor(cat_ids)]
+            state[key] = state[key][:len(rows)]
         else:
-            bad = [c for c in cat_ids if not 0 <= c < 91]
-            raise InputError(f"{source}: its class heads have one row per COCO category id 0-90; the dataset's "
-                             f"category ids {bad[:3]}{'...' if len(bad) > 3 else ''} are not among them")
+            state[key] = state[key][torch.as_tensor(rows)]
 
 
-def load_pretrained(model, source, cat_ids):
+def load_pretrained(model, source, class_names):
     """--pretrained: a released Deformable DETR as the starting point, strictly loaded: an official checkpoint
-    (.pth) or transformers' (a save_pretrained folder or a hub id hf:ORG/NAME). COCO heads as `coco_class_heads`
-    says; then the ResNet's stem and layer1 freeze, as the official code freezes a pretrained ResNet's."""
+    (.pth) or transformers' (a save_pretrained folder or a hub id hf:ORG/NAME). Its class head's rows meet the
+    dataset's `class_names` by name (`class_head_rows`): a transformers checkpoint names them in config.json
+    (id2label); an official one, or one whose id2label holds transformers' placeholders, has COCO's 91-row head,
+    row i being COCO category id i. Then the ResNet's stem and layer1 freeze, as the official code freezes a
+    pretrained ResNet's."""
     if isinstance(model.class_embed[0], LabelEmbeddingClassifier):
         raise InputError(f"--pretrained {source}: a checkpoint's linear class head cannot initialise the "
                          "open-vocabulary head (--novel-classes, --dataset ov-coco); train it without --pretrained")
-    state, what = (hf_checkpoint_state(model, source) if is_hf_checkpoint(source)
-                   else official_checkpoint_state(source))
-    coco_class_heads(state, model, cat_ids, f"--pretrained {source}")
+    if is_hf_checkpoint(source):
+        state, what, row_names = hf_checkpoint_state(model, source)
+    else:
+        (state, what), row_names = official_checkpoint_state(source), None
+    head = next((v for k, v in state.items() if "class_embed" in k), None)
+    if row_names is None and head is not None and head.shape[0] == len(data.COCO_ROW_NAMES):
+        row_names = data.COCO_ROW_NAMES
+    if row_names is not None:
+        select_class_rows(state, model, class_head_rows(row_names, class_names, f"--pretrained {source}"))
     load_model_state(model, state, source)
     model.backbone[0].freeze_stem_and_layer1()
     if is_main():
@@ -512,7 +613,7 @@ HF_EVALUATION_DEFAULTS = dict(dataset="coco", data_path=None, val_json=None, val
 
 def hf_evaluation_checkpoint(source):
     """A stand-in for the dict evaluate.load_checkpoint returns: 'args' rebuild the checkpoint's detector, 'source'
-    names it for `hf_detector`; the weights are read there, once the dataset's category ids are known."""
+    names it for `hf_detector`; the weights are read there, once the dataset's categories are known."""
     config = read_hf_config(hf_checkpoint_files(source)[0], source)
     return {"args": HF_EVALUATION_DEFAULTS | hf_model_args(config), "source": source}
 
@@ -520,5 +621,5 @@ def hf_evaluation_checkpoint(source):
 def hf_detector(source, args, dataset):
     """(model in eval mode on args.device, postprocess) for `evaluate.py --pretrained` on a val set."""
     model, _, postprocess = build_model(args, dataset.cat_names)
-    load_pretrained(model, source, dataset.cat_ids)
+    load_pretrained(model, source, dataset.cat_names)
     return model.to(torch.device(args.device)).eval(), postprocess

@@ -3,7 +3,9 @@
 Everything the detector sees comes through `CocoDetection`: COCO 2017 and LVIS v1 (paper §4.1, Tables 1-2),
 OV-COCO (paper §4.2, Table 3), any COCO-format JSON with an image folder, and the embedded procedural `shapes`
 set, which is written once to disk in COCO layout so that the CPU demo runs exactly the code a COCO run runs.
-Category names come from the JSON, because CLIP's label dictionary (AlignNet, Eq. 1) is built from them.
+Category names come from the JSON, because CLIP's label dictionary (AlignNet, Eq. 1) is built from them. A JSON is
+read as UTF-8 (a byte-order mark allowed); every id it relies on (images, categories, annotations) is a unique
+integer. `COCO_ROW_NAMES` names the rows of released COCO detectors' 91-row class heads.
 
 The transforms follow Deformable DETR (Zhu et al., 2021), which took them from DETR: random horizontal flip,
 then either a multi-scale resize (shorter side 480-800 step 32, longer side at most 1333) or a resize to
@@ -68,7 +70,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert
 
-from errors import InputError
+from errors import InputError, read_text, user_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -331,12 +333,13 @@ def make_transforms(image_set, scales=tuple(range(480, 801, 32)), max_size=1333,
 # ----------------------------------------------------------------------------------------------------------
 
 def _load_coco_json(ann_file):
-    """Parse a COCO-format JSON; a file that is not JSON or lacks a required section is an InputError."""
-    with open(ann_file, "rb") as f:
-        try:
-            data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"annotation file {ann_file} is not valid JSON: {err}") from err
+    """Parse a COCO-format JSON (UTF-8, errors.read_text); a file that is not JSON or lacks a required section is an
+    InputError."""
+    text = read_text(ann_file, "annotation file", "a COCO-format JSON file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"annotation file {ann_file} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise InputError(f"annotation file {ann_file} must hold a JSON object, found {type(data).__name__}")
     missing = [key for key in ("images", "annotations", "categories") if key not in data]
@@ -425,6 +428,25 @@ def _check_images(images, ann_file):
                                  "a positive integer (pixels)")
 
 
+def _check_annotations(annotations, ann_file):
+    """Every annotation needs a unique integer id (pycocotools indexes them by id: a repeated one keeps one box
+    twice and loses the other), and integer image and category ids (which must name an image and a category of
+    the file: checked where they are read)."""
+    seen = set()
+    for ann in annotations:
+        if "id" not in ann:
+            raise InputError(f"annotation file {ann_file}: annotation {json.dumps(ann)[:80]} has no 'id', expected a "
+                             "unique integer id in every annotation")
+        for key in ("id", "image_id", "category_id"):
+            if key in ann and not _is_int(ann[key]):
+                raise InputError(f"annotation file {ann_file}: annotation {ann['id']!r} has {key} {ann[key]!r} (a "
+                                 f"{type(ann[key]).__name__}), expected an integer")
+        if ann["id"] in seen:
+            raise InputError(f"annotation file {ann_file}: annotation id {ann['id']} is used by more than one "
+                             "annotation, expected unique ids")
+        seen.add(ann["id"])
+
+
 class CocoDetection(Dataset):
     """A COCO-format detection dataset giving (image (3, H, W) float, target dict) pairs.
 
@@ -444,10 +466,11 @@ class CocoDetection(Dataset):
                  drop_flag="drop_cat_names"):
         folders = [img_folder] if isinstance(img_folder, (str, os.PathLike)) else list(img_folder)
         for folder in folders:
+            if os.path.isfile(folder):
+                raise InputError(f"image folder {folder} is a file, expected a folder of images")
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"image folder {folder} not found (expected a folder of images)")
-        if not os.path.isfile(ann_file):
-            raise FileNotFoundError(f"annotation file {ann_file} not found (expected a COCO-format JSON file)")
+        user_file(ann_file, "annotation file", "a COCO-format JSON file")
         self.img_folders = [os.fspath(f) for f in folders]
         self.ann_file = os.fspath(ann_file)
         self.transforms = transforms
@@ -456,6 +479,7 @@ class CocoDetection(Dataset):
         self.cat_ids, self.cat_names = _check_categories(data["categories"], ann_file)
         self.label_of = {cat_id: label for label, cat_id in enumerate(self.cat_ids)}
         _check_images(data["images"], ann_file)
+        _check_annotations(data["annotations"], ann_file)
 
         if keep_cat_names is None:
             kept_ids = set(self.cat_ids)
@@ -798,12 +822,27 @@ def _write_shapes_split(folder, split_code, *, num_images, seed, min_size, max_s
     return {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
 
 
-def make_shapes(root, *, num_train=1500, num_val=200, seed=0, min_size=128, max_size=192, max_objects=6):
-    """Write the `shapes` set once under `root` in COCO layout and return its four paths.
+def shapes_paths(root, *, num_train=1500, num_val=200, seed=0, min_size=128, max_size=192, max_objects=6):
+    """The four paths of the `shapes` set of these arguments under `root` (train/val images and JSONs), whether it
+    is generated yet or not: the set lives in root/<key>, the key naming every argument, so other arguments never
+    reuse it."""
+    key = (f"shapes-v{SHAPES_VERSION}-s{seed}-n{num_train}-{num_val}"
+           f"-px{min_size}-{max_size}-o{max_objects}")
+    final = os.path.join(root, key)
+    return {
+        "train_images": os.path.join(final, "train"),
+        "val_images": os.path.join(final, "val"),
+        "train_json": os.path.join(final, "annotations", "instances_train.json"),
+        "val_json": os.path.join(final, "annotations", "instances_val.json"),
+    }
 
-    The set lives in root/<key>, the key naming every argument, so other arguments never reuse it; it is
-    generated in a temporary folder and moved into place in one step, so an interrupted run leaves nothing
-    that looks complete. Same arguments, same bytes.
+
+def make_shapes(root, *, num_train=1500, num_val=200, seed=0, min_size=128, max_size=192, max_objects=6):
+    """Write the `shapes` set once under `root` in COCO layout (`shapes_paths`) and return its four paths.
+
+    It is generated in a temporary folder and moved into place in one step, so an interrupted run leaves nothing
+    that looks complete. Same arguments, same bytes. A full disk or a folder that cannot be written is an
+    InputError naming `root`.
     """
     if num_train < 1 or num_val < 1:
         raise InputError(f"shapes needs num_train >= 1 and num_val >= 1, got {num_train} and {num_val}")
@@ -812,20 +851,16 @@ def make_shapes(root, *, num_train=1500, num_val=200, seed=0, min_size=128, max_
                          f"got min_size={min_size}, max_size={max_size}")
     if max_objects < 1:
         raise InputError(f"shapes needs max_objects >= 1, got {max_objects}")
-    key = (f"shapes-v{SHAPES_VERSION}-s{seed}-n{num_train}-{num_val}"
-           f"-px{min_size}-{max_size}-o{max_objects}")
-    final = os.path.join(root, key)
-    paths = {
-        "train_images": os.path.join(final, "train"),
-        "val_images": os.path.join(final, "val"),
-        "train_json": os.path.join(final, "annotations", "instances_train.json"),
-        "val_json": os.path.join(final, "annotations", "instances_val.json"),
-    }
+    paths = shapes_paths(root, num_train=num_train, num_val=num_val, seed=seed, min_size=min_size,
+                         max_size=max_size, max_objects=max_objects)
+    final = os.path.dirname(paths["train_images"])
     if os.path.isdir(final):
         return paths
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+    key = os.path.basename(final)
+    tmp = None
     try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
         os.makedirs(os.path.join(tmp, "annotations"))
         for split_code, (split, num_images) in enumerate((("train", num_train), ("val", num_val))):
             coco = _write_shapes_split(os.path.join(tmp, split), split_code, num_images=num_images, seed=seed,
@@ -833,8 +868,11 @@ def make_shapes(root, *, num_train=1500, num_val=200, seed=0, min_size=128, max_
             with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
                 json.dump(coco, f)
         _publish(tmp, final)
+    except OSError as err:
+        raise InputError(f"cannot write the shapes set into {root}: {err.strerror or err} (set --data-path or "
+                         "CLIP_DETR_CACHE to a writable folder)") from None
     finally:
-        if os.path.isdir(tmp):
+        if tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp)
     return paths
 
@@ -871,6 +909,25 @@ OV_COCO_NOVEL = (
     "airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard", "cup",
     "knife", "cake", "couch", "keyboard", "sink", "scissors",
 )
+
+
+# COCO 2017's 80 categories in id order; the ids run from 1 to 90 and leave these ten out. Released COCO detectors
+# (the official Deformable DETR, the hub's transformers ports) have a 91-row class head, row i for category id i.
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+# The name of each row of a 91-row COCO class head (None: an id without a category).
+COCO_ROW_NAMES = tuple(dict(zip([i for i in range(1, 91) if i not in COCO_UNUSED_IDS], COCO_NAMES)).get(row)
+                       for row in range(91))
 
 
 def ov_coco_split(cat_names):

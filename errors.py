@@ -6,9 +6,12 @@ names the bad thing and says what was expected; train.py and evaluate.py print t
 exit 2. Every other exception is a bug and keeps its traceback. This module sits below every other one, so
 any of them can raise it, ask whether it is the main process, or write a file atomically.
 
-`read_torch_file` is torch.load for files a user names (checkpoints, embedding tables), where a damaged
-file is bad input, not a bug. `write_atomically` is how every file a run owns is written (checkpoints, logs,
-results JSON, the label-dictionary cache): a kill or a full disk leaves the old file or the new one.
+`user_file` checks that a path a user names is a file (a folder is named as one), `read_text` reads a text file
+a user names (UTF-8, with or without the byte-order mark editors such as Notepad write) and `read_torch_file` is
+torch.load for the checkpoints and embedding tables a user names, where a damaged file is bad input, not a bug.
+`write_atomically` is how every file a run owns is written (checkpoints, logs, results JSON, PNGs, the
+label-dictionary cache): a kill or a full disk leaves the old file or the new one, and a failed write is one line;
+`append_line` adds a line to a log the user names.
 
 No equations, no tensors (no shape legend). Deviations from the paper: none (the paper has no CLI).
 """
@@ -55,6 +58,36 @@ def is_main():
     return not is_distributed() or dist.get_rank() == 0
 
 
+def user_file(path, what, expected):
+    """Raise unless `path` is a file: a folder is an InputError saying so, a missing path a FileNotFoundError;
+    both name `what` (a flag, or the kind of file), the path and `expected`."""
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a folder, expected {expected}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} not found, expected {expected}")
+
+
+TEXT_ENCODING = "UTF-8 (with or without a byte-order mark)"
+
+
+def read_text(path, what, expected):
+    """The text of a file a user names, decoded as UTF-8; a leading byte-order mark (Windows Notepad writes one) is
+    dropped. Any other encoding (Latin-1, UTF-16, ...) is an InputError naming the file, the first byte that is not
+    UTF-8 and the encoding expected; NUL bytes (UTF-16 text of ASCII letters decodes as UTF-8) count as such."""
+    user_file(path, what, expected)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path} is not {TEXT_ENCODING} text: byte 0x{raw[err.start]:02x} at offset "
+                         f"{err.start} is not UTF-8 (Latin-1 or UTF-16?); save it as UTF-8") from None
+    if "\0" in text:
+        raise InputError(f"{what} {path} is not {TEXT_ENCODING} text: it holds NUL bytes (UTF-16?); save it as "
+                         "UTF-8")
+    return text
+
+
 def read_torch_file(path, what, *, weights_only):
     """torch.load of a file the user named, on the CPU; one torch.save did not write (text, empty, truncated,
     random bytes) is an InputError naming `what` and the path."""
@@ -77,7 +110,8 @@ def read_torch_file(path, what, *, weights_only):
 def cache_dir():
     """Where generated data is kept between runs (the `shapes` set, label dictionaries): $CLIP_DETR_CACHE, else
     ~/.cache/clip-detr."""
-    return os.environ.get("CLIP_DETR_CACHE", os.path.expanduser(os.path.join("~", ".cache", "clip-detr")))
+    # Set but empty (CLIP_DETR_CACHE= in a script) means unset, not the current folder.
+    return os.environ.get("CLIP_DETR_CACHE") or os.path.expanduser(os.path.join("~", ".cache", "clip-detr"))
 
 
 TEMP_SUFFIX = ".tmp"
@@ -102,13 +136,49 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
+class _RecordingWriter:
+    """A binary file for torch.save that keeps the OSError of a failed write: torch's zip writer reports a write
+    that fails after the first one (a disk filling up mid-file) as its own RuntimeError ('unexpected pos'), which
+    names neither the file nor the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def save_torch(path, obj):
-    """torch.save, written atomically through a Python file object: then a full disk is an OSError that says so
-    (torch.save given a path reports it as a bare 'PytorchStreamWriter failed writing file')."""
+    """torch.save, written atomically through a Python file object, so that a full disk is an OSError that says
+    so wherever in the file it happens (torch.save given a path reports a bare 'PytorchStreamWriter failed
+    writing file'; given a file, a write failing mid-file becomes its RuntimeError)."""
     def write(tmp):
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise  # not a failed write: a bug, with its traceback
+                raise writer.error from None
     write_atomically(path, write)
+
+
+def append_line(path, line):
+    """Add one line to a file (evaluate.py --log); a write the system refuses is an InputError naming the path."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def write_json(path, obj):

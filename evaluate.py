@@ -27,6 +27,10 @@ plain (K, D) .pt/.npy table with rows in --classes order. With --images the PNGs
 (category_id is the name's 1-based place in --classes); on a val set the names are matched to its categories by
 name, every name must be one of them, and AP covers the named categories (novel: those the checkpoint did not
 train on).
+Every flag a mode takes acts the same on the eager and the ONNX path (`check_values`); one a mode would ignore is
+refused by name. No mode writes over a file it reads (build.check_writes, before any work): --output, --log,
+--export-onnx and the PNGs of --images and --visualize, by their exact names, against the checkpoints, the
+images, the val set and every other input.
 
 The file holds no equation; the paper content is the protocols above and the score map of Appendix A.1:
 the l2-norm over C of the encoder memory at every location, min-max normalized, values below 0.5 left out.
@@ -66,9 +70,11 @@ from torchvision.utils import draw_bounding_boxes
 
 import data
 from build import (build_dataset, build_transforms, build_val_batches, check_dataset_flags, check_device,
-                   check_output_path, checkpoint_args, checkpoint_classes, checkpoint_detector, checkpoint_vocabulary,
-                   class_split, hf_detector, hf_evaluation_checkpoint, load_checkpoint)
-from errors import ArgumentParser, InputError, error_line, is_distributed, write_json
+                   check_output_path, check_writes, checkpoint_args, checkpoint_classes, checkpoint_detector,
+                   checkpoint_vocabulary, class_split, dataset_files, hf_detector, hf_evaluation_checkpoint,
+                   load_checkpoint)
+from errors import (ArgumentParser, InputError, append_line, error_line, is_distributed, read_text, user_file,
+                    write_atomically, write_json)
 from model import PostProcess
 from onnx_export import ONNX_FORMAT, ONNX_MIN_SIDE, OnnxDetector, export_onnx, require_package
 
@@ -354,16 +360,22 @@ def label_panel(image, text):
 
 
 def save_png(image, path):
-    """Write an image (3, H, W) uint8 as a PNG."""
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)  # (3, H, W) -> (H, W, 3)
+    """Write an image (3, H, W) uint8 as a PNG (errors.write_atomically: a full disk is one line, no half PNG)."""
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+    write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def score_map_png(output_dir, image_path):
+    """Where `visualize` writes the PNG of a val image: its file's stem, .png, in `output_dir`."""
+    return os.path.join(output_dir, os.path.splitext(os.path.basename(image_path))[0] + ".png")
 
 
 @torch.no_grad()
-def visualize(detectors, dataset, postprocess, indices, output_dir, *, class_names, device, score_threshold=0.3):
+def visualize(detectors, dataset, postprocess, indices, output_dir, *, device, score_threshold=0.3):
     """Figure 3 for the val images `indices`: one PNG each, a row [detections | score map] per detector.
 
-    detectors: (label, model) pairs, drawn top to bottom; each panel has the original image's size.
-    Returns the paths written.
+    detectors: (label, model, class names) triples, drawn top to bottom, each detector's boxes named by its own
+    classes; each panel has the original image's size. Returns the paths written.
     """
     os.makedirs(output_dir, exist_ok=True)
     paths = []
@@ -376,7 +388,7 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, class_nam
         original = TF.pil_to_tensor(data.load_rgb(file_path))  # (3, H, W) uint8
         size = target["orig_size"].tolist()
         rows = []
-        for label, model in detectors:
+        for label, model, class_names in detectors:
             model.eval()
             pred = postprocess(model(images, mask), target["orig_size"][None].to(device))[0]
             pred = {k: v.cpu() for k, v in pred.items()}
@@ -386,7 +398,7 @@ def visualize(detectors, dataset, postprocess, indices, output_dir, *, class_nam
             detections = draw_detections(original, pred, class_names, score_threshold)
             rows.append(torch.cat([label_panel(detections, f"{label}: detections"),
                                    label_panel(overlay_score_map(original, score), f"{label}: score map")], dim=2))
-        path = os.path.join(output_dir, os.path.splitext(os.path.basename(file_path))[0] + ".png")
+        path = score_map_png(output_dir, file_path)
         save_png(torch.cat(rows, dim=1), path)
         paths.append(path)
     return paths
@@ -444,16 +456,16 @@ def png_names(names):
 
 
 def detect_folder(model, postprocess, path, *, class_names, cat_ids, device, transforms, output_dir,
-                  batch_size=1, num_workers=0, score_threshold=0.3):
-    """Detections on every image of the folder `path` (or on the one image file `path`): (COCO results list with
-    'file_name', PNG paths).
+                  batch_size=1, num_workers=0, score_threshold=0.3, listing=None):
+    """Detections on every image of the folder `path` (or on the one image file `path`; `listing`: what
+    `list_images(path)` returned, if it was called already): (COCO results list with 'file_name', PNG paths).
 
     Unreadable files, and subfolders, are named in one warning line each on stderr and skipped; photos are
     turned as their EXIF orientation says (boxes refer to the turned image). The results keep every detection
     of the post-processing (a results file is scored later at any threshold); the PNGs draw those scoring
     at least `score_threshold`.
     """
-    folder, names, skipped, subfolders = list_images(path)
+    folder, names, skipped, subfolders = listing or list_images(path)
     if skipped:
         print(f"warning: skipped {len(skipped)} file(s) in {folder} that are not readable images: "
               f"{', '.join(skipped)}", file=sys.stderr)
@@ -469,7 +481,6 @@ def detect_folder(model, postprocess, path, *, class_names, cat_ids, device, tra
     results = to_coco_results(final, cat_ids, class_names)
     for det in results:
         det["file_name"] = names[det["image_id"]]
-    os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index, (name, out_name) in enumerate(zip(names, png_names(names))):
         image = TF.pil_to_tensor(data.load_rgb(os.path.join(folder, name)))  # (3, H, W) uint8
@@ -546,19 +557,21 @@ def export_onnx_mode(cli):
             "bytes": size}
 
 
-def onnx_images_mode(cli):
-    """--onnx FILE --images DIR: `detect_folder` through onnxruntime. Returns (log, results)."""
+def onnx_images_mode(cli, listing=None):
+    """--onnx FILE --images DIR: `detect_folder` through onnxruntime (`listing`: list_images of DIR). Returns (log,
+    results). The flags act as on the eager path (check_cli validated them for both); unset, the graph's stored
+    values stand in for the checkpoint's."""
     detector = OnnxDetector(cli.onnx)
     meta = detector.metadata
-    transforms = data.dataset_transforms("val", shapes=meta["dataset"] == "shapes",
-                                         min_size=cli.min_size or meta["min_size"],
-                                         max_size=cli.max_size or meta["max_size"])
+    given = lambda key: meta[key] if getattr(cli, key) is None else getattr(cli, key)  # noqa: E731
+    transforms = data.dataset_transforms("val", shapes=meta["dataset"] == "shapes", min_size=given("min_size"),
+                                         max_size=given("max_size"))
     results, paths = detect_folder(
         detector, PostProcess(num_select=meta["num_select"]), cli.images, class_names=meta["class_names"],
-        cat_ids=meta["cat_ids"], device=torch.device("cpu"), transforms=transforms, output_dir=cli.output_dir,
-        batch_size=cli.batch_size or meta["batch_size"], num_workers=cli.num_workers,
-        score_threshold=cli.score_threshold)
-    print(f"wrote {len(paths)} annotated PNGs to {cli.output_dir} (onnxruntime, {cli.onnx})")
+        cat_ids=meta["cat_ids"], device=torch.device("cpu"), transforms=transforms, output_dir=output_folder(cli),
+        batch_size=given("batch_size"), num_workers=cli.num_workers or 0, score_threshold=score_threshold(cli),
+        listing=listing)
+    print(f"wrote {len(paths)} annotated PNGs to {output_folder(cli)} (onnxruntime, {cli.onnx})")
     return {"onnx": cli.onnx, "dataset": meta["dataset"], "images": cli.images, "num_images": len(paths),
             "num_detections": len(results)}, results
 
@@ -566,6 +579,19 @@ def onnx_images_mode(cli):
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
+# What --images and --visualize draw and where, unless told otherwise.
+DRAW_THRESHOLD = 0.3
+DEFAULT_OUTPUT_DIR = os.path.join("outputs", "eval")
+
+
+def output_folder(cli):
+    return cli.output_dir or DEFAULT_OUTPUT_DIR
+
+
+def score_threshold(cli):
+    return DRAW_THRESHOLD if cli.score_threshold is None else cli.score_threshold
+
+
 # Flags that override the checkpoint's own arguments.
 OVERRIDES = ("dataset", "data_path", "val_json", "val_images", "device", "batch_size", "attn_impl", "min_size",
              "max_size")
@@ -588,7 +614,7 @@ def get_parser():
     p.add_argument("--val-images", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=None, help="image-loading processes (default: 0, none)")
     p.add_argument("--min-size", type=int, default=None,
                    help="evaluation shorter side, pixels (default: the checkpoint's)")
     p.add_argument("--max-size", type=int, default=None, help="longest image side, pixels (default: the checkpoint's)")
@@ -600,10 +626,13 @@ def get_parser():
     p.add_argument("--visualize", type=int, default=None, metavar="N",
                    help="write detection and score-map PNGs of the first N val images (no AP is computed)")
     p.add_argument("--compare", default=None, metavar="CKPT2", help="with --visualize: a second row for CKPT2")
-    p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help=f"with --images or --visualize: draw detections scoring at least this (default: "
+                        f"{DRAW_THRESHOLD})")
     p.add_argument("--images", default=None, metavar="DIR|FILE",
                    help="detect on every image of a folder, or on one image file (no AP)")
-    p.add_argument("--output-dir", default=os.path.join("outputs", "eval"), help="where PNGs are written")
+    p.add_argument("--output-dir", default=None,
+                   help=f"with --images or --visualize: where PNGs are written (default: {DEFAULT_OUTPUT_DIR})")
     v = p.add_argument_group("vocabulary (open-vocabulary checkpoints: train.py --novel-classes, --dataset ov-coco)")
     v.add_argument("--classes", nargs="+", default=None, metavar="NAME",
                    help="detect exactly these names (default: the checkpoint's classes), embedded with the "
@@ -642,35 +671,48 @@ def check_cli(cli):
         raise InputError("--images runs alone: drop --visualize and --per-layer (they need the val set)")
     if cli.visualize is not None and cli.per_layer:
         raise InputError("--visualize computes no AP: run --per-layer separately")
-    if cli.batch_size is not None and cli.batch_size < 1:
-        raise InputError(f"--batch-size {cli.batch_size}: expected a number >= 1")
-    if cli.num_workers < 0:
-        raise InputError(f"--num-workers {cli.num_workers}: expected a number >= 0")
-    if not 0 <= cli.score_threshold <= 1:
-        raise InputError(f"--score-threshold {cli.score_threshold}: expected a score in [0, 1]")
+    check_values(cli)
+    if cli.visualize is not None and flags_given(cli, VISUALIZE_UNUSED):
+        raise InputError(f"--visualize runs the val images one at a time and writes PNGs, no results: drop "
+                         f"{' '.join(flags_given(cli, VISUALIZE_UNUSED))}")
+    if not (cli.images or cli.visualize is not None) and flags_given(cli, ("score_threshold", "output_dir")):
+        raise InputError(f"{' and '.join(flags_given(cli, ('score_threshold', 'output_dir')))} only act on the PNGs "
+                         "of --images or --visualize: drop them, or add one of those")
     if cli.classes and cli.classes_file:
         raise InputError("--classes and --classes-file both name the vocabulary: give one of them")
     if cli.visualize is not None and (cli.classes or cli.classes_file or cli.label_embeddings):
         raise InputError("--visualize draws the checkpoints' own classes: drop --classes/--classes-file/"
                          "--label-embeddings, or detect the names with --images")
-    unused = flags_given(cli, ("batch_size", "num_workers", "output")) if cli.visualize is not None else []
-    if unused:
-        raise InputError(f"--visualize runs one image at a time and writes PNGs, no results JSON: drop "
-                         f"{' '.join(unused)}")
-    drawn = flags_given(cli, ("score_threshold", "output_dir"))
-    if drawn and not (cli.images or cli.visualize is not None):
-        raise InputError(f"{' and '.join(drawn)} only set(s) what --images and --visualize draw, and the val set's AP "
-                         f"draws nothing: drop {' '.join(drawn)}")
+    # Files named by a flag, once the flags make sense together: a folder given for one is named as such.
+    for flag, path, expected in (("--onnx", cli.onnx, "an .onnx file written by evaluate.py --export-onnx"),
+                                 ("--classes-file", cli.classes_file, "a text file, one name a line"),
+                                 ("--label-embeddings", cli.label_embeddings, "a .pt or .npy file")):
+        if path:
+            user_file(path, flag, expected)
+
+
+# Flags --visualize has no use for: it draws one image at a time and writes no results JSON.
+VISUALIZE_UNUSED = ("output", "batch_size", "num_workers")
+
+
+def check_values(cli):
+    """The values of the numeric flags, whichever mode takes them: one check for the eager and the ONNX paths, so
+    a value one refuses the other cannot quietly replace by a default (--min-size 0 is not 'unset')."""
+    for flag, value, low in (("--batch-size", cli.batch_size, 1), ("--num-workers", cli.num_workers, 0),
+                             ("--min-size", cli.min_size, 1), ("--max-size", cli.max_size, 1)):
+        if value is not None and value < low:
+            raise InputError(f"{flag} {value}: expected a number >= {low}")
+    if cli.min_size is not None and cli.max_size is not None and cli.min_size > cli.max_size:
+        raise InputError(f"--min-size {cli.min_size} / --max-size {cli.max_size}: expected min-size <= max-size")
+    if cli.score_threshold is not None and not 0 <= cli.score_threshold <= 1:
+        raise InputError(f"--score-threshold {cli.score_threshold}: expected a score in [0, 1]")
 
 
 def requested_classes(cli):
     """The names of --classes or --classes-file (stripped, blank lines skipped), each once; None if neither."""
     if cli.classes_file:
-        if not os.path.isfile(cli.classes_file):
-            raise FileNotFoundError(f"--classes-file {cli.classes_file} not found (expected a text file, one name a "
-                                    "line)")
-        with open(cli.classes_file, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        text = read_text(cli.classes_file, "--classes-file", "a text file, one name a line")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
             raise InputError(f"--classes-file {cli.classes_file} names no class, expected one name a line")
     else:
@@ -685,6 +727,27 @@ def requested_classes(cli):
     return names
 
 
+def results_path(cli):
+    """Where the results JSON goes: --output, else with --images OUTPUT_DIR/results.json; None if nowhere."""
+    return cli.output or (os.path.join(output_folder(cli), "results.json") if cli.images else None)
+
+
+def writes_and_reads(cli, listing=None, pngs=()):
+    """(flag, path) of every file this command writes, and of every file and folder it reads that its flags name,
+    for build.check_writes: with --images the PNG of each image `listing` (list_images) found, and `pngs` (the
+    score maps of --visualize) once known."""
+    writes = [("--output-dir", os.path.join(output_folder(cli), name)) for name in png_names(listing[1])
+              ] if listing is not None else []
+    writes += [("--output-dir", path) for path in pngs]
+    writes += [(flag, path) for flag, path in (("--output" if cli.output else "--output-dir", results_path(cli)),
+                                              ("--log", cli.log), ("--export-onnx", cli.export_onnx)) if path]
+    reads = [(flag, path) for flag, path in (
+        ("--resume", cli.resume), ("--compare", cli.compare), ("--onnx", cli.onnx), ("--pretrained", cli.pretrained),
+        ("--images", cli.images), ("--classes-file", cli.classes_file), ("--label-embeddings", cli.label_embeddings),
+        ("--val-json", cli.val_json), ("--val-images", cli.val_images)) if path]
+    return writes, reads
+
+
 def main(argv=None):
     """Run one mode (see the module docstring); returns the dict that --log appends."""
     cli = get_parser().parse_args(argv)
@@ -693,27 +756,29 @@ def main(argv=None):
         if path:
             check_output_path(path, flag, folder=False)
     if cli.images or cli.visualize is not None:
-        check_output_path(cli.output_dir, "--output-dir")
+        check_output_path(output_folder(cli), "--output-dir")
+    # The images are listed (and decoded once) before anything else: the PNGs' names are those of the files.
+    listing = list_images(cli.images) if cli.images else None
+    check_writes(*writes_and_reads(cli, listing))
     if cli.export_onnx:
         log, results = export_onnx_mode(cli), None
     else:
-        log, results = onnx_images_mode(cli) if cli.onnx else checkpoint_mode(cli)
-    output = cli.output or (os.path.join(cli.output_dir, "results.json") if cli.images else None)
+        log, results = onnx_images_mode(cli, listing) if cli.onnx else checkpoint_mode(cli, listing)
+    output = results_path(cli)
     if output and results is not None:
         write_json(output, results)
         print(f"wrote {len(results)} detections to {output}")
     if cli.log:
-        os.makedirs(os.path.dirname(os.path.abspath(cli.log)), exist_ok=True)
-        with open(cli.log, "a") as f:
-            f.write(json.dumps(log) + "\n")
+        append_line(cli.log, json.dumps(log))
     return log
 
 
-def checkpoint_mode(cli):
-    """--resume CKPT or --pretrained SOURCE: --images, --visualize or the val set's AP. Returns (log, results)."""
+def checkpoint_mode(cli, listing=None):
+    """--resume CKPT or --pretrained SOURCE: --images (the files `listing` found), --visualize or the val set's AP.
+    Returns (log, results)."""
     ckpt = hf_evaluation_checkpoint(cli.pretrained) if cli.pretrained else load_checkpoint(cli.resume)
     overrides = {key: getattr(cli, key) for key in OVERRIDES if getattr(cli, key) is not None}
-    args = checkpoint_args(ckpt, overrides, cli.num_workers)
+    args = checkpoint_args(ckpt, overrides, cli.num_workers or 0)
     if cli.images:
         check_no_val_set(cli, ckpt, "--images")
     check_dataset_flags(args.dataset, [key for key in ("data_path", "val_json", "val_images") if getattr(cli, key)])
@@ -727,21 +792,25 @@ def checkpoint_mode(cli):
                              "with --images, or evaluate LVIS with the checkpoint's own classes")
         lvis_api()  # a missing package must fail before a whole inference run, not after
     device = check_device(args.device, "--device" if cli.device else "--device (the checkpoint's; override it)")
+    if not cli.images:
+        # The val set comes from the checkpoint's arguments: its files are known now, before any work.
+        writes, reads = writes_and_reads(cli)
+        check_writes(writes, reads + dataset_files("val", args))
     names = requested_classes(cli)
     vocabulary = None
     if names is not None or cli.label_embeddings:
         vocabulary = checkpoint_vocabulary(ckpt, args, names, cli.label_embeddings, cli.resume)
         log["classes"] = vocabulary[0]
     if cli.images:
-        return log, detect_images(cli, ckpt, args, device, log, vocabulary)
+        return log, detect_images(cli, ckpt, args, device, log, vocabulary, listing)
     if cli.visualize is not None:
         return visualize_val_set(cli, ckpt, args, device, overrides, log), None
     return log, score_val_set(cli, ckpt, args, device, log, vocabulary)
 
 
-def detect_images(cli, ckpt, args, device, log, vocabulary=None):
-    """--images DIR: detections on every image of a folder, with the checkpoint's val pipeline, of its classes or of
-    `vocabulary` (names, table), whose name k is category_id k + 1."""
+def detect_images(cli, ckpt, args, device, log, vocabulary=None, listing=None):
+    """--images DIR: detections on every image of a folder (`listing`: list_images of it), with the checkpoint's val
+    pipeline, of its classes or of `vocabulary` (names, table), whose name k is category_id k + 1."""
     cat_ids, cat_names = checkpoint_classes(ckpt, args)
     model, postprocess = checkpoint_detector(ckpt, args, cat_names, cli.resume,
                                              None if vocabulary is None else vocabulary[1])
@@ -750,9 +819,10 @@ def detect_images(cli, ckpt, args, device, log, vocabulary=None):
         cat_ids = list(range(1, len(cat_names) + 1))
     results, paths = detect_folder(model, postprocess, cli.images, class_names=cat_names, cat_ids=cat_ids,
                                    device=device, transforms=build_transforms("val", args),
-                                   output_dir=cli.output_dir, batch_size=args.batch_size,
-                                   num_workers=args.num_workers, score_threshold=cli.score_threshold)
-    print(f"wrote {len(paths)} annotated PNGs to {cli.output_dir}")
+                                   output_dir=output_folder(cli), batch_size=args.batch_size,
+                                   num_workers=args.num_workers, score_threshold=score_threshold(cli),
+                                   listing=listing)
+    print(f"wrote {len(paths)} annotated PNGs to {output_folder(cli)}")
     log.update(images=cli.images, num_images=len(paths), num_detections=len(results))
     return results
 
@@ -760,20 +830,28 @@ def detect_images(cli, ckpt, args, device, log, vocabulary=None):
 def visualize_val_set(cli, ckpt, args, device, overrides, log):
     """--visualize N [--compare CKPT2]: detections and score maps (Figure 3) of the first N val images."""
     dataset = build_dataset("val", args)
+    indices = range(min(cli.visualize, len(dataset)))
+    writes, reads = writes_and_reads(cli, pngs=[score_map_png(output_folder(cli), dataset.image_path(dataset.ids[i]))
+                                                for i in indices])
+    check_writes(writes, reads + dataset_files("val", args))
     _, class_names = checkpoint_classes(ckpt, args)
     val_cat_ids(class_names, dataset)
     model, postprocess = checkpoint_detector(ckpt, args, class_names, cli.resume)
-    detectors = [(log["method"], model)]
+    detectors = [(log["method"], model, class_names)]
     if cli.compare:
         ckpt2 = load_checkpoint(cli.compare, "--compare")
         # The second detector runs where the first does (its checkpoint may name a device this machine lacks).
         args2 = checkpoint_args(ckpt2, {k: v for k, v in overrides.items() if k == "attn_impl"}
                                 | {"device": str(device)})
+        # Its head's rows are its own classes, in its own order: its boxes are named by them, and they must be the
+        # val set's categories as the first checkpoint's are (matched by name).
+        _, class_names2 = checkpoint_classes(ckpt2, args2)
+        val_cat_ids(class_names2, dataset)
         detectors.append((ckpt2["args"].get("method", "baseline"),
-                          checkpoint_detector(ckpt2, args2, class_names, cli.compare)[0].to(device)))
-    paths = visualize(detectors, dataset, postprocess, range(min(cli.visualize, len(dataset))), cli.output_dir,
-                      class_names=class_names, device=device, score_threshold=cli.score_threshold)
-    print(f"wrote {len(paths)} score-map PNGs to {cli.output_dir}")
+                          checkpoint_detector(ckpt2, args2, class_names2, cli.compare)[0].to(device), class_names2))
+    paths = visualize(detectors, dataset, postprocess, indices, output_folder(cli), device=device,
+                      score_threshold=score_threshold(cli))
+    print(f"wrote {len(paths)} score-map PNGs to {output_folder(cli)}")
     log.update(visualized=paths)
     return log
 
@@ -804,7 +882,7 @@ def score_val_set(cli, ckpt, args, device, log, vocabulary=None):
         base = set(class_split(argparse.Namespace(**ckpt["args"]), trained_on)[0])
         split = [n for n in class_names if n in base], [n for n in class_names if n not in base]
     loader = DataLoader(dataset, batch_sampler=build_val_batches(args, dataset, range(len(dataset))),
-                        collate_fn=data.collate_fn, num_workers=cli.num_workers)
+                        collate_fn=data.collate_fn, num_workers=args.num_workers)
     title = f"{args.dataset} val, {log['method']}"
     if args.dataset == "lvis":
         final, _ = predict(model, postprocess, loader, device)

@@ -10,7 +10,9 @@ inference, among any other names, gets exactly the row it had in training.
 
 A label-embeddings file replaces the encoder: a (K, D) table (.pt or .npy) whose rows follow the class order, or
 a named table, a .pt holding {"names": [K strings], "embeddings": (K, D) float tensor}, whose rows are looked up
-by name (training picks its categories' rows; inference the names asked for).
+by name (training picks its categories' rows; inference the names asked for). Whatever the source, two classes
+whose rows point the same way are refused (`check_distinct_rows`): CLIP's tokenizer lower-cases and reads 77
+tokens, so 'red box' and 'Red Box' would be scored alike and every detection reported twice.
 
 Shapes: K classes, D CLIP text embedding width (1024 for RN50x64).
 
@@ -93,15 +95,17 @@ def read_embeddings_file(path):
 
 def _read_cache(path, num_classes):
     """The cached table at `path`, or None when there is none. A cache file that is not a (K, D) float table of
-    finite numbers (a kill mid-write by an older version, a full disk, a stray file) is said to be unreadable
-    and recomputed, not an error: the cache is the project's own file, not the user's input."""
+    finite, non-zero rows (a kill mid-write by an older version, a full disk, a stray file) is said to
+    be unreadable and recomputed (label_embeddings then writes it again), not an error: the cache is the
+    project's own file, not the user's input."""
     if not path.is_file():
         return None
     try:
         table = read_torch_file(path, 'label dictionary cache', weights_only=True)
         if not (torch.is_tensor(table) and table.is_floating_point() and table.ndim == 2
-                and table.shape[0] == num_classes and torch.isfinite(table).all()):
-            raise InputError(f"label dictionary cache {path} holds no ({num_classes}, D) table of finite numbers")
+                and table.shape[0] == num_classes and torch.isfinite(table).all() and (table != 0).any(dim=1).all()):
+            raise InputError(f"label dictionary cache {path} holds no ({num_classes}, D) table of finite, non-zero "
+                             "rows")
     except InputError as err:
         print(f"{err}: recomputing it")
         return None
@@ -188,6 +192,52 @@ def _encode_with_clip(class_names, *, model_name, pretrained, prompt, device):
     return f_cls.float().cpu()
 
 
+# Rows at least this close in direction (cosine, in float64) point the same way up to float32 rounding: one class
+# to the detector, as Eq. 4 and the open-vocabulary class head compare directions. Rows of names CLIP reads
+# differently are far below it (at most 0.99 between the 80 COCO names, random-weight encoder included).
+SAME_DIRECTION = 1 - 1e-12
+
+
+def _same_rows(table):
+    """Pairs (i, j), i < j, of rows of a (K, D) table that point the same way; in blocks of rows, so that a large
+    vocabulary never holds a (K, K) matrix."""
+    unit = F.normalize(table.double(), dim=-1)
+    pairs = []
+    for start in range(0, unit.shape[0], 1024):
+        cosine = unit[start:start + 1024] @ unit.T  # (block, K)
+        rows, cols = (cosine >= SAME_DIRECTION).nonzero(as_tuple=True)
+        pairs += [(start + i, j) for i, j in zip(rows.tolist(), cols.tolist()) if start + i < j]
+    return pairs
+
+
+def _why_the_same(name_a, name_b, *, model_name, prompt):
+    """Why CLIP's text encoder gives two names one embedding: what its tokenizer makes of their prompts."""
+    import open_clip  # here, not at the top: see label_embeddings
+    tokenizer = open_clip.get_tokenizer(model_name)
+    texts = [prompt.format(name) for name in (name_a, name_b)]
+    if not torch.equal(*tokenizer(texts)):
+        return "its text encoder gives them the same embedding"
+    if " ".join(name_a.lower().split()) == " ".join(name_b.lower().split()):
+        return "CLIP's tokenizer lower-cases text and collapses spaces"
+    context = getattr(tokenizer, 'context_length', 77)
+    if hasattr(tokenizer, 'encode') and len(tokenizer.encode(texts[0])) + 2 > context:
+        return f"they differ only past CLIP's {context}-token context, prompt {prompt!r} included"
+    return "CLIP's tokenizer reads them as the same text"
+
+
+def check_distinct_rows(table, class_names, why):
+    """Refuse a label dictionary in which two classes have rows of one direction: the detector would score them
+    alike and report every detection twice under two names. `why(a, b)` says where the rows came from."""
+    pairs = _same_rows(table)
+    if pairs:
+        short = lambda name: repr(name if len(name) <= 60 else f"{name[:25]} ... {name[-25:]}")  # noqa: E731
+        shown = "; ".join(f"{short(class_names[i])} and {short(class_names[j])}" for i, j in pairs[:3])
+        i, j = pairs[0]
+        raise InputError(f"class names {shown}{' ...' if len(pairs) > 3 else ''} get the same label-dictionary "
+                         f"row ({why(class_names[i], class_names[j])}), so the detector cannot tell them apart: "
+                         "expected a row of its own for every class (merge the names, or rename one)")
+
+
 def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', prompt='a photo of a {}',
                      cache_dir=None, embeddings_file=None, device='cpu'):
     """The label dictionary f_cls (Sec. 3.2): one L2-normalized CLIP text embedding per class, (K, D).
@@ -203,6 +253,8 @@ def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', 
         raise ValueError("class_names is empty, expected at least one class name")
     if embeddings_file is not None:
         table = _load_embeddings_file(embeddings_file, class_names)
+        check_distinct_rows(table, class_names, lambda a, b: f"label embeddings file '{embeddings_file}' gives "
+                                                             "them rows of one direction")
     else:
         if '{}' not in prompt:
             raise ValueError(f"prompt '{prompt}' has no '{{}}' placeholder for the class name")
@@ -218,6 +270,8 @@ def label_embeddings(class_names, *, model_name='RN50x64', pretrained='openai', 
             table = _encode_with_clip(class_names, model_name=model_name, pretrained=pretrained, prompt=prompt,
                                       device=device)
             save_torch(path, table)
+        check_distinct_rows(table, class_names, lambda a, b: _why_the_same(a, b, model_name=model_name,
+                                                                           prompt=prompt))
         if pretrained == 'none':
             print(f"label dictionary: RANDOM-weight CLIP text encoder '{model_name}' (--clip-pretrained none); "
                   f"for smoke runs only")

@@ -15,7 +15,9 @@ whatever --attn-impl the checkpoint names.
             them all
   outside   decoding, resizing, normalizing and padding images, and the top-k post-processing (PostProcess)
   metadata  class names and category ids, the val transforms' dataset and sizes, the batch size and the top-k
-            (metadata_props, JSON values), so the file alone runs `--onnx FILE --images DIR`
+            (metadata_props, JSON values), so the file alone runs `--onnx FILE --images DIR`; OnnxDetector checks
+            the graph's inputs and outputs too (`check_graph_signature`), so another model carrying the metadata
+            is one line, not an onnxruntime error at the first image
 Exporter: torch.onnx.export(dynamo=True) (torch.export and onnxscript). The TorchScript exporter records the level
 sizes as constants, and its graph gave wrong boxes, silently, at any size but the traced one; torch.export keeps
 H and W symbolic because model.py carries the level sizes as Python ints (`level_shapes`) and builds its grids
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import InputError, write_atomically
+from errors import InputError, user_file, write_atomically
 from model import MSDeformAttn
 
 # H and W from this size up: the stride-64 level then has at least 2 rows and columns. torch.export decides the
@@ -114,6 +116,23 @@ def export_onnx(model, path, *, metadata):
     return os.path.getsize(path)
 
 
+# What the graph of export_onnx takes and gives: (name, onnxruntime's type, rank).
+ONNX_SIGNATURE = {"inputs": (("images", "tensor(float)", 4), ("mask", "tensor(bool)", 3)),
+                  "outputs": (("pred_logits", "tensor(float)", 3), ("pred_boxes", "tensor(float)", 3))}
+
+
+def check_graph_signature(session, path, flag):
+    """The loaded graph's inputs and outputs must be those export_onnx writes: another model carrying the same
+    metadata would otherwise fail inside onnxruntime's run, or give outputs of another meaning."""
+    found = {"inputs": session.get_inputs(), "outputs": session.get_outputs()}
+    for side, wanted in ONNX_SIGNATURE.items():
+        have = tuple((arg.name, arg.type, len(arg.shape)) for arg in found[side])
+        if have != wanted:
+            show = lambda args: ", ".join(f"{n} {t} of rank {r}" for n, t, r in args)  # noqa: E731
+            raise InputError(f"{flag}: the graph of {path} has {side} [{show(have)}], expected [{show(wanted)}] (a "
+                             "file written by evaluate.py --export-onnx)")
+
+
 class OnnxDetector:
     """An exported graph in onnxruntime (CPU) behind the detector's interface: called on (images, mask) it returns
     {"pred_logits", "pred_boxes"} as torch tensors, so `predict` and `detect_folder` run it as the model.
@@ -124,8 +143,7 @@ class OnnxDetector:
 
     def __init__(self, path, flag="--onnx", spin=True):
         ort = require_package("onnxruntime", flag)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag}: ONNX file {path!r} does not exist")
+        user_file(path, flag, "an .onnx file written by evaluate.py --export-onnx")
         state = ort.capi.onnxruntime_pybind11_state  # where onnxruntime's exception classes live
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
@@ -139,6 +157,7 @@ class OnnxDetector:
         if stored.get("format") != json.dumps(ONNX_FORMAT) or any(key not in stored for key in ONNX_METADATA_KEYS):
             raise InputError(f"{flag}: {path} lacks the metadata of evaluate.py --export-onnx ({ONNX_FORMAT}: class "
                              "names, transforms), expected a file written by evaluate.py --export-onnx")
+        check_graph_signature(self.session, path, flag)
         self.metadata = {key: json.loads(value) for key, value in stored.items()}
         self.min_side = self.metadata["min_side"]
 

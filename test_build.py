@@ -14,6 +14,7 @@ import torch
 import build
 import data
 import errors
+import label_dictionary
 from conftest import COCO_80, HERE, ann, parse_args, write_coco
 
 
@@ -145,6 +146,20 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert errors.cache_dir() == str(tmp_path)
     monkeypatch.delenv("CLIP_DETR_CACHE")
     assert errors.cache_dir() == os.path.expanduser("~/.cache/clip-detr")
+
+
+def test_an_empty_cache_variable_means_the_default_not_the_current_folder(monkeypatch, tmp_path):
+    """CLIP_DETR_CACHE= (set, empty) put the label dictionaries and the shapes set into the current folder; every
+    cache goes to the default folder instead."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CLIP_DETR_CACHE", "")
+    monkeypatch.chdir(tmp_path)
+    default = str(tmp_path / "home" / ".cache" / "clip-detr")
+    assert errors.cache_dir() == default
+    args = parse_args("--output-dir", tmp_path / "out")
+    assert build.dataset_location("val", args)[0][0].startswith(default + os.sep)
+    label_dictionary.label_embeddings(["red circle", "blue triangle"], model_name="ViT-S-32-alt", pretrained="none")
+    assert os.listdir(os.path.join(default, "label_embeddings")) and sorted(os.listdir(tmp_path)) == ["home"]
 
 
 # Every module of the project: the .py files beside this one that are neither tests nor the test scaffolding.

@@ -103,7 +103,7 @@ def test_official_coco_checkpoint_through_pretrained(coco_dir, tmp_path):
 
     train_set = build.build_dataset("train", args)
     model, _, _ = build.build_model(args, train_set.cat_names)
-    build.load_pretrained(model, args.pretrained, train_set.cat_ids)
+    build.load_pretrained(model, args.pretrained, train_set.cat_names)
 
     k_dog = train_set.cat_ids.index(DOG)
     rows = torch.as_tensor(train_set.cat_ids)
@@ -131,8 +131,16 @@ def test_official_coco_checkpoint_through_pretrained(coco_dir, tmp_path):
     assert not any(p.requires_grad for p in body.layer1.parameters()) and not body.conv1.weight.requires_grad
     assert all(p.requires_grad for p in body.layer2.parameters())
 
-    with pytest.raises(ValueError, match=r"category id 0-90; the dataset's category ids \[200\]"):
-        build.load_pretrained(model, args.pretrained, [*train_set.cat_ids[:-1], 200])
+    # A dataset naming COCO's classes in another order (numbered 1-80, as converted datasets are) meets the
+    # official head by name: class k gets the row of its COCO category id.
+    shuffled = list(reversed(train_set.cat_names))
+    renumbered, _, _ = build.build_model(args, shuffled)
+    build.load_pretrained(renumbered, args.pretrained, shuffled)
+    by_name = [COCO_IDS[COCO_80.index(name)] for name in shuffled]
+    for layer in range(n_dec):
+        assert torch.equal(renumbered.class_embed[layer].weight, state[f"class_embed.{layer}.weight"][by_name])
+    with pytest.raises(ValueError, match=r"the dataset's categories \['toothbrushes'\] are not among them"):
+        build.load_pretrained(model, args.pretrained, [*train_set.cat_names[:-1], "toothbrushes"])
 
 
 @pytest.mark.parametrize("refine", [False, True], ids=["plain", "box-refine"])
@@ -149,7 +157,7 @@ def test_official_single_stage_checkpoints_through_pretrained(coco_dir, tmp_path
     torch.save({"model": state}, args.pretrained)
     train_set = build.build_dataset("train", args)
     model, _, _ = build.build_model(args, train_set.cat_names)
-    build.load_pretrained(model, args.pretrained, train_set.cat_ids)
+    build.load_pretrained(model, args.pretrained, train_set.cat_names)
     rows = torch.as_tensor(train_set.cat_ids)
     assert len(model.class_embed) == args.dec_layers
     for layer, head in enumerate(model.class_embed):

@@ -358,6 +358,50 @@ def test_annotation_with_unknown_category(small_coco, tmp_path):
         data.CocoDetection(small_coco[0], str(bad))
 
 
+# A JSON as editors save it, and as they may save it wrongly; the category name holds a non-ASCII letter.
+BRULEE = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "crème brûlée"}]}
+
+
+@pytest.mark.parametrize("encoding, ascii, error", [
+    ("utf-8", False, None), ("utf-8-sig", False, None),
+    ("latin-1", False, r"is not UTF-8 \(with or without a byte-order mark\) text: byte 0xe8 at offset 70"),
+    ("utf-16", False, "is not UTF-8 .* byte 0xff at offset 0"),
+    ("utf-16-le", True, "is not UTF-8 .* it holds NUL bytes"),  # ASCII letters: valid UTF-8 but for the NULs
+])
+def test_annotation_files_are_utf8_with_or_without_a_byte_order_mark(encoding, ascii, error, small_coco, tmp_path):
+    path = tmp_path / f"{encoding}.json"
+    path.write_bytes(json.dumps(BRULEE, ensure_ascii=ascii).encode(encoding))
+    if error is None:
+        assert data.CocoDetection(small_coco[0], str(path)).cat_names == ["crème brûlée"]
+    else:
+        with pytest.raises(ValueError, match=f"annotation file {re.escape(str(path))} {error}"):
+            data.CocoDetection(small_coco[0], str(path))
+
+
+@pytest.mark.parametrize("annotations, error", [
+    ([ann(4, 5, 3, [0, 0, 5, 5]), ann(4, 5, 7, [1, 1, 5, 5])], "annotation id 4 is used by more than one annotation"),
+    ([ann(4, 5, 3, [0, 0, 5, 5]), ann(4, 5, 3, [1, 1, 5, 5], iscrowd=1)], "annotation id 4 is used by more than one"),
+    ([{k: v for k, v in ann(4, 5, 3, [0, 0, 5, 5]).items() if k != "id"}],
+     "annotation {.* has no 'id', expected a unique integer"),
+    ([ann("4", 5, 3, [0, 0, 5, 5])], "annotation '4' has id '4' \\(a str\\), expected an integer"),
+    ([ann(4.0, 5, 3, [0, 0, 5, 5])], "annotation 4.0 has id 4.0 \\(a float\\)"),
+    ([ann(True, 5, 3, [0, 0, 5, 5])], "annotation True has id True \\(a bool\\)"),
+    ([ann(4, 5.0, 3, [0, 0, 5, 5])], "annotation 4 has image_id 5.0 \\(a float\\), expected an integer"),
+    ([ann(4, 5, "3", [0, 0, 5, 5])], "annotation 4 has category_id '3' \\(a str\\), expected an integer"),
+], ids=["twice", "twice, one crowd", "missing", "string", "float", "boolean", "float image_id",
+        "string category_id"])
+def test_every_annotation_has_a_unique_integer_id(annotations, error, small_coco, tmp_path):
+    """pycocotools indexes annotations by id: a repeated one kept one box twice and lost the other (wrong AP), a
+    missing one ended in its KeyError. Each is named with the file, whichever category it has (held out too)."""
+    path = tmp_path / "ids.json"
+    images = [{"id": 5, "file_name": "a.png", "width": 100, "height": 50}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]}))
+    for dropped in ((), ["cat"]):
+        with pytest.raises(ValueError, match=f"annotation file {re.escape(str(path))}: {error}"):
+            data.CocoDetection(small_coco[0], str(path), drop_cat_names=dropped)
+
+
 # ---------------------------------------------------------------------------------------------- transforms
 
 def test_hflip_known_answer():

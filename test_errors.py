@@ -28,7 +28,7 @@ import errors
 import evaluate
 import train
 from conftest import HERE, TINY_MODEL, parse_args
-from errors import InputError, error_line
+from errors import TEMP_SUFFIX as TEMP, InputError, error_line
 
 # Command lines, whole runs and exports: the full tier only (`pytest -m "not slow"` leaves them out).
 pytestmark = pytest.mark.slow
@@ -138,6 +138,12 @@ DATA_CASES = [
                  ["image 3 has height -24, expected a positive integer"], id="negative image height"),
     pytest.param(dict(images=THREE[:2] + [{"id": 3, "file_name": "3.png", "width": True, "height": H}]),
                  ["image 3 has width True, expected a positive integer"], id="boolean image width"),
+    pytest.param(dict(annotations=[dict(ONE_BOX[0], id=7), dict(ONE_BOX[0], id=7, image_id=2)]),
+                 ["annotation id 7 is used by more than one annotation"], id="duplicate annotation id"),
+    pytest.param(dict(annotations=[{k: v for k, v in ONE_BOX[0].items() if k != "id"}]),
+                 ["has no 'id', expected a unique integer id"], id="annotation without id"),
+    pytest.param(dict(annotations=[dict(ONE_BOX[0], id="a1")]), ["annotation 'a1' has id 'a1' (a str)"],
+                 id="string annotation id"),
 ]
 
 
@@ -420,7 +426,7 @@ def test_a_second_run_never_overwrites_the_first_runs_checkpoint(shapes, tmp_pat
     train.main(parse_args(*argv))
     first = (out / "checkpoint.pth").read_bytes()
     code, lines = run_cli(train.cli, argv, capsys)
-    assert_one_line(code, lines, "holds the checkpoint of an earlier run, which this run would overwrite")
+    assert_one_line(code, lines, "holds checkpoint.pth and log.jsonl of an earlier run, which this run would overwrite")
     assert (out / "checkpoint.pth").read_bytes() == first and not (out / train.LOCK_NAME).exists()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -633,3 +639,490 @@ def test_label_flags_given_to_the_baseline_are_said_to_be_unused(tmp_path, capsy
     parse_args(*QUICK, *write_set(tmp_path), "--label-embeddings", tmp_path / "table.pt", "--clip-model", "RN50")
     assert ("note: --label-embeddings and --clip-model not used: --method baseline without --novel-classes builds no "
             "label dictionary") in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- outputs over inputs
+def graph_file(path, *, inputs=("images", "mask"), queries=5, classes=("box", "disc"), **metadata):
+    """An .onnx file that evaluate.py --onnx runs: the inputs and outputs of --export-onnx's graph (every query a
+    centred box, every logit 0) and its metadata; `inputs` renames the graph's inputs (another model carrying the
+    metadata). Built with onnx.helper in milliseconds, where exporting a detector takes a minute."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, array):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array), name))
+    nodes = [helper.make_node("Shape", [inputs[0]], ["shape"]), const("zero", np.array([0], np.int64)),
+             const("one", np.array([1], np.int64)), helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+             const("qk", np.array([queries, len(classes)], np.int64)), const("q4", np.array([queries, 4], np.int64)),
+             helper.make_node("Concat", ["batch", "qk"], ["logits_shape"], axis=0),
+             helper.make_node("Concat", ["batch", "q4"], ["boxes_shape"], axis=0),
+             const("logit", np.zeros((1, 1, 1), np.float32)),
+             const("box", np.array([[[0.5, 0.5, 0.4, 0.4]]], np.float32)),
+             helper.make_node("Expand", ["logit", "logits_shape"], ["pred_logits"]),
+             helper.make_node("Expand", ["box", "boxes_shape"], ["pred_boxes"])]
+    graph = helper.make_graph(nodes, "fake", [
+        helper.make_tensor_value_info(inputs[0], TensorProto.FLOAT, ["B", 3, "H", "W"]),
+        helper.make_tensor_value_info(inputs[1], TensorProto.BOOL, ["B", "H", "W"])], [
+        helper.make_tensor_value_info("pred_logits", TensorProto.FLOAT, ["B", queries, len(classes)]),
+        helper.make_tensor_value_info("pred_boxes", TensorProto.FLOAT, ["B", queries, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    meta = dict(format="clip-detr-onnx-1", class_names=list(classes), cat_ids=list(range(1, len(classes) + 1)),
+                dataset="custom", min_size=64, max_size=96, batch_size=2, num_select=10, min_side=65) | metadata
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.save(model, path)
+    return str(path)
+
+
+def files_under(*paths):
+    """{path: bytes} of every file at or under `paths` (the state a refused command must leave)."""
+    found = {}
+    for path in map(str, paths):
+        if os.path.isfile(path):
+            found[path] = open(path, "rb").read()
+        for folder, _, names in os.walk(path):
+            found.update({os.path.join(folder, n): open(os.path.join(folder, n), "rb").read() for n in names})
+    return found
+
+
+@pytest.fixture
+def user_files(checkpoint, tmp_path):
+    """A user's folder: a copy of the checkpoint, photos (two PNGs, a JPEG, a results.json of their own), an ONNX
+    file, a classes file, a label table, a val set, a transformers folder; returns their paths."""
+    root = tmp_path / "user"
+    (root / "photos").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (root / "photos" / name).write_bytes(image_bytes())
+    (root / "photos" / "c.jpg").write_bytes(image_bytes(fmt="JPEG"))
+    (root / "jpegs").mkdir()
+    (root / "jpegs" / "c.jpg").write_bytes(image_bytes(fmt="JPEG"))
+    (root / "jpegs" / "results.json").write_text("[]")
+    (root / "ck.pth").write_bytes(open(checkpoint, "rb").read())
+    (root / "ck2.pth").write_bytes(open(checkpoint, "rb").read())
+    (root / "names.txt").write_text("box\ndisc\n")
+    torch.save({"names": ["box", "disc"], "embeddings": torch.eye(2, 8)}, root / "table.pt")
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text("{}")
+    val = write_set(root / "val")
+    os.symlink(root / "ck.pth", root / "link.json")
+    return dict(root=root, ck=str(root / "ck.pth"), ck2=str(root / "ck2.pth"), photos=str(root / "photos"),
+                jpegs=str(root / "jpegs"), onnx=graph_file(root / "m.onnx"), names=str(root / "names.txt"),
+                table=str(root / "table.pt"), hf=str(root / "hf"), val_json=val[-3], val_images=val[-1],
+                link=str(root / "link.json"), ck_json=os.path.join(os.path.dirname(checkpoint), "ann.json"),
+                ck_images=os.path.join(os.path.dirname(checkpoint), "img"))
+
+
+# (argv of evaluate.py with {placeholders} of user_files, the two flags the line must name). Each writes over a file
+# it reads: the same path, another spelling of it, a link to it, or a file of a folder it reads.
+EVALUATE_OVER_INPUTS = [
+    pytest.param("--resume {ck} --export-onnx {ck}", ["--export-onnx", "--resume"], id="export over the checkpoint"),
+    pytest.param("--resume {ck} --output {ck}", ["--output", "--resume"], id="results over the checkpoint"),
+    pytest.param("--resume {ck} --output {root}/photos/../ck.pth", ["--output", "--resume"],
+                 id="results over the checkpoint spelled otherwise"),
+    pytest.param("--resume {ck} --output {link}", ["--output", "--resume"], id="results through a symlink"),
+    pytest.param("--resume {ck} --log {ck}", ["--log", "--resume"], id="log appended to the checkpoint"),
+    pytest.param("--resume {ck} --images {photos} --output-dir {photos}", ["--output-dir", "--images"],
+                 id="PNGs over the photos"),
+    pytest.param("--resume {ck} --images {photos}/a.png --output-dir {photos}", ["--output-dir", "--images"],
+                 id="the PNG of one photo over it"),
+    pytest.param("--resume {ck} --images {photos} --output {photos}/b.png", ["--output", "--images"],
+                 id="results over a photo"),
+    pytest.param("--resume {ck} --images {jpegs} --output-dir {jpegs}", ["--output-dir", "--images"],
+                 id="results.json over the folder's own"),
+    pytest.param("--onnx {onnx} --images {photos} --output-dir {photos}", ["--output-dir", "--images"],
+                 id="onnx PNGs over the photos"),
+    pytest.param("--onnx {onnx} --images {photos} --output {onnx} --output-dir {root}/out",
+                 ["--output", "--onnx"], id="onnx results over the model"),
+    pytest.param("--resume {ck} --val-json {val_json} --val-images {val_images} --output {val_json}",
+                 ["--output", "--val-json"], id="results over the val JSON"),
+    pytest.param("--resume {ck} --visualize 1 --val-json {val_json} --val-images {val_images} "
+                 "--output-dir {val_images}", ["--output-dir", "--val-images"], id="score maps over the val images"),
+    pytest.param("--resume {ck} --visualize 1 --output-dir {ck_images}", ["--output-dir", "--val-json/--val-images"],
+                 id="score maps over the checkpoint's val images"),
+    pytest.param("--resume {ck} --output {ck_json}", ["--output", "--val-json/--val-images"],
+                 id="results over the checkpoint's val JSON"),
+    pytest.param("--resume {ck} --visualize 1 --compare {ck2} --log {ck2}", ["--log", "--compare"],
+                 id="log over the compared checkpoint"),
+    pytest.param("--resume {ck} --images {photos} --classes-file {names} --output {names}",
+                 ["--output", "--classes-file"], id="results over the classes file"),
+    pytest.param("--resume {ck} --images {photos} --label-embeddings {table} --log {table}",
+                 ["--log", "--label-embeddings"], id="log over the label table"),
+    pytest.param("--pretrained {hf} --output {hf}/config.json", ["--output", "--pretrained"],
+                 id="results over a transformers folder's file"),
+    pytest.param("--resume {ck} --output {root}/r.json --log {root}/r.json", ["--output", "--log"],
+                 id="results and log one file"),
+]
+
+
+@pytest.mark.parametrize("argv, flags", EVALUATE_OVER_INPUTS)
+def test_evaluate_never_writes_over_what_it_reads(argv, flags, user_files, capsys):
+    """Refused before any work, in one line naming both flags; every file of the user's stays byte for byte."""
+    mine = (user_files["root"], user_files["ck_json"], user_files["ck_images"])
+    before = files_under(*mine)
+    code, lines = run_cli(evaluate.cli, argv.format(**user_files).split(), capsys)
+    for flag in flags:
+        assert_one_line(code, lines, f"{flag} ")
+    assert code == 2 and files_under(*mine) == before
+
+
+def test_a_new_file_beside_the_inputs_is_written(user_files, capsys):
+    """The check is per file: PNGs and results.json written into the folder of JPEGs replace nothing of it."""
+    root = user_files["root"]
+    os.remove(root / "jpegs" / "results.json")
+    before = files_under(root / "jpegs")
+    evaluate.cli(["--resume", user_files["ck"], "--images", user_files["jpegs"], "--output-dir", user_files["jpegs"],
+                  "--min-size", "64", "--max-size", "96"])
+    after = files_under(root / "jpegs")
+    assert {k: after[k] for k in before} == before and sorted(os.listdir(root / "jpegs")) == \
+        ["c.jpg", "c.png", "results.json"]
+
+
+# (train.py flags with {out} and {other}, the flag the line names beside --output-dir).
+TRAIN_OVER_INPUTS = [
+    pytest.param(["--pretrained", "{out}/checkpoint.pth"], "--pretrained", id="pretrained in the run folder"),
+    pytest.param(["--label-embeddings", "{out}/log.jsonl"], "--label-embeddings", id="label table as log"),
+    pytest.param(["--pretrained", "{other}/official.pth", "--output-dir", "{other}/linked"], "--pretrained",
+                 id="through a symlink in the run folder"),
+]
+
+
+@pytest.mark.parametrize("flags, named", TRAIN_OVER_INPUTS)
+def test_train_never_writes_over_what_it_reads(flags, named, tmp_path, capsys):
+    out, other = tmp_path / "out", tmp_path / "other"
+    out.mkdir()
+    (other / "linked").mkdir(parents=True)
+    torch.save({"model": {"w": torch.zeros(2)}}, other / "official.pth")
+    torch.save({"model": {"w": torch.zeros(2)}}, out / "checkpoint.pth")
+    torch.save(torch.eye(2, 8), out / "log.jsonl")
+    os.symlink(other / "official.pth", other / "linked" / "checkpoint.pth")
+    argv = [*QUICK, *write_set(tmp_path), "--output-dir", str(out),
+            *[f.format(out=out, other=other) for f in flags]]
+    before = files_under(tmp_path)
+    code, lines = run_cli(train.cli, argv, capsys)
+    assert_one_line(code, lines, f"{named} ")
+    assert "--output-dir would write" in lines[0] and code == 2 and files_under(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------- flags each path takes
+# Values refused on the eager path (--resume CKPT --images DIR) and on the ONNX path (--onnx FILE --images DIR)
+# alike, by one check, with one line: the ONNX path once took 0 for 'unset' and ran with the graph's stored size.
+BAD_VALUES = [(["--min-size", "0"], "--min-size 0: expected a number >= 1"),
+              (["--max-size", "0"], "--max-size 0: expected a number >= 1"),
+              (["--min-size", "-3"], "--min-size -3: expected a number >= 1"),
+              (["--batch-size", "0"], "--batch-size 0: expected a number >= 1"),
+              (["--num-workers", "-1"], "--num-workers -1: expected a number >= 0"),
+              (["--score-threshold", "1.5"], "--score-threshold 1.5: expected a score in [0, 1]"),
+              (["--score-threshold", "nan"], "--score-threshold nan: expected a score in [0, 1]"),
+              (["--min-size", "97", "--max-size", "96"],
+               "--min-size 97 / --max-size 96: expected min-size <= max-size")]
+
+
+@pytest.mark.parametrize("flags, named", BAD_VALUES, ids=[" ".join(flags) for flags, _ in BAD_VALUES])
+def test_the_eager_and_the_onnx_path_refuse_the_same_values(flags, named, user_files, capsys):
+    lines = {}
+    for source in (["--resume", user_files["ck"]], ["--onnx", user_files["onnx"]]):
+        code, lines[source[0]] = run_cli(evaluate.cli, [*source, "--images", user_files["photos"], "--output-dir",
+                                                        str(user_files["root"] / "out"), *flags], capsys)
+        assert_one_line(code, lines[source[0]], named)
+    assert lines["--resume"] == lines["--onnx"] and not (user_files["root"] / "out").exists()
+
+
+def test_num_workers_reaches_the_image_loader_on_both_paths(user_files, monkeypatch):
+    """--num-workers, accepted with --images, loads the images on the eager and the ONNX path alike."""
+    workers = []
+    real = evaluate.DataLoader
+    monkeypatch.setattr(evaluate, "DataLoader", lambda *a, **k: workers.append(k.get("num_workers")) or real(*a, **k))
+    for source in (["--resume", user_files["ck"]], ["--onnx", user_files["onnx"]]):
+        evaluate.main([*source, "--images", user_files["photos"], "--output-dir", str(user_files["root"] / "out"),
+                       "--num-workers", "2", "--min-size", "64", "--max-size", "96"])
+    assert workers == [2, 2]
+
+
+# Flags a mode would silently ignore: each is refused by name. (argv with {placeholders}, the text of the line.)
+IGNORED_FLAGS = [
+    pytest.param("--resume {ck} --visualize 1 --output {root}/r.json", "--visualize runs the val images one at a "
+                 "time and writes PNGs, no results: drop --output", id="visualize --output"),
+    pytest.param("--resume {ck} --visualize 1 --batch-size 2", "drop --batch-size", id="visualize --batch-size"),
+    pytest.param("--resume {ck} --visualize 1 --num-workers 1", "drop --num-workers", id="visualize --num-workers"),
+    pytest.param("--resume {ck} --score-threshold 0.5", "--score-threshold only act on the PNGs of --images or "
+                 "--visualize", id="AP --score-threshold"),
+    pytest.param("--resume {ck} --output-dir {root}/pngs", "--output-dir only act on the PNGs", id="AP --output-dir"),
+    pytest.param("--resume {ck} --per-layer --score-threshold 0.5", "--score-threshold only act",
+                 id="per-layer --score-threshold"),
+    pytest.param("--resume {ck} --export-onnx {root}/m2.onnx --num-workers 1", "drop --num-workers",
+                 id="export --num-workers"),
+    pytest.param("--resume {ck} --export-onnx {root}/m2.onnx --score-threshold 0.5", "drop --score-threshold",
+                 id="export --score-threshold"),
+    pytest.param("--resume {ck} --export-onnx {root}/m2.onnx --output-dir {root}/pngs", "drop --output-dir",
+                 id="export --output-dir"),
+]
+
+
+@pytest.mark.parametrize("argv, named", IGNORED_FLAGS)
+def test_a_flag_the_mode_ignores_is_refused(argv, named, user_files, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_checkpoint", lambda *a, **k: pytest.fail("work started"))
+    before = files_under(user_files["root"])
+    code, lines = run_cli(evaluate.cli, argv.format(**user_files).split(), capsys)
+    assert_one_line(code, lines, named)
+    assert files_under(user_files["root"]) == before
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--shapes-num-train", "4"], "--shapes-num-train only act with --dataset shapes, not --dataset custom"),
+    (["--shapes-seed", "3", "--shapes-max-objects", "2"], "--shapes-max-objects --shapes-seed only act with"),
+    (["--data-path", "somewhere"], "--data-path is not read by --dataset custom"),
+    (["--dataset", "shapes"], "--train-json --train-images --val-json --val-images only act with --dataset custom, "
+                              "not --dataset shapes"),
+], ids=["custom --shapes-num-train", "custom --shapes-seed", "custom --data-path", "shapes --train-json"])
+def test_a_flag_of_another_dataset_is_refused(flags, named, tmp_path, capsys):
+    code, lines = run_cli(train.cli, [*QUICK, *write_set(tmp_path), "--output-dir", str(tmp_path / "out"), *flags],
+                          capsys)
+    assert_one_line(code, lines, named)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- text files
+LATIN_1 = "bo\xeete\ndisc\n".encode("latin-1")  # 'boîte' as an editor saving Latin-1 writes it
+UTF_16 = "box\ndisc\n".encode("utf-16")
+
+
+@pytest.mark.parametrize("what, content, named", [
+    ("--train-json", LATIN_1, "byte 0xee at offset 2"), ("--train-json", UTF_16, "byte 0xff at offset 0"),
+    ("--classes-file", LATIN_1, "byte 0xee at offset 2"), ("--classes-file", UTF_16, "byte 0xff at offset 0"),
+    ("--classes-file", "box\ndisc\n".encode("utf-16-le"), "it holds NUL bytes"),
+    ("config.json", LATIN_1, "byte 0xee at offset 2"),
+])
+def test_a_text_file_in_another_encoding_is_one_line(what, content, named, user_files, tmp_path, capsys):
+    """Every text file a command reads is UTF-8, with or without a byte-order mark; any other encoding is one line
+    naming the file and the encoding expected, not a UnicodeDecodeError."""
+    path = tmp_path / "text"
+    path.write_bytes(content)
+    if what == "--train-json":
+        argv = [*QUICK, *write_set(tmp_path), "--output-dir", str(tmp_path / "out")]
+        argv[argv.index("--train-json") + 1] = str(path)
+        code, lines = run_cli(train.cli, argv, capsys)
+    elif what == "--classes-file":
+        argv = ["--resume", user_files["ck"], "--images", user_files["photos"], "--output-dir", str(tmp_path / "out"),
+                "--classes-file", str(path)]
+        code, lines = run_cli(evaluate.cli, argv, capsys)
+    else:
+        (tmp_path / "hf").mkdir()
+        path = (tmp_path / "hf" / "config.json")
+        path.write_bytes(content)
+        (tmp_path / "hf" / "model.safetensors").write_bytes(b"")  # read after config.json
+        code, lines = run_cli(evaluate.cli, ["--pretrained", str(tmp_path / "hf")], capsys)
+    assert_one_line(code, lines, f"{path} is not UTF-8 (with or without a byte-order mark) text: {named}")
+
+
+def test_training_categories_clip_cannot_tell_apart_are_one_line(tmp_path, capsys):
+    """A JSON whose categories 'box' and 'Box' are two names but one CLIP text: refused before the model is built."""
+    cats = [{"id": 1, "name": "box"}, {"id": 2, "name": "Box"}]
+    argv = [*QUICK, *write_set(tmp_path, categories=cats), "--output-dir", str(tmp_path / "out"), "--method",
+            "alignnet", "--clip-model", "ViT-S-32-alt", "--clip-pretrained", "none"]
+    code, lines = run_cli(train.cli, argv, capsys)
+    assert_one_line(code, lines, "class names 'box' and 'Box' get the same label-dictionary row (CLIP's tokenizer "
+                                 "lower-cases text")
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the wrong thing named
+@pytest.mark.parametrize("argv, named", [
+    ("evaluate --onnx {root} --images {photos}", "--onnx {root} is a folder, expected an .onnx file"),
+    ("evaluate --resume {ck} --images {photos} --classes-file {root}", "--classes-file {root} is a folder, expected a "
+                                                                        "text file"),
+    ("evaluate --resume {ck} --images {photos} --label-embeddings {root}", "--label-embeddings {root} is a folder"),
+    ("evaluate --resume {ck} --val-json {root} --val-images {photos}", "annotation file {root} is a folder"),
+    ("evaluate --resume {ck} --val-json {val_json} --val-images {val_json}", "image folder {val_json} is a file"),
+    ("train --label-embeddings {root}", "--label-embeddings {root} is a folder"),
+    ("train --train-json {root}", "annotation file {root} is a folder"),
+], ids=["--onnx", "--classes-file", "evaluate --label-embeddings", "--val-json", "--val-images", "train "
+        "--label-embeddings", "--train-json"])
+def test_a_folder_for_a_file_and_a_file_for_a_folder_are_named_so(argv, named, user_files, tmp_path, capsys):
+    cli, *argv = argv.format(**user_files).split()
+    if cli == "train":
+        argv = [*QUICK, *write_set(tmp_path / "set"), "--output-dir", str(tmp_path / "out"), *argv]
+    code, lines = run_cli(train.cli if cli == "train" else evaluate.cli, argv, capsys)
+    assert_one_line(code, lines, named.format(**user_files))
+
+
+def test_an_onnx_file_of_another_model_is_one_line(user_files, tmp_path, capsys):
+    """Our metadata on a graph with other inputs (or other outputs): one line naming them, not onnxruntime's
+    traceback at the first image."""
+    for name, argv in (("inputs", dict(inputs=("pixel_values", "pixel_mask"))), ("outputs", dict(queries=5))):
+        path = graph_file(tmp_path / f"{name}.onnx", **argv)
+        if name == "outputs":  # another output name: the graph gives 'logits' where ours gives 'pred_logits'
+            import onnx
+            model = onnx.load(path)
+            for node in model.graph.node:
+                node.output[:] = ["logits" if out == "pred_logits" else out for out in node.output]
+            model.graph.output[0].name = "logits"
+            onnx.save(model, path)
+        code, lines = run_cli(evaluate.cli, ["--onnx", path, "--images", user_files["photos"], "--output-dir",
+                                             str(tmp_path / "out")], capsys)
+        assert_one_line(code, lines, f"--onnx: the graph of {path} has {name} [")
+        assert "expected [images tensor(float) of rank 4, mask tensor(bool) of rank 3]" in lines[0] or \
+            "expected [pred_logits tensor(float) of rank 3, pred_boxes tensor(float) of rank 3]" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+class FillingDisk:
+    """A file on a disk that fills up after `room` bytes: writes beyond it fail with ENOSPC, as a real full disk
+    fails them (the first checkpoint of a run fits, the second does not)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_disk_filling_up_inside_the_second_checkpoint_is_one_line(shapes, tmp_path, capsys, monkeypatch):
+    """torch's zip writer turns a write failing mid-file into its own RuntimeError ('unexpected pos'); the run
+    reports the full disk in one line, and the first epoch's checkpoint stays whole."""
+    out = tmp_path / "out"
+    argv = [*QUICK, *shapes, "--output-dir", str(out), "--epochs", "2"]
+    real_open, opened = open, []
+
+    def open_on_a_filling_disk(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith(".tmp") and "checkpoint.pth" in str(path):
+            opened.append(path)
+            if len(opened) == 2:
+                return FillingDisk(f, room=5000)
+        return f
+    monkeypatch.setattr(errors, "open", open_on_a_filling_disk, raising=False)
+    code, lines = run_cli(train.cli, argv, capsys)
+    assert_one_line(code, lines, f"cannot write {out / 'checkpoint.pth'}: No space left on device (the previous "
+                                 "file is kept)")
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 0
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]
+
+
+def test_a_full_disk_while_writing_pngs_or_the_log_is_one_line(user_files, tmp_path, capsys, monkeypatch):
+    """The annotated PNGs (PIL opens their temporary files) and --log's appended line: one line each."""
+    real_open = open
+
+    def open_on_a_full_disk(full):
+        """open() whose files for writing of the kind `full(path, mode)` names are on a full disk."""
+        return lambda path, mode="r", *a, **k: (real_open("/dev/full", "w" + mode.strip("wa")) if full(str(path), mode)
+                                                else real_open(path, mode, *a, **k))
+    argv = ["--resume", user_files["ck"], "--images", user_files["photos"], "--min-size", "64", "--max-size", "96"]
+    png = lambda path, mode: ".png." in path and path.endswith(TEMP)  # noqa: E731  a PNG's temporary file
+    monkeypatch.setattr("builtins.open", open_on_a_full_disk(png))
+    code, lines = run_cli(evaluate.cli, [*argv, "--output-dir", str(tmp_path / "pngs")], capsys)
+    assert_one_line(code, lines, f"cannot write {tmp_path / 'pngs' / 'a.png'}: No space left on device")
+    monkeypatch.undo()
+    monkeypatch.setattr(errors, "open", open_on_a_full_disk(lambda path, mode: "a" in mode), raising=False)
+    code, lines = run_cli(evaluate.cli, [*argv, "--output-dir", str(tmp_path / "out"), "--log",
+                                         str(tmp_path / "log.jsonl")], capsys)
+    assert_one_line(code, lines, f"cannot write {tmp_path / 'log.jsonl'}: No space left on device")
+    assert not [n for n in os.listdir(tmp_path / "pngs") if n.endswith(TEMP)]  # no half PNG left behind
+
+
+# ---------------------------------------------------------------------------------------------- bench.py
+@pytest.mark.parametrize("argv, named", [
+    (["attn", "--repeats", "0"], "--repeats 0: expected a number >= 1"),
+    (["train", "--steps", "0"], "--steps 0: expected a number >= 1"),
+    (["amp", "--rounds", "-1"], "--rounds -1: expected a number >= 1"),
+    (["hf", "--size", "64"], "--size 64: expected at least 160 pixels"),
+    (["attn", "--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["train", "--methods", "baseline", "clip"], "argument --methods: invalid choice: 'clip'"),
+    (["train", "--steps", "1", "--methods", "baseline", "--", "--no-such-flag"],
+     "bench.py train: the run of --dataset shapes --device cpu --num-workers 0 --no-such-flag --method baseline "
+     "failed: unrecognized arguments: --no-such-flag"),
+] + ([(["attn", "--device", "cuda"], "--device 'cuda': no CUDA GPU is visible")] if not torch.cuda.is_available()
+     else []), ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bench_is_a_command_like_the_others(argv, named, capsys):
+    """bench.py's flags end in one line and exit status 2, as train.py's do; so does a worker's failure, which its
+    parent reports with the worker's own line instead of a CalledProcessError traceback."""
+    import bench
+    code, lines = run_cli(bench.cli, argv, capsys)
+    assert_one_line(code, lines, named)
+
+
+# ---------------------------------------------------------------------------------------------- classes by name
+def test_compare_names_the_second_checkpoints_boxes_by_its_own_classes(checkpoint, tmp_path, capsys, monkeypatch):
+    """--visualize --compare CKPT2: CKPT2's head rows are its classes in its order (here the other way round), so
+    its boxes are named by them; a CKPT2 of other classes than the val set's is named, before any image."""
+    ckpt = torch.load(checkpoint, weights_only=False)
+    for name, classes in (("swapped", ["disc", "box"]), ("other", ["box", "star"])):
+        torch.save(dict(ckpt, classes={"ids": [1, 2], "names": classes}), tmp_path / f"{name}.pth")
+    drawn = []
+    monkeypatch.setattr(evaluate, "draw_detections", lambda image, pred, class_names, threshold:
+                        drawn.append(list(class_names)) or image)
+    argv = ["--resume", checkpoint, "--visualize", "1", "--output-dir", str(tmp_path / "maps")]
+    evaluate.main([*argv, "--compare", str(tmp_path / "swapped.pth")])
+    assert drawn == [["box", "disc"], ["disc", "box"]]
+    code, lines = run_cli(evaluate.cli, [*argv, "--compare", str(tmp_path / "other.pth")], capsys)
+    assert_one_line(code, lines, "only the model has ['star'], only the val set has ['disc']")
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+HELD = {"checkpoint and log": ("checkpoint.pth", "log.jsonl"), "log only": ("log.jsonl",),
+        "checkpoint only": ("checkpoint.pth",)}
+
+
+# --resume auto in a folder with a checkpoint continues that run (documented), so it meets only the log.
+@pytest.mark.parametrize("how, held", [(how, held) for how in ("fresh", "--resume auto", "--resume elsewhere")
+                                       for held in HELD if how != "--resume auto" or held == "log only"],
+                         ids=lambda value: value)
+def test_a_run_never_writes_over_another_runs_files(how, held, shapes, tmp_path, capsys):
+    """Every way a run chooses its folder, against a folder holding another run's files: refused in one line, both
+    runs' files byte for byte."""
+    held = HELD[held]
+    other, run_a = tmp_path / "b", tmp_path / "a"
+    for folder, names in ((other, held), (run_a, ("checkpoint.pth", "log.jsonl"))):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(f"{folder.name}'s {name}".encode())
+    before = files_under(tmp_path)
+    resume = {"fresh": [], "--resume auto": ["--resume", "auto"],
+              "--resume elsewhere": ["--resume", str(run_a / "checkpoint.pth")]}[how]
+    code, lines = run_cli(train.cli, [*QUICK, *shapes, "--output-dir", str(other), "--epochs", "2", *resume], capsys)
+    assert_one_line(code, lines, f"--output-dir {other} holds {' and '.join(held)} of an earlier run, which this run "
+                                 "would overwrite")
+    assert files_under(tmp_path) == before
+
+
+def test_a_run_resumed_from_elsewhere_fills_an_empty_folder_and_a_linked_folder_continues(shapes, tmp_path, capsys):
+    """--resume a/checkpoint.pth --output-dir b/ with b/ empty: b/ gets the run, a/ stays as it was; the folder's
+    own checkpoint named through a symlinked folder is that run continued."""
+    argv = [*QUICK, *shapes]
+    train.main(parse_args(*argv, "--output-dir", tmp_path / "a"))
+    first = files_under(tmp_path / "a")
+    train.main(parse_args(*argv, "--output-dir", tmp_path / "b", "--epochs", "2", "--resume",
+                          tmp_path / "a" / "checkpoint.pth"))
+    assert files_under(tmp_path / "a") == first
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    os.symlink(tmp_path / "b", tmp_path / "b-link")
+    train.main(parse_args(*argv, "--output-dir", tmp_path / "b", "--epochs", "3", "--resume",
+                          tmp_path / "b-link" / "checkpoint.pth"))
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.parametrize("method, flags, said", [
+    ("baseline", ["--align-feature", "label", "--dynql-rho", "0.5"], "--align-feature and --dynql-rho not used by "
+                                                                      "--method baseline"),
+    ("dynql", ["--align-loss-coef", "2"], "--align-loss-coef not used by --method dynql"),
+    ("alignnet", ["--dynql-betas", "0.5"], "--dynql-betas not used by --method alignnet"),
+])
+def test_training_module_flags_a_method_does_not_use_are_said_so(method, flags, said, tmp_path, capsys):
+    """A Table 4 sweep gives every method the same flags: a method that builds no AlignNet, no alignment loss or no
+    DynQL says which of them it does not use (the methods that do use them say nothing)."""
+    parse_args(*QUICK, *write_set(tmp_path), "--method", method, *flags)
+    assert said in capsys.readouterr().out
+    parse_args(*QUICK, *write_set(tmp_path), "--method", "clip-detr", *flags)
+    assert "not used" not in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Tests for label_dictionary.py, the CLIP label dictionary f_cls of Sec. 3.2: label-embeddings files, the disk
 cache and every input of its key, the random-weight text encoder, and the offline failure. CPU only, no network."""
+import re
 import time
 
 import huggingface_hub.constants
@@ -150,3 +151,73 @@ def test_pretrained_tag_loads_downloaded_checkpoint_with_quick_gelu(tmp_path, mo
     f_cls = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='tiny')
     assert requested == ['org/tiny/']
     torch.testing.assert_close(f_cls, expected)
+
+
+LONG = ' '.join(['striped'] * 80)  # a prompt of more than CLIP's 77 tokens: what follows is never read
+
+
+@pytest.mark.parametrize('names, why', [
+    (['red box', 'Red Box'], "CLIP's tokenizer lower-cases text and collapses spaces"),
+    (['red box', 'red   box'], "CLIP's tokenizer lower-cases text and collapses spaces"),
+    (['cat', 'dog', 'DOG'], "CLIP's tokenizer lower-cases text and collapses spaces"),
+    ([f'{LONG} cat', f'{LONG} dog'],
+     "they differ only past CLIP's 77-token context, prompt 'a photo of a {}' included"),
+], ids=['case', 'spaces', 'among others', 'past the context'])
+def test_names_the_text_encoder_cannot_tell_apart_are_refused(names, why, capsys):
+    """Two names with one row would be scored alike: every detection twice, under two names. The encoder runs, and
+    the cache it fills is read, with the same outcome."""
+    for attempt in ('encoded', 'cached'):
+        with pytest.raises(ValueError, match=re.escape(why)) as info:
+            label_embeddings(names, model_name='ViT-S-32-alt', pretrained='none')
+        assert all(f"{name[-12:]}'" in str(info.value) for name in names[-2:]), (attempt, str(info.value))
+        assert 'cannot tell them apart' in str(info.value) and '\n' not in str(info.value)
+
+
+def test_names_with_rows_of_one_direction_in_a_label_file_are_refused(tmp_path):
+    """A named table, a plain one (a row and twice it point the same way) and a cached table alike."""
+    torch.save({'names': ['cat', 'kitten', 'dog'], 'embeddings': torch.tensor([[1.0, 2.0], [1.0, 2.0], [2.0, 1.0]])},
+               tmp_path / 'named.pt')
+    with pytest.raises(ValueError, match=r"'cat' and 'kitten' get the same label-dictionary row \(label embeddings "
+                                         r"file '.*named\.pt' gives them rows of one direction\)"):
+        label_embeddings(['dog', 'cat', 'kitten'], embeddings_file=tmp_path / 'named.pt')
+    label_embeddings(['dog', 'cat'], embeddings_file=tmp_path / 'named.pt')  # either of the twins alone is fine
+    np.save(tmp_path / 'plain.npy', np.array([[1.0, 2.0], [3.0, 1.0], [2.0, 4.0]]))
+    with pytest.raises(ValueError, match="'red circle' and 'green square' get the same"):
+        label_embeddings(NAMES, embeddings_file=tmp_path / 'plain.npy')
+    cached = label_dictionary._cache_path(None, 'RN50', 'none', 'a photo of a {}', NAMES)
+    cached.parent.mkdir(parents=True)
+    torch.save(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), cached)
+    with pytest.raises(ValueError, match="'blue triangle' and 'green square' get the same"):
+        label_embeddings(NAMES, model_name='RN50', pretrained='none')
+
+
+def test_names_the_text_encoder_tells_apart_keep_their_rows():
+    """Close names (one letter, a plural, punctuation, a difference inside the context) are distinct classes."""
+    names = ['cat', 'cats', 'car', 'red box', 'red box!', f'{LONG[:300]} cat', f'{LONG[:300]} dog']
+    table = label_embeddings(names, model_name='ViT-S-32-alt', pretrained='none')
+    assert table.shape[0] == len(names) and not label_dictionary._same_rows(table)
+
+
+@pytest.mark.parametrize('damage', [b'', b'PK\x03\x04 cut short', torch.zeros(3, 4),
+                                    torch.ones(2, 4, dtype=torch.int64), torch.full((2, 4), float('nan'))],
+                         ids=['empty', 'truncated', 'other shape', 'integers', 'NaN'])
+def test_a_damaged_cache_is_recomputed_said_once_and_replaced(damage, capsys, monkeypatch):
+    """The cache is the project's own file: a damaged one is recomputed, said once, and written again, so the next
+    run reads it instead of paying for the encoder again."""
+    first = label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none')
+    cached = label_dictionary._cache_path(None, 'ViT-S-32-alt', 'none', 'a photo of a {}', NAMES)
+    if isinstance(damage, bytes):
+        cached.write_bytes(damage)
+    else:
+        torch.save(damage, cached)
+    capsys.readouterr()
+    torch.testing.assert_close(label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none'), first,
+                               rtol=0, atol=0)
+    assert capsys.readouterr().out.count('recomputing it') == 1
+
+    def no_encoder(class_names, **kwargs):
+        raise AssertionError('the damaged cache was not replaced')
+    monkeypatch.setattr(label_dictionary, '_encode_with_clip', no_encoder)
+    torch.testing.assert_close(label_embeddings(NAMES, model_name='ViT-S-32-alt', pretrained='none'), first,
+                               rtol=0, atol=0)
+    assert 'recomputing' not in capsys.readouterr().out

@@ -232,7 +232,7 @@ def test_bad_onnx_input_is_one_line(tmp_path, capsys, monkeypatch):
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
     onnx.save(foreign, tmp_path / "foreign.onnx")
     assert "lacks the metadata" in run_cli(["--onnx", "foreign.onnx", "--images", "."], capsys)
-    assert "does not exist" in run_cli(["--onnx", "none.onnx", "--images", "."], capsys)
+    assert "none.onnx not found" in run_cli(["--onnx", "none.onnx", "--images", "."], capsys)
     assert "add --images DIR" in run_cli(["--onnx", "foreign.onnx"], capsys)
     assert "drop --device" in run_cli(["--onnx", "foreign.onnx", "--images", ".", "--device", "cpu"], capsys)
     assert "drop --images" in run_cli(["--resume", "ckpt.pth", "--export-onnx", "m.onnx", "--images", "."], capsys)

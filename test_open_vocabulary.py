@@ -353,7 +353,7 @@ def test_checkpoint_trained_on_a_label_file_needs_one_at_inference(ov_run, val_i
     ({"names": ["a", "b", "c"], "embeddings": torch.ones(2, 3)}, [], "3 names and 2 rows"),
     ({"names": ["a", "b"], "embeddings": torch.ones(2, 3)}, ["--classes", "c"], r"no row named \['c'\]; its 2 names"),
     (torch.ones(2, WIDTH), [], "plain table that names no classes"),
-    ({"names": ["a", "b"], "embeddings": torch.ones(2, 3)}, [], "3 wide.*projects into 16"),
+    ({"names": ["a", "b"], "embeddings": torch.eye(2, 3)}, [], "3 wide.*projects into 16"),
 ])
 def test_bad_label_files_at_inference_are_one_line(content, flags, match, ov_run, val_images, tmp_path, capsys):
     path = tmp_path / "labels.pt"
@@ -372,3 +372,32 @@ def test_bad_label_files_at_inference_are_one_line(content, flags, match, ov_run
 def test_vocabulary_flag_combinations(flags, match, ov_run, capsys):
     code, err = run_cli(evaluate, ["--resume", ov_run[0], *flags], capsys)
     assert code == 2 and len(err) == 1 and match in err[0], err
+
+
+def test_a_classes_file_saved_by_notepad_names_the_classes_as_written(ov_run, label_file, val_images, tmp_path):
+    """UTF-8 with a byte-order mark and CRLF line ends, as Windows Notepad saves it: the first name has no hidden
+    \\ufeff (it would miss its row, or be another class)."""
+    names = ["white star", NEW]
+    classes_file = tmp_path / "classes.txt"
+    classes_file.write_bytes("\r\n".join(names).encode("utf-8-sig") + b"\r\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        log = evaluate.main(["--resume", ov_run[0], "--images", str(val_images), "--classes-file", str(classes_file),
+                             "--label-embeddings", str(label_file[0]), "--output-dir", str(tmp_path / "out")])
+    assert log["classes"] == names
+    assert {r["category_name"] for r in json.load(open(tmp_path / "out" / "results.json"))} == set(names)
+
+
+@pytest.mark.parametrize("classes, why", [
+    (["red box", "Red Box"], "CLIP's tokenizer lower-cases text"),
+    ([" ".join(["striped"] * 80) + " cat", " ".join(["striped"] * 80) + " dog"], "77-token context"),
+])
+def test_classes_clip_cannot_tell_apart_are_one_line(classes, why, ov_run, val_images, tmp_path, capsys):
+    """--classes embedded by the checkpoint's CLIP model (here its random-weight encoder) as training did."""
+    ckpt = torch.load(ov_run[0], weights_only=False)
+    ckpt["args"].update(clip_model="ViT-S-32-alt", clip_pretrained="none", label_embeddings=None)
+    path = tmp_path / "clip.pth"
+    torch.save(ckpt, path)
+    code, err = run_cli(evaluate, ["--resume", path, "--images", val_images, "--output-dir", tmp_path / "out",
+                                   "--classes", *classes], capsys)
+    assert code == 2 and len(err) == 1 and why in err[0] and "cannot tell them apart" in err[0], err
+    assert not (tmp_path / "out").exists()

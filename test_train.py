@@ -229,12 +229,12 @@ def test_cli_errors_are_one_line(tmp_path, cache):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     (tmp_path / "imgs").mkdir()
-    cases = [(["--dataset", "coco", "--data-path", "/nonexistent/coco"], "/nonexistent/coco"),
-             (["--dataset", "custom", "--train-json", bad, "--train-images", tmp_path / "imgs", "--val-json", bad,
-               "--val-images", tmp_path / "imgs"], str(bad)),
-             (["--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth")]
-    results = run_clis("train.py", [[*TINY_MODEL, "--output-dir", tmp_path / f"o{i}", *argv]
-                                    for i, (argv, _) in enumerate(cases)], env_extra={"CLIP_DETR_CACHE": str(cache)})
+    cases = [([*TINY_MODEL, "--dataset", "coco", "--data-path", "/nonexistent/coco"], "/nonexistent/coco"),
+             ([*TINY_MODEL, "--dataset", "custom", "--train-json", bad, "--train-images", tmp_path / "imgs",
+               "--val-json", bad, "--val-images", tmp_path / "imgs"], str(bad)),
+             ([*TINY, "--data-path", cache / "shapes", "--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth")]
+    results = run_clis("train.py", [[*argv, "--output-dir", tmp_path / f"o{i}"] for i, (argv, _) in enumerate(cases)],
+                       env_extra={"CLIP_DETR_CACHE": str(cache)})
     for (argv, expected), result in zip(cases, results):
         assert result.returncode != 0, argv
         lines = result.stderr.strip().splitlines()

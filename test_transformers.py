@@ -52,6 +52,7 @@ from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection 
 from transformers.models.deformable_detr import modeling_deformable_detr as hf_modeling  # noqa: E402
 
 import build  # noqa: E402
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 import transformers_checkpoint  # noqa: E402
@@ -84,9 +85,16 @@ ORIGINAL = dict(position=hf_modeling.DeformableDetrSinePositionEmbedding.forward
 # ----------------------------------------------------------------------------------------------------------
 # Building both sides
 # ----------------------------------------------------------------------------------------------------------
-def hf_config(two_stage, refine, backbone="resnet18"):
+# The classes of the 91-row heads by name (config.json's id2label), so that ours_from's dataset classes "class i"
+# get row i: classes are matched by name.
+ROW_NAMES = {i: f"class {i}" for i in range(91)}
+# The hub's COCO checkpoints name their 91 rows by COCO category id, 'N/A' where COCO has no category.
+HUB_ROW_NAMES = {i: name or "N/A" for i, name in enumerate(data.COCO_ROW_NAMES)}
+
+
+def hf_config(two_stage, refine, backbone="resnet18", id2label=ROW_NAMES):
     return DeformableDetrConfig(backbone=backbone, use_timm_backbone=True, two_stage=two_stage,
-                                with_box_refine=refine, **TINY)
+                                with_box_refine=refine, **TINY | dict(num_labels=len(id2label), id2label=id2label))
 
 
 def randomize_(hf, seed):
@@ -304,7 +312,8 @@ def hub_layout(saved, folder):
     folder.mkdir()
     config = json.loads((saved / "config.json").read_text())
     backbone = config.pop("backbone_config")["backbone"]
-    config.update(use_timm_backbone=True, backbone=backbone, dilation=False, use_pretrained_backbone=True)
+    config.update(use_timm_backbone=True, backbone=backbone, dilation=False, use_pretrained_backbone=True,
+                  id2label={str(i): name for i, name in HUB_ROW_NAMES.items()})
     (folder / "config.json").write_text(json.dumps(config))
     from safetensors.torch import load_file
     state = load_file(saved / "model.safetensors")
@@ -379,7 +388,7 @@ def edit_weights(folder, change):
     ("single scale", ValueError, "single-scale checkpoints"),
     ("flags", ValueError, "config.json has encoder_layers=3 where the run has --enc-layers 2; "
                           "two_stage=True where the run has --no-two-stage"),
-    ("class ids", ValueError, r"category ids \[95\] are not among them"),
+    ("class names", ValueError, r"the dataset's categories \['class 95'\] are not among them"),
     ("one more layer", ValueError, r"have no place in this model, e\.g\. \['transformer\.decoder\.layers\.2\."),
     ("missing tensor", ValueError, r"does not match the model: missing \['input_proj\.0\.0\.bias'\]"),
 ])
@@ -388,7 +397,7 @@ def test_checkpoint_errors_are_one_line(case, error, match, built, small_model, 
     line, test_cli_...); a file with tensors the model lacks (one more decoder layer) or lacking one of the model's
     is refused, never loaded in part. The cases use the plain variant's folder."""
     variant = built("plain")
-    folder, cat_ids = tmp_path / "ckpt", list(range(91))
+    folder, names = tmp_path / "ckpt", [f"class {i}" for i in range(91)]
     edits = dict(detr=dict(model_type="detr"), dc5=dict(dilation=True), flags=dict(encoder_layers=3, two_stage=True),
                  **{"native resnet": dict(backbone_config={"model_type": "resnet"}),
                     "single scale": dict(num_feature_levels=1)})
@@ -401,14 +410,65 @@ def test_checkpoint_errors_are_one_line(case, error, match, built, small_model, 
         {"no config": lambda: (folder / "config.json").unlink(),
          "no weights": lambda: (folder / "model.safetensors").unlink(),
          "damaged": lambda: (folder / "model.safetensors").write_bytes(b"not safetensors"),
-         "class ids": lambda: cat_ids.__setitem__(-1, 95),
+         "class names": lambda: names.__setitem__(-1, "class 95"),
          "one more layer": lambda: edit_weights(folder, lambda state: state | {
              k.replace("layers.1.", "layers.2.", 1): v for k, v in state.items() if "decoder.layers.1." in k}),
          "missing tensor": lambda: edit_weights(folder, lambda state: {
              k: v for k, v in state.items() if k != "model.input_proj.0.0.bias"})}[case]()
     with pytest.raises(error, match=match) as info:
-        build.load_pretrained(small_model, source, cat_ids)
+        build.load_pretrained(small_model, source, names)
     assert "\n" not in str(info.value)
+
+
+COCO_ROWS = {name: row for row, name in enumerate(data.COCO_ROW_NAMES) if name}
+
+
+@pytest.mark.parametrize("two_stage, id2label, names, rows", [
+    (False, {0: "disc", 1: "star", 2: "box"}, ["box", "disc", "star"], [2, 0, 1]),
+    (True, {0: "disc", 1: "star", 2: "box"}, ["box", "disc", "star"], [2, 0, 1]),
+    (False, HUB_ROW_NAMES, list(reversed(COCO_80)), [COCO_ROWS[n] for n in reversed(COCO_80)]),
+    (False, {i: f"LABEL_{i}" for i in range(91)}, ["dog", "person", "toothbrush"], [18, 1, 90]),
+], ids=["fine-tuned head in another order", "two-stage", "hub COCO head, names in another order",
+        "placeholder names: the official COCO head"])
+def test_a_checkpoints_class_rows_meet_the_dataset_by_name(two_stage, id2label, names, rows, tmp_path):
+    """Row k of the loaded head is the checkpoint's row of the dataset's k-th name (config.json's id2label; its
+    placeholders LABEL_i name nothing, and a 91-row head is then COCO's, row i for category id i), whatever the
+    order or numbering of the dataset; the two-stage encoder head keeps its rows in place (row 0 is
+    objectness)."""
+    torch.manual_seed(0)
+    hf = DeformableDetrForObjectDetection(hf_config(two_stage, two_stage, id2label=id2label))
+    randomize_(hf, seed=3)
+    hf.save_pretrained(tmp_path / "ckpt")
+    flags = [] if two_stage else ["--no-two-stage", "--no-with-box-refine"]
+    args = parse_args("--dataset", "coco", "--method", "baseline", "--device", "cpu", *flags, *TINY_FLAGS)
+    model = build.build_model(args, names)[0]
+    build.load_pretrained(model, str(tmp_path / "ckpt"), names)
+    n_dec = TINY["decoder_layers"]
+    for layer in range(n_dec):
+        for kind in ("weight", "bias"):
+            want = getattr(hf.class_embed[layer], kind)[rows]
+            assert torch.equal(getattr(model.class_embed[layer], kind), want), (layer, kind)
+    if two_stage:
+        assert torch.equal(model.class_embed[n_dec].weight, hf.class_embed[n_dec].weight[:len(names)])
+
+
+def test_a_dataset_name_the_checkpoint_lacks_is_refused(tmp_path):
+    hf = DeformableDetrForObjectDetection(hf_config(False, False, id2label={0: "disc", 1: "box"}))
+    hf.save_pretrained(tmp_path / "ckpt")
+    args = parse_args("--dataset", "coco", "--method", "baseline", "--device", "cpu", "--no-two-stage",
+                      "--no-with-box-refine", *TINY_FLAGS)
+    model = build.build_model(args, ["box", "ball"])[0]
+    with pytest.raises(ValueError, match=r"its class head scores 2 named classes \(disc, box\); the dataset's "
+                                         r"categories \['ball'\] are not among them"):
+        build.load_pretrained(model, str(tmp_path / "ckpt"), ["box", "ball"])
+
+
+def test_config_json_with_a_byte_order_mark_is_read(built, tmp_path):
+    """config.json saved by an editor that writes a UTF-8 byte-order mark loads as without one."""
+    folder = tmp_path / "bom"
+    shutil.copytree(built("plain").folder, folder)
+    (folder / "config.json").write_bytes(b"\xef\xbb\xbf" + (folder / "config.json").read_bytes())
+    assert transformers_checkpoint.read_hf_config(folder / "config.json", str(folder))["d_model"] == TINY["d_model"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,8 +479,10 @@ def test_cli_train_from_a_hub_id_and_evaluate_a_folder(built, coco_dir, hub_cach
     """`train.py --pretrained hf:ORG/NAME` trains CLIP-DETR a step from the cached two-stage checkpoint (flags
     describing its model), `evaluate.py --pretrained FOLDER` scores the checkpoint on the COCO-format val set, and a
     flag that differs from config.json stops train.py with exit status 2 and one line naming both values."""
-    variant = built("two-stage")
-    publish(hub_cache, "ORG/NAME", variant.folder)
+    # The checkpoint's 91 rows named as the hub's COCO checkpoints name them, so the COCO set's classes meet them.
+    folder = tmp_path / "coco-head"
+    edit_config(built("two-stage").folder, folder, id2label={str(i): name for i, name in HUB_ROW_NAMES.items()})
+    publish(hub_cache, "ORG/NAME", folder)
     common = ["--dataset", "coco", "--data-path", str(coco_dir), "--device", "cpu", "--min-size", "64",
               "--max-size", "96"]
     argv = [*common, *TINY_FLAGS, "--label-embeddings", str(coco_dir / "labels.pt"), "--epochs", "1",
@@ -431,8 +493,8 @@ def test_cli_train_from_a_hub_id_and_evaluate_a_folder(built, coco_dir, hub_cach
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert log[-1]["train_steps"] == 1 and "train_loss_align" in log[-1]
 
-    result = evaluate.main([*common, "--pretrained", variant.folder, "--batch-size", "1"])
-    assert result["checkpoint"] == variant.folder and len(result["coco_stats"]) == 12
+    result = evaluate.main([*common, "--pretrained", str(folder), "--batch-size", "1"])
+    assert result["checkpoint"] == str(folder) and len(result["coco_stats"]) == 12
     assert "loaded transformers checkpoint" in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as exit_info:

@@ -15,6 +15,9 @@ Paper ablations as flags:
   Table 8   --dynql-rho 1.0
   Table 3   --dataset ov-coco; --novel-classes NAME [NAME ...] holds out any categories of any dataset
 
+A run owns its --output-dir (run.lock, checkpoint.pth, log.jsonl): it never writes over another run's files
+(`claim_output_dir`) nor over a file it reads (build.check_writes); flags of another kind of dataset are refused.
+
 Every loss term of one step (Eq. 5 `loss_align`, Eq. 10 `loss_dynql_*`, the set-prediction terms) is
 logged separately, one JSON line per epoch in OUTPUT_DIR/log.jsonl; with DynQL also `z_attr_norm` (mean
 ||z_attr|| before Eq. 6's rescaling) and `dynql_b{beta}_{ce,bbox,giou}`, the last layer's DynQL loss per
@@ -48,10 +51,11 @@ from tqdm import tqdm
 import data
 import evaluate
 from build import (DATASET_FLAGS, build_dataset, build_model, build_optimizer, build_train_batches, build_val_batches,
-                   check_dataset_flags, check_device, check_output_path, class_split, default_device, load_checkpoint,
-                   load_model_state, load_pretrained)
+                   check_dataset_flags, check_device, check_output_path, check_writes, class_split, dataset_files,
+                   default_device, load_checkpoint, load_model_state, load_pretrained)
 from dynql import dynql_loss, dynql_set_losses
-from errors import ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, write_atomically
+from errors import (ArgumentParser, TEMP_SUFFIX, InputError, error_line, is_main, save_torch, user_file,
+                    write_atomically)
 from matcher import global_num_boxes, weight_dict
 from model import check_variant
 
@@ -251,9 +255,8 @@ def finalize_args(args):
             raise InputError(f"--{key.replace('_', '-')} {value}: expected a number >= {low}")
     if not 0 <= args.dropout < 1:
         raise InputError(f"--dropout {args.dropout}: expected a probability in [0, 1)")
-    if args.label_embeddings and not os.path.isfile(args.label_embeddings):
-        raise FileNotFoundError(f"--label-embeddings {args.label_embeddings} not found (expected a .pt or .npy file "
-                                "with one row per class)")
+    if args.label_embeddings:
+        user_file(args.label_embeddings, "--label-embeddings", "a .pt or .npy file with one row per class")
     if args.pretrained and args.pretrained_backbone:
         raise InputError(f"--pretrained {args.pretrained} holds the ResNet's weights, which would replace the ImageNet "
                          "ones of --pretrained-backbone: drop --pretrained-backbone")
@@ -616,7 +619,7 @@ def build_run(args, rank, world, ckpt, resume):
     detr, criterion, postprocess = build_model(args, train_set.cat_names)
     detr.to(device)
     if args.pretrained:
-        load_pretrained(detr, args.pretrained, train_set.cat_ids)
+        load_pretrained(detr, args.pretrained, train_set.cat_names)
     model = detr
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -745,10 +748,16 @@ def _lock_owner_alive(owner):
     return True
 
 
+# The files a run writes into its --output-dir besides run.lock: another run's are never written over.
+RUN_FILES = ("checkpoint.pth", "log.jsonl")
+
+
 def claim_output_dir(output_dir, resume):
     """Make `output_dir` this run's: refuse while another live run writes there (its run.lock names it), and when
-    it holds a checkpoint this run does not resume from (the first epoch would overwrite it). A lock left by a
-    killed run is taken over. Returns the lock's path; the caller removes it when the run ends."""
+    it holds another run's checkpoint or log, which this run would overwrite: any run, fresh or resumed from a
+    checkpoint elsewhere, except one that continues the folder's own checkpoint (--resume auto, or --resume naming
+    that file). A lock left by a killed run is taken over. Returns the lock's path; the caller removes it when the
+    run ends."""
     lock = os.path.join(output_dir, LOCK_NAME)
     for attempt in range(2):
         try:
@@ -766,10 +775,15 @@ def claim_output_dir(output_dir, resume):
     with os.fdopen(fd, "w") as f:
         f.write(f"{socket.gethostname()} {os.getpid()}\n")
     checkpoint = os.path.join(output_dir, "checkpoint.pth")
-    if os.path.isfile(checkpoint) and not (resume and os.path.samefile(resume, checkpoint)):
+    continues = (bool(resume) and os.path.isfile(checkpoint) and os.path.exists(resume)
+                 and os.path.samefile(resume, checkpoint))
+    others = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if others and not continues:
         os.remove(lock)
-        raise InputError(f"--output-dir {output_dir} holds the checkpoint of an earlier run, which this run would "
-                         "overwrite: continue it with --resume auto, or choose another --output-dir")
+        how = (f"this run resumes {resume} instead" if resume else
+               "continue it with --resume auto" if os.path.isfile(checkpoint) else "it holds no checkpoint to resume")
+        raise InputError(f"--output-dir {output_dir} holds {' and '.join(others)} of an earlier run, which this run "
+                         f"would overwrite ({how}): choose another --output-dir")
     return lock
 
 
@@ -804,6 +818,20 @@ def check_resume_on_every_rank(given, resume, world):
         raise InputError(f"--resume {given}: rank(s) {lacking} find no checkpoint ({resume or 'none in --output-dir'}) "
                          f"where rank(s) {having} do: every machine needs the checkpoint at the path it resumes from "
                          "(shared storage, or checkpoint.pth copied to every machine and --resume PATH)")
+
+
+def run_writes_and_reads(args, resume):
+    """(flag, path) of the files a run writes into --output-dir, and of the files and folders it reads, for
+    build.check_writes. The checkpoint it resumes is its own to write over (--resume auto, or --resume naming
+    OUTPUT_DIR/checkpoint.pth), the one documented case; claim_output_dir guards the folder's other files."""
+    writes = [("--output-dir", os.path.join(args.output_dir, name)) for name in (*RUN_FILES, LOCK_NAME)]
+    own = os.path.join(args.output_dir, "checkpoint.pth")
+    continues = bool(resume) and os.path.isfile(own) and os.path.isfile(resume) and os.path.samefile(resume, own)
+    reads = [(flag, path) for flag, path in (("--resume", None if continues else resume),
+                                             ("--pretrained", args.pretrained),
+                                             ("--label-embeddings", args.label_embeddings)) if path]
+    reads += [read for image_set in ("train", "val") for read in dataset_files(image_set, args)]
+    return writes, reads
 
 
 def train_epochs(run, start_epoch):
@@ -850,9 +878,10 @@ def main(args):
     if is_main():
         print(config_line(args), flush=True)
     seed_everything(args.seed + rank)
-    os.makedirs(args.output_dir, exist_ok=True)
     resume = resolve_resume(args.resume, args.output_dir) if args.resume else None
     check_resume_on_every_rank(args.resume, resume, world)
+    check_writes(*run_writes_and_reads(args, resume))
+    os.makedirs(args.output_dir, exist_ok=True)
     lock = claim_output_dir_on_every_rank(args, resume, world)
     try:
         if is_main():

@@ -3,8 +3,9 @@
 `--pretrained FOLDER|hf:ORG/NAME` (train.py and evaluate.py) starts from a released detector saved by
 transformers: a save_pretrained folder (config.json + model.safetensors or pytorch_model.bin) or a hub id
 hf:ORG/NAME (also hf-hub:ORG/NAME, timm's and open_clip's spelling), downloaded through huggingface_hub. No
-transformers is needed: config.json is checked against the built detector and the names are mapped onto the
-official ones, strictly (every tensor of the model filled once, nothing of the file left over). build.py's
+transformers is needed: config.json (UTF-8) is checked against the built detector and the names are mapped onto
+the official ones, strictly (every tensor of the model filled once, nothing of the file left over); its id2label
+names the class head's rows (`hf_class_names`), which build.py matches to the dataset's classes by name. build.py's
 `load_pretrained` hands a folder or hub id here and loads the state it gets back.
 
   transformers                                     official (this model)
@@ -36,7 +37,7 @@ import re
 
 import torch
 
-from errors import InputError, read_torch_file
+from errors import InputError, read_text, read_torch_file
 
 HUB_PREFIXES = ("hf:", "hf-hub:")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # huggingface_hub's preference order
@@ -139,10 +140,10 @@ def hf_checkpoint_files(source):
 def read_hf_config(path, source):
     """config.json as a dict with transformers' defaults filled in; only Deformable DETR with a timm ResNet, the
     hub's layout, is accepted. `backbone` is added: the ResNet's name as --backbone spells it."""
+    text = read_text(path, f"--pretrained {source}: config.json", "the config.json of transformers' save_pretrained")
     try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
         raise InputError(f"--pretrained {source}: config.json is not valid JSON ({err})") from None
     if not isinstance(raw, dict) or raw.get("model_type") != "deformable_detr":
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
@@ -202,6 +203,23 @@ def hf_model_args(config):
                 enc_n_points=config["encoder_n_points"], dec_n_points=config["decoder_n_points"],
                 two_stage=config["two_stage"], with_box_refine=config["with_box_refine"],
                 num_queries=config["two_stage_num_proposals" if config["two_stage"] else "num_queries"])
+
+
+def hf_class_names(config, source):
+    """The class named by each row of the class head, from config.json's id2label: None for a row without a class
+    (the hub's COCO heads name the ids COCO leaves out 'N/A'); None in place of the list when id2label names
+    nothing (transformers' placeholders LABEL_0, LABEL_1, ...)."""
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        labels = {int(key): value for key, value in id2label.items()}
+    except (TypeError, ValueError):
+        raise InputError(f"--pretrained {source}: config.json's id2label has keys {sorted(id2label)[:5]}, expected "
+                         "row numbers 0, 1, ...") from None
+    if all(value == f"LABEL_{key}" for key, value in labels.items()):
+        return None
+    return [None if labels.get(row) in (None, "N/A") else str(labels[row]) for row in range(max(labels) + 1)]
 
 
 def resnet_name(body):
@@ -327,10 +345,12 @@ def check_shared_tensors(state, model, source):
 
 
 def hf_checkpoint_state(model, source):
-    """(weights, what they are) of a transformers checkpoint under the built detector's names, after checking its
-    config.json against the detector: every key of the model filled, every tensor of the file used."""
+    """(weights, what they are, the name of each class-head row or None) of a transformers checkpoint under the
+    built detector's names, after checking its config.json against the detector: every key of the model filled,
+    every tensor of the file used."""
     config_path, weights_path = hf_checkpoint_files(source)
-    check_hf_config(read_hf_config(config_path, source), model, source)
+    config = read_hf_config(config_path, source)
+    check_hf_config(config, model, source)
     state, unknown = official_state_of_hf(read_hf_weights(weights_path, source))
     own = model.state_dict()
     unknown += [k for k in state if k not in own]
@@ -339,7 +359,12 @@ def hf_checkpoint_state(model, source):
                          f"place in this model, e.g. {unknown[:3]}")
     from_head0 = fill_hf_heads(state, own, two_stage=model.two_stage, with_box_refine=model.with_box_refine)
     check_shared_tensors(state, model, source)
+    row_names = hf_class_names(config, source)
+    rows = state["class_embed.0.weight"].shape[0] if "class_embed.0.weight" in state else None
+    if row_names is not None and rows is not None and len(row_names) > rows:
+        raise InputError(f"--pretrained {source}: config.json's id2label names {len(row_names)} classes, its class "
+                         f"head has {rows} rows, expected one name per row")
     tied = sorted({i for head, i in from_head0 if head == "class_embed"})
     note = (f"; its class heads of decoder layers {tied} are head 0's (transformers 5 ties them)"
             if tied and model.with_box_refine else "")
-    return state, f"transformers checkpoint {source} ({os.path.basename(weights_path)}){note}"
+    return state, f"transformers checkpoint {source} ({os.path.basename(weights_path)}){note}", row_names
