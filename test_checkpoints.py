@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import build
+import data
 import transformers_checkpoint as hf
 from conftest import official_state_shapes
 from errors import InputError
@@ -336,8 +337,8 @@ def test_an_official_checkpoint_fills_every_tensor_and_class_k_reads_row_cat_ids
     args, state = official
     torch.save({"model": state, "epoch": 49} if layout == "under model" else state, tmp_path / "official.pth")
     detr = build.build_model(args, NAMES)[0]
-    cat_ids = [4, 2, 90]
-    build.load_pretrained(detr, str(tmp_path / "official.pth"), cat_ids)
+    cat_ids = [4, 2, 90]  # row i of COCO's 91-row head is category id i: its name is data.COCO_ROW_NAMES[i]
+    build.load_pretrained(detr, str(tmp_path / "official.pth"), [data.COCO_ROW_NAMES[i] for i in cat_ids])
     loaded = detr.state_dict()
     assert set(loaded) == set(state)
     for key, value in state.items():
@@ -364,7 +365,7 @@ def test_an_official_checkpoint_that_does_not_match_is_refused(change, named, of
     torch.save(state, tmp_path / "official.pth")
     detr = build.build_model(args, NAMES)[0]
     with pytest.raises(InputError, match=named.replace("[", r"\[")):
-        build.load_pretrained(detr, str(tmp_path / "official.pth"), [1, 2, 3])
+        build.load_pretrained(detr, str(tmp_path / "official.pth"), list(data.COCO_ROW_NAMES[1:4]))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_a_val_set_numbering_the_categories_otherwise_is_scored_by_name(tmp_path
 
 
 def test_released_coco_heads_give_class_k_the_row_of_its_category_id():
-    """A released head has a row per COCO id 0-90: class k takes row cat_ids[k] (ids in any numbering order); the
+    """A released head has a row per COCO id 0-90: class k takes the row of its name's id (in any order); the
     two-stage encoder head keeps rows 0..K-1 (row 0 is its objectness)."""
     model = types.SimpleNamespace(two_stage=True, transformer=types.SimpleNamespace(
         decoder=types.SimpleNamespace(num_layers=2)))
@@ -189,7 +189,8 @@ def test_released_coco_heads_give_class_k_the_row_of_its_category_id():
     state = {f"class_embed.{i}.weight": rows.clone() for i in range(3)}
     state["transformer.decoder.class_embed.2.weight"] = rows.clone()
     state["class_embed.0.bias"] = torch.arange(91.0)
-    build.coco_class_heads(state, model, [18, 1, 90, 44], "test")
+    names = [data.COCO_ROW_NAMES[i] for i in (18, 1, 90, 44)]  # a released head's row i is COCO category id i
+    build.select_class_rows(state, model, build.class_head_rows(data.COCO_ROW_NAMES, names, "test"))
     for key in ("class_embed.0.weight", "class_embed.1.weight"):
         assert state[key][:, 0].tolist() == [18, 1, 90, 44], key
     assert state["class_embed.0.bias"].tolist() == [18, 1, 90, 44]
