@@ -27,6 +27,9 @@
                                             the demo's): self CPU time by operator, forward/backward time by
                                             stage (backbone, encoder, decoder, deformable sampling, matcher and
                                             losses, AlignNet, DynQL, data loading, optimizer)
+  python bench.py padding [-- FLAGS]        padded area of the demo's training batches (one epoch, from the JSON's
+                                            image sizes and BatchResize's drawn scales) against their images' area:
+                                            random batches, landscape / portrait, and data.ASPECT_GROUPS groups
   python bench.py gpu [--steps 20]          on a CUDA machine: the CUDA tests, `attn` (Triton vs reference, fwd and
                                             fwd+bwd, peak memory) and 20 training steps of the COCO model for
                                             baseline and clip-detr with --amp bf16 --attn-impl triton, one table;
@@ -538,6 +541,43 @@ def cpu_model():
     return f"{name} ({', '.join(bf16) or 'no bf16 flags'})"
 
 
+def padded_area(dataset, groups, batch_size, scales, max_size, seed, *, grouped):
+    """One epoch's padded batch area over its images' area: each batch resized to one scale drawn from `scales`,
+    then padded to its largest height and width, as BatchResize and collate_fn do."""
+    import data
+    random.seed(seed)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = (data.GroupedBatchSampler(order, groups, batch_size) if grouped
+               else torch.utils.data.BatchSampler(order, batch_size, drop_last=True))
+    padded = images = 0
+    for batch in batches:
+        size = random.choice(scales)
+        sizes = [data.resized_size(info["width"], info["height"], size, max_size)
+                 for info in (dataset.coco.imgs[dataset.ids[i]] for i in batch)]  # (h, w) of each image
+        padded += len(sizes) * max(h for h, _ in sizes) * max(w for _, w in sizes)
+        images += sum(h * w for h, w in sizes)
+    return padded / images
+
+
+def bench_padding(args):
+    """How much of the demo's padded training batches is padding, for three ways of batching."""
+    import build
+    import data
+    import train
+    targs = train.finalize_args(train.get_parser().parse_args([*args.extra, "--num-workers", "0"]))
+    ds = build.build_dataset("train", targs)
+    scales = data.shapes_scales(targs.min_size)
+    landscape = [int(ds.coco.imgs[i]["width"] >= ds.coco.imgs[i]["height"]) for i in ds.ids]
+    ways = {"random batches": (None, False),
+            "landscape / portrait": (landscape, True),
+            f"{data.ASPECT_GROUPS} aspect groups (data.ASPECT_GROUPS)": (ds.aspect_groups(targs.batch_size), True)}
+    print(f"`shapes` training batches of {targs.batch_size}, {len(ds)} images, one epoch (seed {targs.seed}):")
+    print(f"{'batching':<40} {'padded area / image area':>24}")
+    for name, (groups, grouped) in ways.items():
+        ratio = padded_area(ds, groups, targs.batch_size, scales, targs.max_size, targs.seed, grouped=grouped)
+        print(f"{name:<40} {ratio:24.3f}")
+
+
 def bench_amp(args):
     """The demo's training step in float32 and under --amp bf16, alternating on the same batches in one process:
     what `--amp auto` (bf16 wherever the CPU has AVX512-BF16 or AMX) gives on this machine."""
@@ -743,6 +783,8 @@ def main(argv=None):
     am = sub.add_parser("amp", help="demo training steps in float32 and bf16 autocast, alternating")
     am.add_argument("--rounds", type=int, default=8)
     am.add_argument("extra", nargs="*", help="train.py flags after -- (default: the demo's)")
+    pd = sub.add_parser("padding", help="padded area of the demo's training batches, three ways of batching")
+    pd.add_argument("extra", nargs="*", help="train.py flags after -- (default: the demo's)")
     pr = sub.add_parser("profile", help="torch.profiler of demo training steps: by operator and by stage")
     pr.add_argument("--steps", type=int, default=3)
     pr.add_argument("--rows", type=int, default=20)
@@ -757,7 +799,7 @@ def main(argv=None):
         _train_worker(args.argv, args.steps, args.out)
         return
     {"attn": bench_attn, "train": bench_train, "coco-step": bench_coco_step, "gpu": bench_gpu, "hf": bench_hf,
-     "amp": bench_amp, "profile": bench_profile, "onnx": bench_onnx}[args.what](args)
+     "amp": bench_amp, "padding": bench_padding, "profile": bench_profile, "onnx": bench_onnx}[args.what](args)
 
 
 def cli(argv=None):

@@ -438,17 +438,21 @@ def test_bench_hf_without_transformers_says_how_to_install(monkeypatch, capsys):
     assert "pip install transformers" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("what", ["amp", "profile"])
+@pytest.mark.parametrize("what", ["amp", "profile", "padding"])
 def test_bench_demo_step_measurements_run_on_the_tiny_configuration(what, tmp_path, capsys):
-    """`bench.py amp` and `bench.py profile`, whose tables the README quotes, on the tiny configuration."""
+    """`bench.py amp`, `profile` and `padding`, whose tables the docs quote, on the tiny configuration."""
     import bench
-    flags = ["--rounds", "1"] if what == "amp" else ["--steps", "1"]
+    flags = {"amp": ["--rounds", "1"], "profile": ["--steps", "1"], "padding": []}[what]
     bench.main([what, *flags, "--", *TINY, "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     if what == "amp":
         rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["off"], ["bf16"])]
         assert [row[0] for row in rows] == ["off", "bf16"] and rows[0][-1] == "1.00x", out
         assert "`--amp auto` picks" in out
+    elif what == "padding":
+        rows = out.splitlines()[2:]
+        assert [r.split()[0] for r in rows] == ["random", "landscape", "8"] and all(float(r.split()[-1]) >= 1
+                                                                                    for r in rows), out
     else:
         assert all(stage in out for stage in ("backbone", "encoder", "decoder", "deformable sampling",
                                               "matcher and losses", "AlignNet", "DynQL", "data loading")), out
@@ -466,7 +470,7 @@ def test_shapes_is_evaluated_on_batches_of_one_aspect(tmp_path, monkeypatch, tin
     train.main(tiny_args(*flags))
     evaluate.main(["--resume", str(tmp_path / "out" / "checkpoint.pth")])
     assert len(loaders) == 2
-    groups = loaders[0].dataset.aspect_groups()
+    groups = loaders[0].dataset.aspect_groups(3)
     in_order = [list(range(i, i + 3)) for i in range(0, 12, 3)]
     assert sum(len({groups[i] for i in b}) > 1 for b in in_order) > 1, "this val set must mix aspects in order"
     for loader in loaders:
