@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import threading
 
 import pytest
 
@@ -130,6 +131,33 @@ def test_other_flags_or_seeds_are_other_runs(tmp_path, in_process):
     assert len(in_process) == 3, "another flag is another run"
 
 
+def test_jobs_run_at_once_on_a_share_of_the_cores_and_their_thread_count_is_part_of_a_run(tmp_path, monkeypatch):
+    """--jobs 2: two train.py processes at once (each launch waits for the other to start), each told to use half
+    the cores; the thread count orders a run's float sums, so runs of another count are other runs."""
+    started, threads = threading.Barrier(2, timeout=30), []
+
+    def launch(cmd, log_path, env):
+        folder = os.path.dirname(log_path)
+        threads.append(env.get("OMP_NUM_THREADS"))
+        if len(threads) <= 2:
+            started.wait()  # a BrokenBarrierError unless the second run starts while the first one runs
+        with open(os.path.join(folder, "log.jsonl"), "w") as f:
+            f.write(json.dumps({"epoch": 0, "time_s": 1.0, "coco_stats": [0.5] * 12}) + "\n")
+        return 0, 1.0, 100.0
+
+    monkeypatch.setattr(results, "launch", launch)
+    monkeypatch.setattr(results, "run_threads", lambda jobs: {1: 4, 2: 2}[jobs])
+    argv = ["--out", str(tmp_path / "r.md"), "--runs", str(tmp_path / "runs"), *SEEDS, "--only", "table3"]
+    results.main([*argv, "--jobs", "2"])
+    assert threads == ["2", "2"]
+    assert {json.loads((tmp_path / "runs" / f"novel2-s{s}" / results.RESULT).read_text())["identity"]["threads"]
+            for s in (1, 2)} == {2}
+    results.main([*argv, "--jobs", "2"])
+    assert len(threads) == 2, "stored runs are reused"
+    results.main([*argv, "--jobs", "1"])
+    assert threads[2:] == ["4", "4"], "one run on every core is another run"
+
+
 def test_launch_gives_the_exit_code_the_wall_time_and_the_peak_memory(tmp_path):
     grow = "import sys; b = bytearray(200 * 2**20); print('x'); sys.exit(3)"
     code, wall, peak = results.launch([sys.executable, "-c", grow], str(tmp_path / "log"), dict(os.environ))
@@ -141,9 +169,10 @@ def test_launch_gives_the_exit_code_the_wall_time_and_the_peak_memory(tmp_path):
     (["--only", "table5"], "--only table5: expected tables among table4, table6"),
     (["--seeds", "1", "1"], "--seeds 1 1: a seed is given twice"),
     (["--cost-steps", "0"], "--cost-steps 0: expected a number >= 1"),
+    (["--jobs", "0"], "--jobs 0: expected a number >= 1"),
     (["--out", "{runs}/page.md"], "lies inside --runs"),
     (["--out", "{tmp}"], "is a folder, expected the markdown file"),
-], ids=["unknown table", "seed twice", "no cost steps", "page among the runs", "page is a folder"])
+], ids=["unknown table", "seed twice", "no cost steps", "no jobs", "page among the runs", "page is a folder"])
 def test_bad_input_is_one_line(argv, expected, tmp_path, capsys):
     argv = [a.format(runs=tmp_path / "runs", tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as stop:
