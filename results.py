@@ -325,6 +325,15 @@ def compare(a, b, name_b):
     return f"{d:+.1f} AP ({where})"
 
 
+def made_note(groups, seeds):
+    """A line for a table some of whose runs are not made yet (`groups`: each row's stored results)."""
+    made, wanted = sum(len(g) for g in groups), len(groups) * len(seeds)
+    if made == wanted:
+        return []
+    return [f"*{made} of this table's {wanted} runs are made so far; `python results.py` makes the rest (each row "
+            "lists the seeds it has).*", ""]
+
+
 def seeds_of(runs, label, seeds):
     """The stored results of `label` over the seeds that have one, in seed order."""
     return [runs[run_name(label, s)] for s in seeds if run_name(label, s) in runs]
@@ -365,7 +374,8 @@ def section_table4(runs, seeds):
             f"`python train.py --method M --seed S` for the four methods and seeds {seed_list(seeds)}; COCO AP of the "
             "val images after the last epoch, mean ± standard deviation over the seeds; the last column is the "
             "paper's COCO AP.", "",
-            table(["`--method`", "AlignNet", "DynQL", *STATS, "AP per seed", "paper AP"], rows), ""]
+            table(["`--method`", "AlignNet", "DynQL", *STATS, "AP per seed", "paper AP"], rows), "",
+            *made_note(list(per.values()), seeds)]
     base = pct([r["stats"][0] for r in per["baseline"]])
     said = []
     for m in ("alignnet", "dynql", "clip-detr"):
@@ -416,9 +426,10 @@ def section_dynql_sets(results):
 def section_ablation(runs, seeds, title, table_no, settings, paper, flag_text):
     """Table 6 or 8: one row per setting, each against the default (the `clip-detr` runs of Table 4)."""
     default = pct([r["stats"][0] for r in seeds_of(runs, "clip-detr", seeds)])
-    rows, said, used = [], [], []
+    rows, said, used, groups = [], [], [], []
     for label, shown in settings:
         results = seeds_of(runs, label, seeds)
+        groups.append(results)
         used += results if label != "clip-detr" else []
         aps = pct([r["stats"][0] for r in results])
         rows.append([shown, *stat_columns(results), ", ".join(f"{a:.1f}" for a in aps) or "—",
@@ -429,7 +440,7 @@ def section_ablation(runs, seeds, title, table_no, settings, paper, flag_text):
     text = [f"## Table {table_no}: {title}", "",
             f"`python train.py --method clip-detr {flag_text} --seed S`, seeds {seed_list(seeds)}; the default row is "
             "Table 4's `clip-detr` runs; the last column is the paper's COCO AP.", "",
-            table(["setting", *STATS, "AP per seed", "paper AP"], rows), ""]
+            table(["setting", *STATS, "AP per seed", "paper AP"], rows), "", *made_note(groups, seeds)]
     if said:
         text += ["Against the default: " + "; ".join(said) + ".", ""]
     text.append(f"Wall time of these runs (the default's counted in Table 4): {wall(used)}.")
@@ -467,7 +478,7 @@ def section_table3(runs, seeds):
             "the two classes' annotations leave training, the decoder's class head scores the CLIP label dictionary, "
             "and evaluation reports AP50 on the novel, base and all categories (the paper's Table 3 protocol; "
             "CLIP-DETR on OV-DETR, COCO: 30.8 novel, 61.5 base, 53.5 all).", "",
-            table(["AP50", "mean ± std"], rows), ""]
+            table(["AP50", "mean ± std"], rows), "", *made_note([results], seeds)]
     if ov and all(ov):
         novel = statistics.mean(pct([o["novel"] for o in ov]))
         base = statistics.mean(pct([o["base"] for o in ov]))

@@ -124,6 +124,10 @@ def test_other_flags_or_seeds_are_other_runs(tmp_path, in_process):
     out, runs = tmp_path / "results.md", tmp_path / "runs"
     results.main(["--out", str(out), "--runs", str(runs), "--seeds", "1", "--only", "table3", "--", *TINY_RUN])
     assert len(in_process) == 1
+    page = out.read_text()
+    section = {title: page.split(f"## {title}", 1)[1].split("\n## ", 1)[0] for title in ("Table 3", "Table 4")}
+    assert "runs are made so far" not in section["Table 3"]
+    assert "*0 of this table's 4 runs are made so far" in section["Table 4"], "a table not yet made says so"
     results.main(["--out", str(out), "--runs", str(runs), "--seeds", "1", "2", "--only", "table3", "--", *TINY_RUN])
     assert len(in_process) == 2, "seed 1 is stored; only seed 2 is new"
     results.main(["--out", str(out), "--runs", str(runs), "--seeds", "1", "--only", "table3", "--", *TINY_RUN,
