@@ -868,11 +868,12 @@ def test_a_flag_the_mode_ignores_is_refused(argv, named, user_files, capsys, mon
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--shapes-num-train", "4"], "--shapes-num-train only act with --dataset shapes, not --dataset custom"),
-    (["--shapes-seed", "3", "--shapes-max-objects", "2"], "--shapes-max-objects --shapes-seed only act with"),
-    (["--data-path", "somewhere"], "--data-path is not read by --dataset custom"),
-    (["--dataset", "shapes"], "--train-json --train-images --val-json --val-images only act with --dataset custom, "
-                              "not --dataset shapes"),
+    (["--shapes-num-train", "4"], "--dataset custom does not read --shapes-num-train (read by shapes): drop it"),
+    (["--shapes-seed", "3", "--shapes-max-objects", "2"],
+     "--dataset custom does not read --shapes-seed (read by shapes), --shapes-max-objects (read by shapes)"),
+    (["--data-path", "somewhere"], "--dataset custom does not read --data-path (read by shapes, coco, ov-coco, lvis)"),
+    (["--dataset", "shapes"], "--dataset shapes does not read --train-json (read by custom), --train-images (read by "
+                              "custom), --val-json (read by custom), --val-images (read by custom): drop them"),
 ], ids=["custom --shapes-num-train", "custom --shapes-seed", "custom --data-path", "shapes --train-json"])
 def test_a_flag_of_another_dataset_is_refused(flags, named, tmp_path, capsys):
     code, lines = run_cli(train.cli, [*QUICK, *write_set(tmp_path), "--output-dir", str(tmp_path / "out"), *flags],
