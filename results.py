@@ -115,7 +115,8 @@ def table_runs(table, seeds):
         return {run_name(label, s): [*flags, "--seed", str(s)] for s in seeds}
     if table in ("table4", "figure3", "table9"):
         runs = {}
-        for m in METHODS if table == "table4" else ("baseline", "clip-detr"):
+        # CLIP-DETR and the baseline first: an interrupted command has the two rows a reader compares first.
+        for m in ("clip-detr", "baseline", "alignnet", "dynql") if table == "table4" else ("baseline", "clip-detr"):
             runs.update(each_seed(m, ["--method", m]))
         return runs if table != "figure3" else {k: v for k, v in runs.items() if k.endswith(f"-s{seeds[0]}")}
     if table == "table6":
