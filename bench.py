@@ -29,7 +29,8 @@
                                             losses, AlignNet, DynQL, data loading, optimizer)
   python bench.py padding [-- FLAGS]        padded area of the demo's training batches (one epoch, from the JSON's
                                             image sizes and BatchResize's drawn scales) against their images' area:
-                                            random batches, landscape / portrait, and data.ASPECT_GROUPS groups
+                                            random batches, landscape / portrait (the demo's), and eight groups
+                                            of images ranked by width / height
   python bench.py gpu [--steps 20]          on a CUDA machine: the CUDA tests, `attn` (Triton vs reference, fwd and
                                             fwd+bwd, peak memory) and 20 training steps of the COCO model for
                                             baseline and clip-detr with --amp bf16 --attn-impl triton, one table;
@@ -559,6 +560,14 @@ def padded_area(dataset, groups, batch_size, scales, max_size, seed, *, grouped)
     return padded / images
 
 
+def aspect_rank_groups(dataset, groups):
+    """Per index, the images ranked by width / height and cut into `groups` groups of equal size."""
+    ratios = [dataset.coco.imgs[i]["width"] / dataset.coco.imgs[i]["height"] for i in dataset.ids]
+    order = sorted(range(len(ratios)), key=ratios.__getitem__)
+    rank = {index: r for r, index in enumerate(order)}
+    return [rank[index] * groups // len(ratios) for index in range(len(ratios))]
+
+
 def bench_padding(args):
     """How much of the demo's padded training batches is padding, for three ways of batching."""
     import build
@@ -567,10 +576,9 @@ def bench_padding(args):
     targs = train.finalize_args(train.get_parser().parse_args([*args.extra, "--num-workers", "0"]))
     ds = build.build_dataset("train", targs)
     scales = data.shapes_scales(targs.min_size)
-    landscape = [int(ds.coco.imgs[i]["width"] >= ds.coco.imgs[i]["height"]) for i in ds.ids]
     ways = {"random batches": (None, False),
-            "landscape / portrait": (landscape, True),
-            f"{data.ASPECT_GROUPS} aspect groups (data.ASPECT_GROUPS)": (ds.aspect_groups(targs.batch_size), True)}
+            "landscape / portrait (the demo's)": (ds.aspect_groups(), True),
+            "8 groups ranked by width / height": (aspect_rank_groups(ds, 8), True)}
     print(f"`shapes` training batches of {targs.batch_size}, {len(ds)} images, one epoch (seed {targs.seed}):")
     print(f"{'batching':<40} {'padded area / image area':>24}")
     for name, (groups, grouped) in ways.items():

@@ -86,12 +86,12 @@ def build_transforms(image_set, args):
 
 
 def build_train_batches(args, dataset, sampler):
-    """(batch sampler, collate_fn) of training. `shapes`: batches of one aspect group (`data.ASPECT_GROUPS` groups
-    of images with similar width / height), resized together to a shorter side drawn per batch (`data.BatchResize`),
-    so that a padded batch is nearly all image (1.05x the images' area, against 1.39x in random batches); the other
+    """(batch sampler, collate_fn) of training. `shapes`: batches of one aspect (landscape or portrait), resized
+    together to a shorter side drawn per batch (`data.BatchResize`), so that a padded batch is mostly image
+    (measured: 1.16x the images' area, against 1.52x in random batches; a demo step 0.83x as long); the other
     datasets batch as Deformable DETR does, each image at its own drawn scale."""
     if args.dataset == "shapes":
-        return (data.GroupedBatchSampler(sampler, dataset.aspect_groups(args.batch_size), args.batch_size),
+        return (data.GroupedBatchSampler(sampler, dataset.aspect_groups(), args.batch_size),
                 data.BatchResize(data.shapes_scales(args.min_size), args.max_size))
     return torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True), data.collate_fn
 
@@ -100,10 +100,10 @@ def build_val_batches(args, dataset, sampler):
     """The batch sampler of evaluation: every image once, in batches padded as training's were. A detector's
     output for an image depends on its batch's padding (the convolutions' windows at the image's bottom and right
     edges reach into it, and input_proj's GroupNorm averages over the padded map), so `shapes`, trained on batches
-    of one aspect, is evaluated on such batches too (docs/performance.md, "Padding is part of the model")."""
+    of one aspect, is evaluated on such batches too (measured on its demo checkpoint: AP 26.2 on batches in file
+    order, 42.5 on batches of one aspect)."""
     if args.dataset == "shapes":
-        return data.GroupedBatchSampler(sampler, dataset.aspect_groups(args.batch_size), args.batch_size,
-                                         drop_last=False)
+        return data.GroupedBatchSampler(sampler, dataset.aspect_groups(), args.batch_size, drop_last=False)
     return torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=False)
 
 

@@ -12,8 +12,8 @@ then either a multi-scale resize (shorter side 480-800 step 32, longer side at m
 400/500/600, a random crop of 384-600 px and the multi-scale resize; evaluation resizes to 800/1333; ImageNet
 mean/std. `--min-size`/`--max-size` (default 800/1333) scale all of these sizes by min_size / 800; `shapes` has
 its own small pipeline (`dataset_transforms`): flips per image, and a shorter side drawn per batch for all of its
-images (`BatchResize`), whose batches hold images of one aspect group each (`GroupedBatchSampler`, in evaluation
-too), so that little is padding. Inside the pipeline boxes are absolute xyxy pixels; the dataset turns them into the normalized
+images (`BatchResize`), whose batches hold one aspect each (`GroupedBatchSampler`, in evaluation too), so that
+little is padding. Inside the pipeline boxes are absolute xyxy pixels; the dataset turns them into the normalized
 cxcywh boxes that the matcher and the losses expect.
 
 Paper content held here: the datasets of §4 and the OV-COCO base/novel split of §4.2. No equations.
@@ -28,9 +28,9 @@ Shape legend:
 Deviations from the paper:
     - `shapes` (coloured solid shapes on a textured background, 8 plain-English categories) is not in the paper;
       it is the default dataset so that training and evaluation run on a CPU in minutes.
-    - `shapes` trains with one scale per batch and batches of one aspect group (ASPECT_GROUPS groups of similar
-      width / height); Deformable DETR draws a scale per image and batches at random (COCO here too). A padded
-      batch is 1.39x its images' area in random batches, 1.05x grouped. Its evaluation batches are grouped as well:
+    - `shapes` trains with one scale per batch and batches of one aspect (landscape or portrait); Deformable DETR
+      draws a scale per image and batches at random (COCO here too). A padded batch was 1.52x its images' area in
+      random batches, 1.16x grouped; a demo step takes 0.83x the time. Its evaluation batches are grouped as well:
       the detector's output depends on how much of its batch is padding (build.build_val_batches).
     - OV-COCO: the class head lists every category of the JSON (80 for COCO). Training keeps only the 48 base
       categories' annotations as targets and evaluation keeps the 65 benchmark categories; the `coco`
@@ -85,9 +85,6 @@ HEADER_CHECKS = 1000
 
 # PIL modes of 16-bit (and 32-bit integer) grey images, whose convert("RGB") clips at 255 instead of scaling.
 WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-# Aspect groups of `shapes` batches (`CocoDetection.aspect_groups`): with 8, a padded demo batch is 1.05x its images
-# area (1.16x with landscape and portrait alone, 1.39x in random batches; `python bench.py padding`).
-ASPECT_GROUPS = 8
 # EXIF orientations that swap width and height (90/270-degree rotations, with or without a mirror).
 EXIF_TRANSPOSED = (5, 6, 7, 8)
 
@@ -587,15 +584,9 @@ class CocoDetection(Dataset):
             if size != (info["width"], info["height"]):
                 raise size_mismatch(path, size, orientation, info, self.ann_file)
 
-    def aspect_groups(self, batch_size=1, groups=ASPECT_GROUPS):
-        """Per index, the aspect group of the image: the images ranked by width / height (from the JSON) and cut into
-        `groups` groups of equal size, so that a batch drawn from one group is nearly all image once padded; fewer
-        groups where the set has fewer batches of `batch_size`, so that every group fills a batch."""
-        ratios = np.array([self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids])
-        groups = max(1, min(groups, len(ratios) // batch_size))
-        rank = np.empty(len(ratios), dtype=np.int64)
-        rank[np.argsort(ratios, kind="stable")] = np.arange(len(ratios))
-        return (rank * groups // max(len(ratios), 1)).tolist()
+    def aspect_groups(self):
+        """Per index, 1 for a landscape image (width >= height, from the JSON) and 0 for a portrait one."""
+        return [int(self.coco.imgs[img_id]["width"] >= self.coco.imgs[img_id]["height"]) for img_id in self.ids]
 
     def image_path(self, img_id):
         """The file of an image: its file_name, or for LVIS the basename of its coco_url, in the folders."""
@@ -654,7 +645,7 @@ def collate_fn(batch):
 class BatchResize:
     """A collate_fn for multi-scale training whose images of a batch share their scale: one shorter side drawn
     from `sizes` per batch (the longer side at most `max_size`), every image resized to it, then `collate_fn`.
-    With batches of one aspect group (`GroupedBatchSampler`) little of the padded batch is then padding. Boxes are
+    With batches of one aspect (`GroupedBatchSampler`) little of the padded batch is then padding. Boxes are
     normalized to their image, so a resize leaves them as they are; `size` and `area` follow."""
 
     def __init__(self, sizes, max_size):
@@ -675,10 +666,10 @@ class BatchResize:
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of `batch_size` indices that share a group (`group_ids[index]`, e.g. an aspect group), in the
+    """Batches of `batch_size` indices that share a group (`group_ids[index]`, e.g. landscape or portrait), in the
     order `sampler` gives them; the indices the groups hold at the end make mixed batches, and a last batch short of
     `batch_size` is dropped with `drop_last` (training) or kept (evaluation, which must see every image). A padded
-    batch of one aspect group wastes little on padding: torchvision's detection references and detectron2 group their
+    batch of one aspect wastes little on padding: torchvision's detection references and detectron2 group their
     batches so too."""
 
     def __init__(self, sampler, group_ids, batch_size, *, drop_last=True):

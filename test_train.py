@@ -470,7 +470,7 @@ def test_shapes_is_evaluated_on_batches_of_one_aspect(tmp_path, monkeypatch, tin
     train.main(tiny_args(*flags))
     evaluate.main(["--resume", str(tmp_path / "out" / "checkpoint.pth")])
     assert len(loaders) == 2
-    groups = loaders[0].dataset.aspect_groups(3)
+    groups = loaders[0].dataset.aspect_groups()
     in_order = [list(range(i, i + 3)) for i in range(0, 12, 3)]
     assert sum(len({groups[i] for i in b}) > 1 for b in in_order) > 1, "this val set must mix aspects in order"
     for loader in loaders:
