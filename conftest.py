@@ -5,6 +5,11 @@ Tests never reach the network: HF_HUB_OFFLINE=1 is set before any test module im
 huggingface_hub; TRITON_INTERPRET=1 before anything imports triton (test_triton.py runs the kernels on the CPU);
 and CLIP_DETR_CACHE points every generated `shapes` set and label dictionary of the session at
 one temporary folder (a `shapes` set of given arguments is generated once and shared by the files that use it).
+
+The whole suite and the fast tier (a run that names no test file) run on every core where pytest-xdist is
+installed (requirements-test.txt): one worker process per core, each with whole test files (their module
+fixtures built once) and one torch thread, so that the workers do not wait for each other's threads. A run that
+names files or tests, or `-n`/`-p no:xdist`, runs as asked.
 """
 import functools
 import hashlib
@@ -16,6 +21,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Triton reads this when it is first imported (torch and torchvision import it): its kernels then run on CPU
 # tensors in its interpreter (test_triton.py). On the CPU nothing else takes the Triton path.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Read by torch when it is imported below, and inherited by the processes the tests start.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -44,6 +52,12 @@ QUICK_RUN = [*TINY_MODEL, "--backbone", "resnet18", "--epochs", "1", "--max-step
 
 
 def pytest_configure(config):
+    workers = os.cpu_count() or 1
+    if (workers > 1 and config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput")
+            and config.args_source != pytest.Config.ArgsSource.ARGS and config.getoption("numprocesses") is None
+            and config.getoption("dist") == "no" and not config.getoption("collectonly")):
+        # What `-n N --dist loadfile` sets; xdist starts its workers after this hook (its own runs last).
+        config.option.numprocesses, config.option.dist, config.option.tx = workers, "loadfile", ["popen"] * workers
     config.addinivalue_line("markers", "slow: starts processes or trains whole epochs; `-m \"not slow\"` is the "
                                        "fast tier of the paper's tests (equations, matcher, model, references)")
 
