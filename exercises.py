@@ -18,11 +18,10 @@ import ast
 import os
 import shlex
 import shutil
-import sys
 import tempfile
 from typing import NamedTuple
 
-from errors import ArgumentParser, InputError
+from errors import ArgumentParser, InputError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -258,11 +257,7 @@ def main(argv=None):
 
 def cli(argv=None):
     """main() with bad input reported as one line on stderr and exit status 2; bugs keep their traceback."""
-    try:
-        return main(argv)
-    except (InputError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":
