@@ -34,8 +34,9 @@ from errors import TEMP_SUFFIX as TEMP, InputError, error_line
 pytestmark = pytest.mark.slow
 
 # The tiny detector, one step of one epoch, no evaluation: every run here ends at its error or right after.
-QUICK = [*TINY_MODEL, "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--method", "baseline",
-         "--eval-every", "0"]
+# resnet18: its checkpoints (45 MB, not resnet50's 97 MB) are copied into many tests' folders.
+QUICK = [*TINY_MODEL, "--backbone", "resnet18", "--epochs", "1", "--max-steps", "1", "--device", "cpu",
+         "--method", "baseline", "--eval-every", "0"]
 W, H = 32, 24  # pixels of every image of the small custom set
 THREE = [{"id": i, "file_name": f"{i}.png", "width": W, "height": H} for i in (1, 2, 3)]
 
