@@ -62,7 +62,7 @@ import time
 
 import torch
 
-from errors import ArgumentParser, InputError, run_cli
+from errors import ArgumentParser, InputError, error_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -813,7 +813,11 @@ def main(argv=None):
 def cli(argv=None):
     """main() with bad input (a flag's value, a device this machine lacks, a failed worker run) as one line on
     stderr and exit status 2, as train.py and evaluate.py do; bugs keep their traceback."""
-    run_cli(main, argv)
+    try:
+        main(argv)
+    except (InputError, FileNotFoundError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

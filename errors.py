@@ -40,16 +40,6 @@ def error_line(err):
     return text
 
 
-def run_cli(main, argv=None):
-    """`main(argv)` as a command line runs it: bad input (an InputError, a missing file) is one line on stderr and
-    exit status 2; anything else is a bug and keeps its traceback."""
-    try:
-        return main(argv)
-    except (InputError, FileNotFoundError) as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        sys.exit(2)
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors (an unknown flag, a value of the wrong type or not among the choices) are one
     line, like every other bad input, instead of the whole usage text."""

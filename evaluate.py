@@ -73,7 +73,7 @@ from build import (build_dataset, build_transforms, build_val_batches, check_dat
                    check_output_path, check_writes, checkpoint_args, checkpoint_classes, checkpoint_detector,
                    checkpoint_vocabulary, class_split, dataset_files, hf_detector, hf_evaluation_checkpoint,
                    load_checkpoint)
-from errors import (ArgumentParser, InputError, append_line, is_distributed, read_text, run_cli, user_file,
+from errors import (ArgumentParser, InputError, append_line, error_line, is_distributed, read_text, user_file,
                     write_atomically, write_json)
 from model import PostProcess
 from onnx_export import ONNX_FORMAT, ONNX_MIN_SIDE, OnnxDetector, export_onnx, require_package
@@ -910,7 +910,11 @@ def score_val_set(cli, ckpt, args, device, log, vocabulary=None):
 
 def cli(argv=None):
     """main() with bad input reported as one line on stderr and exit status 2; bugs keep their traceback."""
-    return run_cli(main, argv)
+    try:
+        return main(argv)
+    except (InputError, FileNotFoundError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ import ast
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from typing import NamedTuple
 
-from errors import ArgumentParser, InputError, run_cli
+from errors import ArgumentParser, InputError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -257,7 +258,11 @@ def main(argv=None):
 
 def cli(argv=None):
     """main() with bad input reported as one line on stderr and exit status 2; bugs keep their traceback."""
-    return run_cli(main, argv)
+    try:
+        return main(argv)
+    except (InputError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ Needs the notebook runner of requirements-test.txt (nbclient, nbformat, ipykerne
 No equations, no tensors (the notebook has them). Deviations from the paper: none.
 """
 import os
+import sys
 import time
 
-from errors import ArgumentParser, InputError, run_cli, write_atomically
+from errors import ArgumentParser, InputError, write_atomically
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOK = os.path.join(HERE, "docs", "walkthrough.ipynb")
@@ -85,7 +86,11 @@ def main(argv=None):
 
 def cli(argv=None):
     """main() with bad input reported as one line on stderr and exit status 2; a failing cell keeps its traceback."""
-    return run_cli(main, argv)
+    try:
+        return main(argv)
+    except (InputError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
