@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from torchvision.ops import box_iou
 
 import data
-from conftest import COCO_80, ann, write_coco
+from conftest import COCO_80, COCO_IDS, ann, write_coco
 
 OV_COCO_LEFT_OUT = {
     "traffic light", "fire hydrant", "stop sign", "parking meter", "sports ball", "baseball bat",
@@ -526,6 +526,17 @@ def test_collate_pads_bottom_right_and_masks_exactly_the_padding():
     assert [t["k"] for t in targets] == [0, 1]
     with pytest.raises(ValueError, match="empty batch"):
         data.collate_fn([])
+
+
+# ---------------------------------------------------------------------------------------------- COCO's names
+
+def test_the_names_of_a_released_coco_head_are_coco_2017s_in_id_order():
+    """data.COCO_NAMES names the rows of the official heads; a typo or two swapped names would load those classes'
+    rows into the wrong classes. COCO_80 is the test suite's own copy of COCO 2017's list."""
+    assert data.COCO_NAMES == COCO_80
+    assert [data.COCO_ROW_NAMES[i] for i in COCO_IDS] == list(COCO_80)
+    assert [row for row, name in enumerate(data.COCO_ROW_NAMES) if name is None] == [
+        0, 12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
 
 
 # ---------------------------------------------------------------------------------------------- OV-COCO
