@@ -22,7 +22,7 @@ import sys
 import tempfile
 from typing import NamedTuple
 
-from errors import ArgumentParser, InputError
+from errors import ArgumentParser, InputError, error_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -261,7 +261,7 @@ def cli(argv=None):
     try:
         return main(argv)
     except (InputError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 

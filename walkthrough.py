@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from errors import ArgumentParser, InputError, write_atomically
+from errors import ArgumentParser, InputError, error_line, write_atomically
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOK = os.path.join(HERE, "docs", "walkthrough.ipynb")
@@ -89,7 +89,7 @@ def cli(argv=None):
     try:
         return main(argv)
     except (InputError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 
