@@ -193,3 +193,20 @@ def test_a_run_that_fails_is_one_line_naming_it_and_its_log(tmp_path, in_process
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert "run novel2-s1 stopped with exit status 2" in err and "--epochs 0" in err and "train.log" in err
+
+
+def test_an_ablation_says_which_settings_go_the_papers_way_and_which_go_the_other():
+    """Table 6/8's sentences: a setting whose seeds all lie on one side of the default is said to go the paper's way
+    or the other way (the paper's COCO AP of both settings here is below its default); overlapping seeds are not."""
+    def stored(aps):
+        return dict(zip((1, 2, 3), ({"stats": [ap] * len(results.STATS), "wall_s": 60.0} for ap in aps)))
+    runs = {results.run_name(label, seed): r for label, aps in [
+        ("clip-detr", (0.30, 0.31, 0.32)), ("rho0.4", (0.35, 0.36, 0.37)), ("rho1.5", (0.20, 0.21, 0.22)),
+        ("betas0.5x5", (0.29, 0.31, 0.33))] for seed, r in stored(aps).items()}
+    paper = {"rho0.4": 47.6, "rho1.5": 48.8, "betas0.5x5": 48.2, "default": 50.8}
+    page = "\n".join(results.section_ablation(
+        runs, [1, 2, 3], "t", 8, [("rho0.4", "up"), ("clip-detr", "default"), ("rho1.5", "down"),
+                                  ("betas0.5x5", "overlapping")], paper, "--x"))
+    assert "\ndown: the paper's direction" in page and "\nup: the other direction" in page, page
+    assert "overlapping: +0.0 AP (within one standard deviation" in page
+    assert page.count("direction") == 2 and "Wall time of these runs (the default's counted in Table 4): 0:09:00" in page
