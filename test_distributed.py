@@ -7,7 +7,9 @@ have, so the test sees which process writes what.
   - rank 0 alone writes the checkpoint and the log, and prints; the other node's folder stays empty;
   - the checkpoint holds the bare detector's weights (no DDP `module.` prefix) and both ranks' generator states;
     it resumes in one process and loads in evaluate.py; on two machines, one of which lacks it, the run stops;
-  - the losses and the gradients of one step on two machines, one image each, equal one process's on both images.
+  - the losses and the gradients of one step on two ranks, one image each, equal one process's on both images (two
+    processes of one launcher: the averaging is the same wherever the ranks run, and the two-launcher rendezvous is
+    the first test's).
 
 Every test starts processes: the full tier only. The launchers of a test run at once (most of their time is starting
 Python and torch). CPU, Gloo, no network beyond 127.0.0.1.
@@ -135,9 +137,9 @@ dist.destroy_process_group()
 """
 
 
-def test_one_step_on_two_machines_equals_one_process_with_the_same_total_batch(tmp_path, cache):
-    """Two machines with one image each lose what one process with both images loses, term by term (the images
-    hold 1 and 3 boxes, so every normalizer matters), and their averaged gradients are its gradients."""
+def test_one_step_on_two_ranks_equals_one_process_with_the_same_total_batch(tmp_path, cache):
+    """Two ranks with one image each lose what one process with both images loses, term by term (the images hold
+    1 and 3 boxes, so every normalizer matters), and their averaged gradients are its gradients."""
     g = torch.Generator().manual_seed(1)
     targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3]]), "labels": torch.tensor([1])},
                {"boxes": torch.rand(3, 2, generator=g).mul(0.5).add(0.25).repeat(1, 2).mul(
@@ -148,11 +150,9 @@ def test_one_step_on_two_machines_equals_one_process_with_the_same_total_batch(t
         scripts[name] = tmp_path / f"step_{name}.py"
         scripts[name].write_text(STEP.format(here=HERE, out=str(tmp_path / f"out_{name}"),
                                              batch=str(tmp_path / "batch.pt"), result=str(tmp_path / f"{name}.pt")))
-    port = free_port()
-    pair = [launcher(node, port, scripts["two"]) for node in (0, 1)]
-    one = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(scripts["one"])]
-    # The one-process reference after the pair, not beside it: no third launcher's rendezvous next to theirs.
-    for code, out, err in [*run_all(pair, tmp_path, environment(cache)), *run_all([one], tmp_path, environment(cache))]:
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                 str(scripts[name])] for n, name in ((2, "two"), (1, "one"))]
+    for code, out, err in run_all(commands, tmp_path, environment(cache)):
         assert code == 0, err[-3000:]
     two, one = (torch.load(tmp_path / f"{name}.pt", weights_only=False) for name in ("two", "one"))
     assert set(two["losses"]) == set(one["losses"]) and "loss_ce_enc" in one["losses"]
