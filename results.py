@@ -104,6 +104,11 @@ def torch_threads():
     return torch.get_num_threads()
 
 
+def same_identity(stored, ident):
+    """Whether a stored identity is `ident`; runs stored while the thread count was part of it still carry it."""
+    return {k: v for k, v in stored.items() if k != "threads"} == ident
+
+
 def run_threads(jobs):
     """Intra-op threads of each of `jobs` train.py processes running at once: the cores shared out."""
     import torch
@@ -147,8 +152,7 @@ def read_result(folder, ident):
         return None
     with open(path) as f:
         result = json.load(f)
-    stored = {k: v for k, v in result.get("identity", {}).items() if k != "threads"}
-    return result if stored == ident else None
+    return result if same_identity(result.get("identity", {}), ident) else None
 
 
 def launch(cmd, log_path, env):
@@ -182,7 +186,6 @@ def last_epoch(folder):
 def train_run(name, flags, extra, runs_dir, env, threads=None):
     """The stored result of run `name`, made now if it is missing or was made with another identity; the process
     runs `threads` intra-op threads (default: torch's)."""
-    import torch
     argv = [*flags, *extra]
     ident = identity(argv)
     if threads:
@@ -192,7 +195,7 @@ def train_run(name, flags, extra, runs_dir, env, threads=None):
     if result is not None:
         return result, False
     started = os.path.join(folder, "identity.json")
-    resume = os.path.isfile(started) and {k: v for k, v in json.load(open(started)).items() if k != "threads"} == ident
+    resume = os.path.isfile(started) and same_identity(json.load(open(started)), ident)
     if not resume and os.path.isdir(folder):
         shutil.rmtree(folder)  # made with another identity: nothing of it may be reused
     os.makedirs(folder, exist_ok=True)
@@ -203,7 +206,7 @@ def train_run(name, flags, extra, runs_dir, env, threads=None):
     if code:
         raise failed(name, code, os.path.join(folder, "train.log"))
     epochs = last_epoch(folder)
-    result = {"identity": ident, "threads": threads or torch.get_num_threads(), "commit": git_commit(),
+    result = {"identity": ident, "threads": threads or torch_threads(), "commit": git_commit(),
               "wall_s": round(wall, 1), "peak_rss_mib": round(peak), "stats": epochs[-1].get("coco_stats"),
               "epochs": epochs,
               "finished": datetime.datetime.now().isoformat(timespec="seconds")}

@@ -209,4 +209,16 @@ def test_an_ablation_says_which_settings_go_the_papers_way_and_which_go_the_othe
                                   ("betas0.5x5", "overlapping")], paper, "--x"))
     assert "\ndown: the paper's direction" in page and "\nup: the other direction" in page, page
     assert "overlapping: +0.0 AP (within one standard deviation" in page
-    assert page.count("direction") == 2 and "Wall time of these runs (the default's counted in Table 4): 0:09:00" in page
+    assert page.count("direction") == 2
+    assert "Wall time of these runs (the default's counted in Table 4): 0:09:00" in page
+
+
+def test_a_run_stored_with_its_thread_count_in_the_identity_is_still_that_run(tmp_path):
+    """Runs stored while the thread count was part of the identity are reused (result.json, and identity.json when
+    one was cut short); with any other field differing they are not."""
+    ident = results.identity(["--seed", "1"])
+    (tmp_path / results.RESULT).write_text(json.dumps({"identity": {**ident, "threads": 2}, "stats": [0.5]}))
+    assert results.read_result(str(tmp_path), ident)["stats"] == [0.5]
+    assert results.read_result(str(tmp_path), {**ident, "code": "another"}) is None
+    assert results.same_identity({**ident, "threads": 1}, ident)
+    assert not results.same_identity({**ident, "cpu": "x"}, ident)
