@@ -111,8 +111,7 @@ def same_identity(stored, ident):
 
 def run_threads(jobs):
     """Intra-op threads of each of `jobs` train.py processes running at once: the cores shared out."""
-    import torch
-    return max(1, torch.get_num_threads() // jobs)
+    return max(1, torch_threads() // jobs)
 
 
 def run_name(label, seed):
